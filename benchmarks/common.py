@@ -1,0 +1,61 @@
+"""Shared timing and memory helpers for the benchmarks (run by hand, not in CI).
+
+Timings are medians of interleaved repetitions, so every contender sees the same machine noise;
+results are reported as ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int = 20,
+                     warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each fn, calling them round-robin ``reps`` times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of distinct storages autograd saves for backward while running ``fn`` — the
+    activation memory a training step holds at its peak (parameters not counted)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor,
+            output: Callable[[object], torch.Tensor] = lambda o: o) -> Callable[[], None]:
+    """A closure running forward + backward of ``module`` on ``x`` with upstream ``grad``."""
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        output(module(x)).backward(grad)
+
+    return step

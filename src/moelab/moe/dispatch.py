@@ -1,0 +1,119 @@
+"""Token dispatch: sort the T*K assignments by expert, run grouped GEMMs, combine back.
+
+Assignments are flattened choice-major (index ``k*T + t``) and stably sorted by expert id, so
+inside an expert the first choices come before the second choices and tokens keep their order.
+That order is also the drop priority when a capacity is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where each kept assignment goes. N = number of kept assignments (T*K when dropless).
+
+    token_idx: [N] int64 token row of each assignment, grouped by expert.
+    expert_ids: [N] int64 expert of each assignment (non-decreasing).
+    weights: [N] fp32 combine weight of each assignment.
+    routed_counts: [E] int64 assignments chosen by the router per expert (before dropping).
+    kept_counts: [E] int64 assignments kept per expert.
+    offsets: [E] int32 cumulative ends of ``kept_counts`` (the grouped-GEMM ``offs``).
+    n_dropped: number of assignments dropped by the capacity limit.
+    """
+
+    token_idx: Tensor
+    expert_ids: Tensor
+    weights: Tensor
+    routed_counts: Tensor
+    kept_counts: Tensor
+    offsets: Tensor
+    n_dropped: int
+
+
+def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
+    """Per-expert slot count ``ceil(capacity_factor * T * K / E)`` (at least 1)."""
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+def plan_dispatch(topk_ids_TK: Tensor, topk_weights_TK: Tensor, n_experts: int,
+                  capacity: int | None = None) -> DispatchPlan:
+    """Group the assignments by expert; keep at most ``capacity`` per expert if given."""
+    n_tokens = topk_ids_TK.shape[0]
+    flat_ids = topk_ids_TK.t().reshape(-1)
+    sorted_ids, order = torch.sort(flat_ids, stable=True)
+    routed_counts = torch.bincount(flat_ids, minlength=n_experts)
+    weights = topk_weights_TK.t().reshape(-1)[order]
+    n_dropped = 0
+    kept_counts = routed_counts
+    if capacity is not None:
+        starts = torch.cumsum(routed_counts, 0) - routed_counts
+        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[sorted_ids]
+        keep = rank_in_expert < capacity
+        n_dropped = int(order.numel() - keep.sum())
+        if n_dropped:
+            order, sorted_ids, weights = order[keep], sorted_ids[keep], weights[keep]
+            kept_counts = routed_counts.clamp(max=capacity)
+    token_idx = order % n_tokens
+    offsets = torch.cumsum(kept_counts, 0).to(torch.int32)
+    return DispatchPlan(token_idx, sorted_ids, weights, routed_counts, kept_counts, offsets,
+                        n_dropped)
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype, d_in: int, d_out: int) -> bool:
+    """Probe once whether grouped GEMM (forward and backward) runs for this case."""
+    if _GROUPED_MM is None:
+        return False
+    try:
+        x = torch.randn(5, d_in, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, d_in, d_out, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([2, 5], device=device_type, dtype=torch.int32)
+        y = _GROUPED_MM(x, w, offs=offs)
+        y.backward(torch.ones_like(y))
+        ref = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
+        return bool(torch.allclose(y, ref, rtol=1e-2, atol=1e-2))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def resolve_backend(requested: str, x: Tensor, w_EIO: Tensor) -> str:
+    """Turn "auto" into "grouped_mm" or "loop"; raise if "grouped_mm" cannot run here."""
+    if requested == "loop":
+        return "loop"
+    ok = grouped_mm_supported(x.device.type, x.dtype, w_EIO.shape[1], w_EIO.shape[2])
+    if requested == "grouped_mm" and not ok:
+        raise RuntimeError(
+            f"dispatch='grouped_mm' is not supported by torch {torch.__version__} for "
+            f"dtype={x.dtype} on {x.device.type}; use dispatch='auto' or 'loop'"
+        )
+    return "grouped_mm" if ok else "loop"
+
+
+def grouped_linear(x_NI: Tensor, w_EIO: Tensor, counts_E: Tensor, offsets_E: Tensor,
+                   backend: str = "auto") -> Tensor:
+    """Rows of expert e (a contiguous slice of x_NI) times w_EIO[e]. Returns [N, O]."""
+    if resolve_backend(backend, x_NI, w_EIO) == "grouped_mm":
+        return _GROUPED_MM(x_NI, w_EIO.to(x_NI.dtype), offs=offsets_E)
+    chunks = torch.split(x_NI, counts_E.tolist())
+    # unbind (not w[e]) so backward stacks the per-expert grads once instead of E full-size adds
+    weights = w_EIO.unbind(0)
+    outs = [chunk @ weights[e] for e, chunk in enumerate(chunks) if chunk.shape[0] > 0]
+    if not outs:
+        return x_NI.new_zeros(0, w_EIO.shape[2])
+    return torch.cat(outs)
+
+
+def combine(weighted_ND: Tensor, plan: DispatchPlan, n_tokens: int) -> Tensor:
+    """Sum each token's (already weighted) expert outputs: [N, D] -> [T, D]."""
+    out = weighted_ND.new_zeros(n_tokens, weighted_ND.shape[1])
+    return out.index_add_(0, plan.token_idx, weighted_ND)

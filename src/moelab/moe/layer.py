@@ -1,0 +1,139 @@
+"""MoELayer: router + dispatch + experts (+ Default MoE), recording routing statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from moelab.methods.default_moe import DefaultExpertOutputs
+from moelab.moe.config import MoEConfig
+from moelab.moe.dispatch import DispatchPlan, combine, expert_capacity, plan_dispatch
+from moelab.moe.experts import Experts
+from moelab.moe.router import Routing, TopKRouter, load_balance_loss, router_z_loss
+
+
+class MoELosses(NamedTuple):
+    """load_balance: balance loss (1.0 = perfect balance); z_loss: router z-loss;
+    total: ``aux_loss_coef * load_balance + z_loss_coef * z_loss`` — add it to the task loss."""
+
+    load_balance: Tensor
+    z_loss: Tensor
+    total: Tensor
+
+
+class MoEOutput(NamedTuple):
+    """y: output shaped like the input; losses: the router losses of this forward."""
+
+    y: Tensor
+    losses: MoELosses
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Detached statistics of one forward (E experts).
+
+    tokens_per_expert: [E] float, top-K assignments per expert chosen by the router.
+    mean_prob: [E] mean router probability per expert.  entropy: scalar, mean per-token
+    router entropy (nats).  dropped_frac: scalar, share of assignments dropped by capacity.
+    n_tokens: T.  expert_out_norm: [E] mean L2 norm of each expert's raw output over its
+    tokens (NaN for experts with none), only when ``MoELayer.track_out_norm`` is set.
+    """
+
+    tokens_per_expert: Tensor
+    mean_prob: Tensor
+    entropy: Tensor
+    dropped_frac: Tensor
+    n_tokens: int
+    expert_out_norm: Tensor | None = None
+
+
+def in_backward_pass() -> bool:
+    """True while autograd runs a backward — i.e. an activation-checkpoint recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoELayer(nn.Module):
+    """Sparse top-K mixture-of-experts feed-forward layer.
+
+    Input [B, S, D] or [T, D]; returns ``MoEOutput(y, losses)`` with y shaped like the input.
+    After each forward ``last_stats`` holds the RoutingStats of that forward (not updated by an
+    activation-checkpoint recompute). Default MoE's EMA is updated once per training forward.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.normalize_topk)
+        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.activation,
+                               cfg.dispatch)
+        self.default_moe = (DefaultExpertOutputs(cfg.n_experts, cfg.d_model, cfg.default_moe)
+                            if cfg.default_moe is not None else None)
+        self.last_stats: RoutingStats | None = None
+        #: Record each expert's mean output norm in ``last_stats`` (costs one norm per row).
+        self.track_out_norm = False
+
+    def _check_input(self, x: Tensor) -> None:
+        if not torch.is_floating_point(x):
+            raise ValueError(f"MoELayer input dtype={x.dtype} is invalid: need a floating dtype")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"MoELayer input shape={tuple(x.shape)} is invalid: need [B, S, "
+                f"{self.cfg.d_model}] or [T, {self.cfg.d_model}] (d_model={self.cfg.d_model})"
+            )
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        self._check_input(x)
+        cfg = self.cfg
+        x_TD = x.reshape(-1, cfg.d_model)
+        n_tokens = x_TD.shape[0]
+        routing = self.router(x_TD)
+        capacity = (None if cfg.capacity_factor is None else
+                    expert_capacity(cfg.capacity_factor, n_tokens, cfg.top_k, cfg.n_experts))
+        plan = plan_dispatch(routing.topk_ids, routing.topk_weights, cfg.n_experts, capacity)
+        first_pass = not in_backward_pass()
+        default = self.default_moe
+        update_default = default is not None and self.training and first_pass
+        row_weights_N = default.row_weights(routing.probs, plan) if update_default else None
+        weighted_ND, sums_ED = self.experts(x_TD.index_select(0, plan.token_idx), plan,
+                                            row_weights_N)
+        if update_default:
+            default.update(sums_ED, default.row_mass(row_weights_N, plan))
+        y_TD = combine(weighted_ND, plan, n_tokens)
+        if default is not None:
+            y_TD = y_TD + default.term(routing.probs, routing.topk_ids, y_TD.dtype)
+        if first_pass:
+            self.last_stats = self._stats(routing, plan, weighted_ND)
+        return MoEOutput(y_TD.view(x.shape), self._losses(routing))
+
+    def _losses(self, routing: Routing) -> MoELosses:
+        cfg = self.cfg
+        zero = routing.logits.new_zeros(())
+        balance = (load_balance_loss(routing.probs, routing.topk_ids)
+                   if cfg.aux_loss_coef > 0 else zero)
+        z_loss = router_z_loss(routing.logits) if cfg.z_loss_coef > 0 else zero
+        return MoELosses(balance, z_loss, cfg.aux_loss_coef * balance + cfg.z_loss_coef * z_loss)
+
+    @torch.no_grad()
+    def _stats(self, routing: Routing, plan: DispatchPlan, weighted_ND: Tensor) -> RoutingStats:
+        probs_TE = routing.probs.detach()
+        n_tokens = probs_TE.shape[0]
+        entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
+        out_norm = None
+        if self.track_out_norm:
+            # raw expert output norm = |w * expert(x)| / w (w > 0: a softmax probability)
+            norms_N = weighted_ND.detach().float().norm(dim=-1) / plan.weights.clamp_min(1e-30)
+            sums_E = torch.zeros_like(probs_TE[0]).index_add_(0, plan.expert_ids, norms_N)
+            kept_E = plan.kept_counts
+            out_norm = torch.where(kept_E > 0, sums_E / kept_E.clamp_min(1), float("nan"))
+        total = n_tokens * self.cfg.top_k
+        return RoutingStats(
+            tokens_per_expert=plan.routed_counts.float(),
+            mean_prob=probs_TE.mean(0),
+            entropy=entropy,
+            dropped_frac=torch.tensor(plan.n_dropped / total),
+            n_tokens=n_tokens,
+            expert_out_norm=out_norm,
+        )

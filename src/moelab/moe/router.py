@@ -1,0 +1,63 @@
+"""Top-K softmax router and the router losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One routing decision.
+
+    logits: [T, E] fp32 router logits.  probs: [T, E] fp32 softmax over all E experts.
+    topk_ids: [T, K] int64 chosen experts, best first.  topk_weights: [T, K] fp32 combine
+    weights (the chosen probabilities, renormalised to sum 1 if ``normalize_topk``).
+    """
+
+    logits: Tensor
+    probs: Tensor
+    topk_ids: Tensor
+    topk_weights: Tensor
+
+
+class TopKRouter(nn.Module):
+    """Linear (no bias) -> softmax over all experts in fp32 -> top-K."""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int,
+                 normalize_topk: bool = False) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.normalize_topk = normalize_topk
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=d_model**-0.5)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        """x_TD: [T, D] -> Routing."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if self.normalize_topk:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return Routing(logits_TE, probs_TE, ids_TK, weights_TK)
+
+
+def load_balance_loss(probs_TE: Tensor, topk_ids_TK: Tensor) -> Tensor:
+    """Switch/GShard balance loss, scaled so that perfect balance scores exactly 1.0.
+
+    ``E / (T*K) * sum_i n_i * mean_t(probs[t, i])`` with n_i the top-K assignments to expert i.
+    The counts are constants; the gradient flows through the mean probabilities.
+    """
+    n_tokens, n_experts = probs_TE.shape
+    top_k = topk_ids_TK.shape[1]
+    counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=n_experts).to(probs_TE.dtype)
+    return n_experts / (n_tokens * top_k) * torch.dot(counts_E, probs_TE.mean(dim=0))
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """Router z-loss ``mean_t(logsumexp(logits[t])**2)`` (ST-MoE)."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
