@@ -74,8 +74,8 @@ def run(tokens: int, d_model: int, active_ff: int, reps: int) -> list[dict]:
             if block is not None:
                 fns[f"hf_{impl}"] = fwd_bwd(block, x, grad)
         secs = time_interleaved(fns, reps=reps)
-        mem_plain = saved_tensor_bytes(lambda: moe(x).y)
-        mem_default = saved_tensor_bytes(lambda: dmoe(x).y)
+        mem_plain = saved_tensor_bytes(lambda m=moe, x=x: m(x).y)
+        mem_default = saved_tensor_bytes(lambda m=dmoe, x=x: m(x).y)
         row = {"E/K": f"{n_experts}/{top_k}", "d_ff": d_ff,
                **{f"{k}_ms": round(v * 1e3, 2) for k, v in secs.items()},
                **{f"{k}/dense": round(v / secs["dense"], 3) for k, v in secs.items()

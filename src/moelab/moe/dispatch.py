@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,15 +76,23 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype, d_in: int, d_out:
     if _GROUPED_MM is None:
         return False
     try:
-        x = torch.randn(5, d_in, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, d_in, d_out, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([2, 5], device=device_type, dtype=torch.int32)
-        y = _GROUPED_MM(x, w, offs=offs)
-        y.backward(torch.ones_like(y))
-        ref = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
-        return bool(torch.allclose(y, ref, rtol=1e-2, atol=1e-2))
+        with torch.inference_mode(False), torch.enable_grad():
+            return _probe_grouped_mm(device_type, dtype, d_in, d_out)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype, d_in: int, d_out: int) -> bool:
+    """Tiny grouped GEMM, forward and backward, checked against two plain matmuls (fixed
+    values, so probing never consumes the global random stream)."""
+    kw = dict(device=device_type, dtype=dtype)
+    x = torch.linspace(-1, 1, 5 * d_in, **kw).view(5, d_in).requires_grad_()
+    w = torch.linspace(1, -1, 2 * d_in * d_out, **kw).view(2, d_in, d_out).requires_grad_()
+    offs = torch.tensor([2, 5], device=device_type, dtype=torch.int32)
+    y = _GROUPED_MM(x, w, offs=offs)
+    y.backward(torch.ones_like(y))
+    ref = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
+    return bool(torch.allclose(y, ref, rtol=1e-2, atol=1e-2))
 
 
 def resolve_backend(requested: str, x: Tensor, w_EIO: Tensor) -> str:
@@ -91,12 +100,21 @@ def resolve_backend(requested: str, x: Tensor, w_EIO: Tensor) -> str:
     if requested == "loop":
         return "loop"
     ok = grouped_mm_supported(x.device.type, x.dtype, w_EIO.shape[1], w_EIO.shape[2])
-    if requested == "grouped_mm" and not ok:
-        raise RuntimeError(
-            f"dispatch='grouped_mm' is not supported by torch {torch.__version__} for "
-            f"dtype={x.dtype} on {x.device.type}; use dispatch='auto' or 'loop'"
-        )
+    if not ok:
+        why = (f"torch {torch.__version__} has no grouped GEMM for dtype={x.dtype} on "
+               f"{x.device.type} with expert weights of shape {tuple(w_EIO.shape)} (it needs "
+               f"fp32/bf16/fp16 and row strides that are multiples of 16 bytes)")
+        if requested == "grouped_mm":
+            raise RuntimeError(f"dispatch='grouped_mm' is not supported: {why}; "
+                               "use dispatch='auto' or 'loop'")
+        _warn_loop_fallback(why)
     return "grouped_mm" if ok else "loop"
+
+
+@functools.cache
+def _warn_loop_fallback(why: str) -> None:
+    warnings.warn(f"MoE dispatch falls back to a per-expert loop (slower): {why}",
+                  RuntimeWarning, stacklevel=4)
 
 
 def grouped_linear(x_NI: Tensor, w_EIO: Tensor, counts_E: Tensor, offsets_E: Tensor,

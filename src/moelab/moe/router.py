@@ -13,7 +13,8 @@ from torch import Tensor, nn
 class Routing:
     """One routing decision.
 
-    logits: [T, E] fp32 router logits.  probs: [T, E] fp32 softmax over all E experts.
+    logits: [T, E] fp32 router logits.  probs: [T, E] fp32 softmax over all E experts
+    (fp64 when the input is fp64).
     topk_ids: [T, K] int64 chosen experts, best first.  topk_weights: [T, K] fp32 combine
     weights (the chosen probabilities, renormalised to sum 1 if ``normalize_topk``).
     """
@@ -25,7 +26,7 @@ class Routing:
 
 
 class TopKRouter(nn.Module):
-    """Linear (no bias) -> softmax over all experts in fp32 -> top-K."""
+    """Linear (no bias) -> softmax over all experts in fp32 (fp64 for fp64 input) -> top-K."""
 
     def __init__(self, d_model: int, n_experts: int, top_k: int,
                  normalize_topk: bool = False) -> None:
@@ -38,7 +39,8 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: Tensor) -> Routing:
         """x_TD: [T, D] -> Routing."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.normalize_topk:

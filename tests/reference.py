@@ -1,0 +1,39 @@
+"""Slow, obviously-correct references used only by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moelab.moe import MoELayer
+
+
+def expert_forward(layer: MoELayer, e: int, x_D: Tensor) -> Tensor:
+    """Expert e of ``layer`` on one token: [D] -> [D]."""
+    experts = layer.experts
+    h = x_D @ experts.w_in[e]
+    if experts.activation == "swiglu":
+        gate, up = h.chunk(2)
+        h = F.silu(gate) * up
+    else:
+        h = F.gelu(h)
+    return h @ experts.w_out[e]
+
+
+def naive_moe(layer: MoELayer, x_TD: Tensor, defaults_ED: Tensor | None = None) -> Tensor:
+    """Loop over tokens and their top-K experts; with ``defaults_ED``, add
+    ``probs[t, i] * defaults[i]`` for every expert i the token did not select."""
+    routing = layer.router(x_TD)
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros_like(x_TD[t])
+        chosen = routing.topk_ids[t].tolist()
+        for k, e in enumerate(chosen):
+            y = y + routing.topk_weights[t, k].to(x_TD.dtype) * expert_forward(layer, e, x_TD[t])
+        if defaults_ED is not None:
+            for e in range(layer.cfg.n_experts):
+                if e not in chosen:
+                    y = y + routing.probs[t, e].to(x_TD.dtype) * defaults_ED[e].to(x_TD.dtype)
+        rows.append(y)
+    return torch.stack(rows)

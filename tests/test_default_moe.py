@@ -1,0 +1,184 @@
+"""Default MoE: EMA defaults, the dense router gradient, and its invariants."""
+
+import pytest
+import torch
+from reference import expert_forward, naive_moe
+from torch.utils.checkpoint import checkpoint
+
+from moelab.moe import DefaultMoEConfig, MoEConfig, MoELayer
+
+
+def make_pair(seed=0, beta=0.9, **kw):
+    """A plain top-K layer and a Default MoE layer with the same weights."""
+    base = dict(d_model=8, n_experts=4, top_k=1, d_ff=8, aux_loss_coef=0.0)
+    base.update(kw)
+    torch.manual_seed(seed)
+    plain = MoELayer(MoEConfig(**base))
+    dflt = MoELayer(MoEConfig(**base, default_moe=DefaultMoEConfig(beta=beta)))
+    dflt.load_state_dict(plain.state_dict(), strict=False)
+    return plain, dflt
+
+
+def batch_means(layer, x, scored=False):
+    """Per-expert mean (or prob-weighted mean) of the raw expert outputs, naively."""
+    routing = layer.router(x)
+    means = {}
+    for e in range(layer.cfg.n_experts):
+        rows = [t for t in range(x.shape[0]) if e in routing.topk_ids[t].tolist()]
+        if not rows:
+            continue
+        outs = torch.stack([expert_forward(layer, e, x[t]) for t in rows])
+        w = routing.probs[rows, e] if scored else torch.ones(len(rows))
+        means[e] = (w[:, None] * outs).sum(0) / w.sum()
+    return means
+
+
+@pytest.mark.parametrize("scored", [False, True])
+def test_ema_after_two_steps_and_output_hand_computed(scored):
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, n_experts=4, top_k=2, d_ff=8, aux_loss_coef=0.0,
+                    default_moe=DefaultMoEConfig(beta=0.8, scored=scored))
+    layer = MoELayer(cfg)
+    expected = torch.zeros(4, 8)
+    with torch.no_grad():
+        for step in range(2):
+            x = torch.randn(6, 8) + step
+            for e, mean in batch_means(layer, x, scored).items():
+                expected[e] = 0.8 * expected[e] + 0.2 * mean
+            y = layer(x).y
+            torch.testing.assert_close(layer.default_moe.ema, expected, rtol=1e-5, atol=1e-6)
+            # the update happens before Ê is used in the same step
+            torch.testing.assert_close(y, naive_moe(layer, x, expected), rtol=1e-5, atol=1e-6)
+    assert layer.default_moe.n_updates.sum() > 0
+
+
+def test_router_gradient_is_the_dense_formula_and_expert_grads_unchanged():
+    plain, dflt = make_pair(n_experts=4, top_k=1)
+    with torch.no_grad():
+        dflt.default_moe.ema.copy_(torch.randn(4, 8))
+    dflt.eval()  # keep Ê fixed so the naive formula uses the same defaults
+    plain.eval()
+    x = torch.randn(10, 8)
+    g = torch.randn(10, 8)
+    params = [dflt.router.weight, dflt.experts.w_in, dflt.experts.w_out]
+    fast = torch.autograd.grad(dflt(x).y, params, g)
+    naive = torch.autograd.grad(naive_moe(dflt, x, dflt.default_moe.ema), params, g)
+    for a, b in zip(fast, naive, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    p_params = [plain.router.weight, plain.experts.w_in, plain.experts.w_out]
+    plain_grads = torch.autograd.grad(plain(x).y, p_params, g)
+    # experts only learn from their own tokens: identical to plain top-K
+    assert torch.equal(fast[1], plain_grads[1]) and torch.equal(fast[2], plain_grads[2])
+    # the router gradient differs: non-selected experts now get a signal
+    assert not torch.allclose(fast[0], plain_grads[0])
+
+
+def test_router_gets_gradient_for_every_expert_logit():
+    _, dflt = make_pair(n_experts=4, top_k=1)
+    with torch.no_grad():
+        dflt.default_moe.ema.copy_(torch.randn(4, 8))
+    x = torch.randn(5, 8)
+    routing = dflt.router(x)
+    logits = routing.logits.detach().requires_grad_()
+    # rebuild the forward from the logits to read d loss / d logits
+    probs = torch.softmax(logits, -1)
+    skipped = probs.scatter(1, routing.topk_ids, 0.0)
+    (skipped @ dflt.default_moe.ema).sum().backward()
+    assert (logits.grad.abs() > 0).all()
+
+
+def test_experts_without_tokens_keep_their_default():
+    _, dflt = make_pair(n_experts=4, top_k=1, beta=0.5)
+    with torch.no_grad():
+        dflt.router.weight.copy_(torch.tensor([[1.0] * 8, [-1.0] * 8, [0.0] * 8, [0.0] * 8]))
+        dflt.default_moe.ema.fill_(3.0)
+    x = torch.rand(6, 8) + 0.5  # all prefer expert 0
+    dflt(x)
+    assert torch.all(dflt.default_moe.ema[1:] == 3.0)
+    assert not torch.all(dflt.default_moe.ema[0] == 3.0)
+    assert dflt.default_moe.n_updates.tolist() == [1, 0, 0, 0]
+
+
+def test_eval_does_not_change_default_but_uses_it():
+    plain, dflt = make_pair()
+    dflt(torch.randn(6, 8))
+    snapshot = dflt.default_moe.ema.clone()
+    dflt.eval()
+    plain.eval()
+    x = torch.randn(6, 8)
+    y = dflt(x).y
+    assert torch.equal(dflt.default_moe.ema, snapshot)
+    assert not torch.allclose(y, plain(x).y)
+
+
+def test_state_dict_round_trip_keeps_default():
+    _, dflt = make_pair()
+    dflt(torch.randn(6, 8))
+    _, other = make_pair(seed=1)
+    other.load_state_dict(dflt.state_dict())
+    assert torch.equal(other.default_moe.ema, dflt.default_moe.ema)
+    assert torch.equal(other.default_moe.n_updates, dflt.default_moe.n_updates)
+
+
+def test_zero_default_is_bit_identical_to_plain_layer():
+    plain, dflt = make_pair(top_k=2)
+    plain.eval()
+    dflt.eval()  # Ê stays at its zero init
+    x = torch.randn(7, 8, requires_grad=True)
+    y_plain, y_dflt = plain(x).y, dflt(x).y
+    assert torch.equal(y_plain, y_dflt)
+    assert "default_moe.ema" not in plain.state_dict()
+
+
+def test_checkpoint_recompute_updates_ema_once():
+    _, ref = make_pair(beta=0.5)
+    _, ckpt = make_pair(beta=0.5)
+    x = torch.randn(6, 8, requires_grad=True)
+    ref(x).y.sum().backward()
+    checkpoint(lambda t: ckpt(t).y, x, use_reentrant=False).sum().backward()
+    assert torch.equal(ckpt.default_moe.ema, ref.default_moe.ema)
+    assert torch.equal(ckpt.default_moe.n_updates, ref.default_moe.n_updates)
+    torch.testing.assert_close(ckpt.router.weight.grad, ref.router.weight.grad)
+
+
+def test_straight_through_keeps_forward_value_and_dense_router_gradient():
+    torch.manual_seed(0)
+    base = dict(d_model=8, n_experts=4, top_k=1, d_ff=8, aux_loss_coef=0.0)
+    st = MoELayer(MoEConfig(**base, default_moe=DefaultMoEConfig(straight_through=True)))
+    full = MoELayer(MoEConfig(**base, default_moe=DefaultMoEConfig()))
+    plain = MoELayer(MoEConfig(**base))
+    full.load_state_dict(st.state_dict())
+    plain.load_state_dict(st.state_dict(), strict=False)
+    for layer in (st, full, plain):
+        layer.eval()
+    with torch.no_grad():
+        st.default_moe.ema.copy_(torch.randn(4, 8))
+        full.default_moe.ema.copy_(st.default_moe.ema)
+    x = torch.randn(5, 8)
+    y_st = st(x).y
+    torch.testing.assert_close(y_st, plain(x).y)
+    g = torch.randn(5, 8)
+    grad_st, = torch.autograd.grad(st(x).y, st.router.weight, g)
+    grad_full, = torch.autograd.grad(full(x).y, full.router.weight, g)
+    torch.testing.assert_close(grad_st, grad_full)
+
+
+def test_bias_correction_divides_by_one_minus_beta_power():
+    torch.manual_seed(0)
+    base = dict(d_model=8, n_experts=2, top_k=1, d_ff=8, aux_loss_coef=0.0)
+    layer = MoELayer(MoEConfig(**base, default_moe=DefaultMoEConfig(beta=0.9,
+                                                                     bias_correction=True)))
+    layer(torch.randn(6, 8))
+    dm = layer.default_moe
+    n = dm.n_updates.double()
+    expected = torch.where(n[:, None] > 0, dm.ema / (1 - 0.9 ** n[:, None]).float(), dm.ema)
+    torch.testing.assert_close(dm.value(), expected)
+    # after one update the corrected value is the batch mean itself
+    seen = dm.n_updates == 1
+    torch.testing.assert_close(dm.value()[seen], (dm.ema / 0.1)[seen])
+
+
+def test_bad_beta_rejected():
+    for beta in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="beta"):
+            DefaultMoEConfig(beta=beta)

@@ -1,0 +1,210 @@
+"""The core MoE layer against a naive loop reference, router losses, capacity, errors."""
+
+import math
+
+import pytest
+import torch
+from reference import naive_moe
+
+from moelab.moe import MoEConfig, MoELayer, load_balance_loss, plan_dispatch, router_z_loss
+from moelab.moe.dispatch import grouped_mm_supported, resolve_backend
+
+HAS_GROUPED = grouped_mm_supported("cpu", torch.float32, 8, 16)
+BACKENDS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
+    not HAS_GROUPED, reason="this torch has no CPU grouped_mm"))]
+
+
+def make_layer(seed=0, **kw) -> MoELayer:
+    torch.manual_seed(seed)
+    base = dict(d_model=8, n_experts=4, top_k=2, d_ff=6, aux_loss_coef=0.0)
+    return MoELayer(MoEConfig(**{**base, **kw}))
+
+
+def grads(layer, x, y, g):
+    params = [layer.router.weight, layer.experts.w_in, layer.experts.w_out, x]
+    return torch.autograd.grad(y, params, g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_experts,top_k,d_model,activation", [
+    (4, 1, 8, "swiglu"), (4, 4, 8, "swiglu"), (8, 2, 16, "gelu"), (6, 3, 12, "swiglu"),
+    (1, 1, 8, "gelu"),
+])
+def test_matches_naive_reference_fp32(backend, n_experts, top_k, d_model, activation):
+    layer = make_layer(n_experts=n_experts, top_k=top_k, d_model=d_model, d_ff=8,
+                       activation=activation, dispatch=backend)
+    x = torch.randn(2, 7, d_model, requires_grad=True)
+    g = torch.randn(2, 7, d_model)
+    y_fast = layer(x).y
+    y_ref = naive_moe(layer, x.reshape(-1, d_model)).view_as(x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads(layer, x, y_fast, g), grads(layer, x, y_ref, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_matches_naive_reference_fp64_loop(normalize):
+    layer = make_layer(n_experts=5, top_k=2, normalize_topk=normalize).double()
+    x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(9, 8, dtype=torch.float64)
+    y_fast, y_ref = layer(x).y, naive_moe(layer, x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads(layer, x, y_fast, g), grads(layer, x, y_ref, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_gradcheck_fp64(activation):
+    layer = make_layer(n_experts=3, top_k=2, d_model=4, d_ff=3, activation=activation,
+                       aux_loss_coef=0.5, z_loss_coef=0.1).double()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w_router, w_in, w_out):
+        out = torch.func.functional_call(
+            layer, {"router.weight": w_router, "experts.w_in": w_in, "experts.w_out": w_out},
+            (x,))
+        return out.y, out.losses.total
+
+    params = [p.detach().clone().requires_grad_() for p in
+              (layer.router.weight, layer.experts.w_in, layer.experts.w_out)]
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.skipif(not HAS_GROUPED, reason="this torch has no CPU grouped_mm")
+def test_bf16_grouped_close_to_fp32_reference():
+    layer = make_layer(n_experts=4, top_k=2, d_model=16, d_ff=8, dispatch="grouped_mm")
+    x = torch.randn(12, 16)
+    ref = naive_moe(layer, x.bfloat16().float())
+    layer16 = make_layer(n_experts=4, top_k=2, d_model=16, d_ff=8).bfloat16()
+    layer16.load_state_dict(layer.state_dict())
+    # same routing: the router runs in fp32 on bf16-rounded inputs and weights
+    ref = naive_moe(layer16.float(), x.bfloat16().float())
+    layer16.bfloat16()
+    torch.testing.assert_close(layer16(x.bfloat16()).y.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not HAS_GROUPED, reason="this torch has no CPU grouped_mm")
+def test_auto_uses_grouped_mm_when_aligned_and_warns_otherwise():
+    aligned = make_layer(d_ff=8)
+    x = torch.randn(4, 8)
+    assert resolve_backend("auto", x, aligned.experts.w_in) == "grouped_mm"
+    odd = make_layer(d_ff=5)
+    with pytest.warns(RuntimeWarning, match="falls back to a per-expert loop"):
+        assert resolve_backend("auto", x, odd.experts.w_in) == "loop"
+
+
+def test_grouped_mm_backend_rejects_unsupported_dtype():
+    layer = make_layer(dispatch="grouped_mm").double()
+    with pytest.raises(RuntimeError, match="dispatch='grouped_mm' is not supported"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+def test_load_balance_loss_is_one_when_balanced_and_larger_when_skewed():
+    probs = torch.full((4, 4), 0.25)
+    ids = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3]])  # every expert chosen twice
+    assert load_balance_loss(probs, ids).item() == pytest.approx(1.0)
+    skew_probs = torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 4)
+    skew_ids = torch.tensor([[0, 1]] * 4)
+    # E/(T*K) * sum n_i p_i = 4/8 * (4*0.7 + 4*0.1) = 1.6
+    assert load_balance_loss(skew_probs, skew_ids).item() == pytest.approx(1.6)
+
+
+def test_z_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_losses_returned_with_coefficients():
+    layer = make_layer(aux_loss_coef=0.01, z_loss_coef=0.001)
+    x = torch.randn(6, 8)
+    out = layer(x)
+    routing = layer.router(x)
+    assert out.losses.load_balance.item() == pytest.approx(
+        load_balance_loss(routing.probs, routing.topk_ids).item())
+    assert out.losses.z_loss.item() == pytest.approx(router_z_loss(routing.logits).item())
+    assert out.losses.total.item() == pytest.approx(
+        0.01 * out.losses.load_balance.item() + 0.001 * out.losses.z_loss.item())
+
+
+def test_capacity_drops_exactly_the_assignments_over_capacity():
+    layer = make_layer(n_experts=2, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():  # every token prefers expert 0
+        layer.router.weight.copy_(torch.tensor([[1.0] * 8, [-1.0] * 8]))
+    x = torch.rand(6, 8) + 0.1
+    y = layer(x).y
+    # capacity = ceil(1.0 * 6 * 1 / 2) = 3: tokens 0-2 kept, 3-5 dropped (zero output)
+    assert torch.all(y[3:] == 0) and torch.all(y[:3].abs().sum(-1) > 0)
+    ref = naive_moe(layer, x[:3])
+    torch.testing.assert_close(y[:3], ref)
+    assert layer.last_stats.dropped_frac.item() == pytest.approx(0.5)
+    assert layer.last_stats.tokens_per_expert.tolist() == [6.0, 0.0]
+
+
+def test_capacity_prefers_first_choices():
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0]])  # expert 0: first choice of t0,t1; 2nd of t2
+    plan = plan_dispatch(ids, torch.ones(3, 2), n_experts=2, capacity=2)
+    assert plan.n_dropped == 2
+    # expert 0 keeps the first choices of t0, t1 and drops t2's second choice; expert 1 keeps
+    # t2's first choice, then t0's second choice, and drops t1's
+    kept = list(zip(plan.expert_ids.tolist(), plan.token_idx.tolist(), strict=True))
+    assert kept == [(0, 0), (0, 1), (1, 2), (1, 0)]
+    assert plan.kept_counts.tolist() == [2, 2] and plan.routed_counts.tolist() == [3, 3]
+
+
+def test_routing_stats_recorded_and_detached():
+    layer = make_layer(n_experts=4, top_k=2)
+    layer.track_out_norm = True
+    x = torch.randn(10, 8)
+    layer(x)
+    stats = layer.last_stats
+    routing = layer.router(x)
+    counts = torch.bincount(routing.topk_ids.reshape(-1), minlength=4).float()
+    assert torch.equal(stats.tokens_per_expert, counts)
+    torch.testing.assert_close(stats.mean_prob, routing.probs.mean(0))
+    ent = -(routing.probs * routing.probs.log()).sum(-1).mean()
+    assert stats.entropy.item() == pytest.approx(ent.item(), rel=1e-5)
+    assert not stats.mean_prob.requires_grad and stats.n_tokens == 10
+    from reference import expert_forward
+    for e in range(4):
+        rows = [t for t in range(10) if e in routing.topk_ids[t].tolist()]
+        if rows:
+            norm = torch.stack([expert_forward(layer, e, x[t]).norm() for t in rows]).mean()
+            assert stats.expert_out_norm[e].item() == pytest.approx(norm.item(), rel=1e-4)
+        else:
+            assert math.isnan(stats.expert_out_norm[e].item())
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(top_k=5), "top_k"), (dict(top_k=0), "top_k"), (dict(n_experts=0), "n_experts"),
+    (dict(d_model=-1), "d_model"), (dict(d_ff=0), "d_ff"), (dict(activation="relu"),
+                                                            "activation"),
+    (dict(capacity_factor=0.0), "capacity_factor"), (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
+    (dict(dispatch="triton"), "dispatch"),
+])
+def test_bad_config_names_field(kw, field):
+    base = dict(d_model=8, n_experts=4, top_k=2, d_ff=6)
+    with pytest.raises(ValueError, match=field):
+        MoEConfig(**{**base, **kw})
+
+
+def test_bad_input_errors():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="shape"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="dtype"):
+        layer(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        layer(torch.randn(8))
+
+
+@pytest.mark.skipif(not HAS_GROUPED, reason="this torch has no CPU grouped_mm")
+def test_probe_under_no_grad_and_inference_mode_does_not_disable_grouped_mm():
+    grouped_mm_supported.cache_clear()
+    state = torch.random.get_rng_state()
+    with torch.inference_mode():
+        assert grouped_mm_supported("cpu", torch.float32, 8, 16)
+    grouped_mm_supported.cache_clear()
+    with torch.no_grad():
+        assert grouped_mm_supported("cpu", torch.float32, 8, 16)
+    assert torch.equal(state, torch.random.get_rng_state())  # probing draws no random numbers
