@@ -1,0 +1,509 @@
+"""Excitation (Shaier, "Excitation: Momentum For Experts", arXiv 2602.21798, 2026).
+
+An optimizer wrapper. The base optimizer (SGD, momentum, Adam, AdamW, ...) computes its update
+δ_k for the parameters of expert k (weight decay included); the applied update is
+``Δθ_k = Φ_k · δ_k`` with Φ_k a multiplier from expert k's batch-level utilization. Routers,
+attention, embeddings and dense layers keep Φ = 1 and move exactly as with the bare optimizer.
+No per-parameter state is kept between steps.
+
+Utilization, per MoE layer and optimizer step: ``u_k = n_k / (T·K) = n_k / sum_j n_j``, n_k the
+number of top-K assignments (chosen by the router, before any capacity drop) to expert k over
+every training-mode forward since the previous step (all micro-batches of gradient accumulation,
+all data-parallel ranks once ``_reduce_counts`` is wired). Strategies (γ >= 0):
+
+    zero_sum      Φ_k = u_k^γ / mean_j(u_j^γ)            (mean Φ = 1 per layer)
+    positive_sum  Φ_k = max(1, Φ_ZS,k)                     (never suppresses)
+    negative_sum  Φ_k = min(1, Φ_ZS,k)                     (never amplifies)
+  Ablations, built on the multipliers Φ^b of ``ablation_base`` (one of the three above):
+    inverted      the multipliers Φ^b sorted by utilization and handed out in reverse rank:
+                  the i-th least used expert gets the i-th largest multiplier (ties between
+                  equal utilizations broken by expert index)
+    random        Φ^b permuted across the layer's experts by a fresh uniformly random
+                  permutation per layer and step, from a seeded CPU ``torch.Generator``
+    global        every expert gets mean_j Φ^b_j (plain learning-rate scaling of the experts;
+                  with ablation_base="zero_sum" this mean is exactly 1, i.e. the base optimizer)
+
+Edge cases: 0^γ is 0 for γ > 0 (an expert with no tokens gets Φ = 0 under zero_sum and does not
+move, whatever momentum the base optimizer carries) and 1 for γ = 0 (γ = 0 gives Φ ≡ 1, and the
+wrapper then leaves the base step bit-identical). A layer with no counted forward since the last
+step (or zero assignments in total) gets Φ ≡ 1: its experts take the plain base update.
+
+Example — a moelab model (every ``moelab.moe.MoELayer`` inside ``model`` is found)::
+
+    opt = Excitation(torch.optim.AdamW(model.parameters(), lr=3e-4), model,
+                     strategy="positive_sum", gamma=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+    for batch in loader:
+        loss = model(batch).loss
+        loss.backward()
+        opt.step(); opt.zero_grad(); sched.step()
+    opt.last_multipliers    # {layer name: Φ [E]} of the last step, for logging
+
+Example — your own MoE, experts as an ``nn.ModuleList`` (or batched ``[E, ...]`` weights)::
+
+    class MyMoE(nn.Module):
+        def __init__(self, d, n_experts):
+            super().__init__()
+            self.gate = nn.Linear(d, n_experts)
+            self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(n_experts))
+            self.counts = torch.zeros(n_experts)   # you fill it: assignments since last step
+
+    moe = MyMoE(16, 4)
+    opt = Excitation(torch.optim.SGD(moe.parameters(), lr=0.1), strategy="zero_sum")
+    opt.add_expert_group(params_per_expert=[list(e.parameters()) for e in moe.experts],
+                         token_counts=lambda: moe.counts, name="my_moe")
+    # or: opt.add_expert_group(batched_params=[w_EDF, w_EFD], token_counts=...)
+
+``token_counts`` is called once per ``step()`` (before the base step) and returns the [E]
+assignment counts since the previous step, or None for "no forward" (Φ ≡ 1); resetting your
+counter after the step is up to you. Or leave ``token_counts`` out and report each forward's
+counts with ``opt.record_counts("my_moe", counts_E)``: they are summed until the next step and
+then reset, as for moelab's own layers.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from moelab.moe.config import _require
+
+BASE_STRATEGIES = ("zero_sum", "positive_sum", "negative_sum")
+ABLATIONS = ("inverted", "random", "global")
+STRATEGIES = BASE_STRATEGIES + ABLATIONS
+
+#: Returns the [E] assignment counts since the last step, or None if there was no forward.
+TokenCounts = Callable[[], "Tensor | None"]
+
+
+@dataclass(frozen=True)
+class ExcitationConfig:
+    """Excitation settings.
+
+    strategy: "zero_sum" | "positive_sum" | "negative_sum" (the paper's strategies) or the
+        ablations "inverted" | "random" | "global", which rearrange the multipliers of
+        ``ablation_base``.
+    gamma: exponent γ >= 0 on utilization; 0 gives Φ ≡ 1 (the base optimizer exactly).
+    seed: seed of the generator that draws the "random" permutations.
+    ablation_base: "zero_sum" | "positive_sum" | "negative_sum": whose multipliers the
+        ablations rearrange (ignored by the three base strategies).
+    """
+
+    strategy: str = "positive_sum"
+    gamma: float = 1.0
+    seed: int = 0
+    ablation_base: str = "zero_sum"
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in STRATEGIES, "optim.excitation.strategy", self.strategy,
+                 f"choose one of {STRATEGIES}")
+        gamma_ok = (isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool)
+                    and math.isfinite(self.gamma) and self.gamma >= 0)
+        _require(gamma_ok, "optim.excitation.gamma", self.gamma, "need a finite float >= 0")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
+                 "optim.excitation.seed", self.seed, "need an int")
+        _require(self.ablation_base in BASE_STRATEGIES, "optim.excitation.ablation_base",
+                 self.ablation_base, f"choose one of {BASE_STRATEGIES}")
+
+
+def _phi_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _base_multipliers(counts_LE: Tensor, strategy: str, gamma: float) -> Tensor:
+    """zero/positive/negative-sum multipliers [L, E] of rows with a positive total."""
+    if gamma == 0:
+        return torch.ones_like(counts_LE)
+    # u^γ / mean(u^γ) is invariant to scaling u: divide by the row max so the largest term
+    # is 1 and the mean never underflows to 0 (large γ). 0^γ = 0 for γ > 0.
+    v_LE = counts_LE / counts_LE.amax(dim=-1, keepdim=True)
+    p_LE = v_LE.pow(gamma)
+    phi_LE = p_LE / p_LE.mean(dim=-1, keepdim=True)
+    if strategy == "positive_sum":
+        return phi_LE.clamp_min(1.0)
+    if strategy == "negative_sum":
+        return phi_LE.clamp_max(1.0)
+    return phi_LE
+
+
+def excitation_multipliers(counts_LE: Tensor, strategy: str = "positive_sum", gamma: float = 1.0,
+                           ablation_base: str = "zero_sum",
+                           generator: torch.Generator | None = None) -> Tensor:
+    """Multipliers Φ [L, E] (or [E]) from assignment counts n [L, E] (or [E]), one row a layer.
+
+    Rows whose counts sum to 0 get Φ ≡ 1. "random" draws one permutation per row from
+    ``generator`` (a CPU generator; the global one if None). Computed in float64 (float32 on
+    MPS) on the counts' device; no host synchronisation.
+    """
+    cfg = ExcitationConfig(strategy=strategy, gamma=gamma, ablation_base=ablation_base)
+    squeeze = counts_LE.dim() == 1
+    counts_LE = counts_LE.reshape(-1, counts_LE.shape[-1])
+    counts_LE = counts_LE.to(_phi_dtype(counts_LE.device))
+    has_tokens_L1 = counts_LE.sum(dim=-1, keepdim=True) > 0
+    safe_LE = torch.where(has_tokens_L1, counts_LE, torch.ones_like(counts_LE))
+    base = cfg.strategy if cfg.strategy in BASE_STRATEGIES else cfg.ablation_base
+    phi_LE = _base_multipliers(safe_LE, base, cfg.gamma)
+    if cfg.strategy == "inverted":
+        order_LE = torch.argsort(safe_LE, dim=-1, stable=True)   # ascending utilization
+        ranked_LE = phi_LE.gather(-1, order_LE)                  # multipliers by rank
+        phi_LE = torch.empty_like(phi_LE).scatter_(-1, order_LE, ranked_LE.flip(-1))
+    elif cfg.strategy == "random":
+        perm_LE = torch.rand(phi_LE.shape, generator=generator).argsort(dim=-1)
+        phi_LE = phi_LE.gather(-1, perm_LE.to(phi_LE.device))
+    elif cfg.strategy == "global":
+        phi_LE = phi_LE.mean(dim=-1, keepdim=True).expand_as(phi_LE).clone()
+    phi_LE = torch.where(has_tokens_L1, phi_LE, torch.ones_like(phi_LE))
+    return phi_LE[0] if squeeze else phi_LE
+
+
+@dataclass
+class _ExpertGroup:
+    """The parameters of one layer's E experts and where its token counts come from."""
+
+    name: str
+    n_experts: int
+    batched: list[Tensor]            # each [E, ...]
+    per_expert: list[list[Tensor]]   # E lists
+    token_counts: TokenCounts
+
+
+class Excitation(Optimizer):
+    """Wraps ``optimizer`` so each expert's update is scaled by its multiplier Φ_k.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        model: a module; every ``moelab.moe.MoELayer`` inside becomes an expert group named by
+            its module path (its ``experts`` parameters, counts from ``last_stats``). None:
+            only groups added with ``add_expert_group``.
+        strategy, gamma, seed, ablation_base: see ``ExcitationConfig``; or pass ``config``.
+
+    Behaves as an optimizer: ``param_groups``, ``state``, ``defaults``, ``zero_grad`` and
+    ``add_param_group`` are the wrapped optimizer's, LR schedulers attach to it, and
+    ``state_dict`` is the wrapped one's plus an ``"excitation"`` entry (the random generator's
+    state). ``step(closure)`` evaluates the closure once, then takes the base step without it
+    (fine for first-order optimizers; not for LBFGS).
+
+    Counting: a forward hook on each MoELayer adds ``last_stats.tokens_per_expert`` to a per-layer
+    accumulator after every forward in training mode (``layer.training``), skipping
+    activation-checkpoint recomputes (forwards run inside backward); the accumulators are reset
+    by ``step()``. Eval-mode forwards are not counted.
+
+    Attributes: ``last_multipliers`` {group name: Φ [E] float32} and ``last_utilization``
+    {group name: u [E] float32, NaN for a layer without assignments} and ``last_counts``
+    {group name: n [E], summed over the step's forwards (and ranks)} of the last step;
+    ``last_snapshot_bytes``: size of the transient copy of the expert parameters made by the
+    last step (the wrapper's only extra memory).
+    """
+
+    def __init__(self, optimizer: Optimizer, model: nn.Module | None = None,
+                 strategy: str = "positive_sum", gamma: float = 1.0, seed: int = 0,
+                 ablation_base: str = "zero_sum", *,
+                 config: ExcitationConfig | None = None) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer={type(optimizer).__name__} is invalid: need a "
+                            "torch.optim.Optimizer")
+        # Not Optimizer.__init__: param_groups/state/defaults are the wrapped optimizer's.
+        self.optimizer = optimizer
+        self.config = config or ExcitationConfig(strategy, gamma, seed, ablation_base)
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        #: Data parallelism: set True (and optionally a process group) to sum the counts over
+        #: ranks in ``_reduce_counts``.
+        self.all_reduce_counts = False
+        self.process_group: dist.ProcessGroup | None = None
+        self._groups: list[_ExpertGroup] = []
+        self._pending: dict[str, Tensor] = {}
+        self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.last_multipliers: dict[str, Tensor] = {}
+        self.last_utilization: dict[str, Tensor] = {}
+        self.last_counts: dict[str, Tensor] = {}
+        self.last_snapshot_bytes = 0
+        if model is not None:
+            self._add_moe_layers(model)
+
+    # ------------------------------------------------------------------ optimizer protocol
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus ``"excitation"``: generator state, config."""
+        sd = self.optimizer.state_dict()
+        sd["excitation"] = {"generator_state": self.generator.get_state(),
+                            "config": asdict(self.config)}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the wrapped optimizer and the random generator (the config is not changed)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("excitation", None)
+        self.optimizer.load_state_dict(state_dict)
+        if extra is not None:
+            self.generator.set_state(extra["generator_state"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"Excitation(strategy={cfg.strategy!r}, gamma={cfg.gamma}, "
+                f"groups={[g.name for g in self._groups]}) over {self.optimizer!r}")
+
+    # ------------------------------------------------------------------ expert groups
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self._groups]
+
+    def add_expert_group(self, *, token_counts: TokenCounts | None = None,
+                         params_per_expert: Sequence[Iterable[Tensor]] | None = None,
+                         batched_params: Iterable[Tensor] | None = None,
+                         name: str | None = None) -> str:
+        """Register the experts of one MoE layer; returns the group's name.
+
+        params_per_expert: E lists, the parameters of each expert (e.g. ``[list(e.parameters())
+            for e in module_list]``).  batched_params: tensors shaped [E, ...], expert k's part
+            the slice ``[k]``.  At least one of the two (both may be given; E must agree).
+        token_counts: called once per step, returns [E] assignment counts since the previous
+            step (any device/dtype), or None when the layer had no forward (Φ ≡ 1). Left out:
+            the counts are those given to ``record_counts(name, ...)`` since the last step.
+        The parameters must also be in the wrapped optimizer to be updated at all.
+        """
+        per_expert = [list(ps) for ps in params_per_expert] if params_per_expert else []
+        batched = list(batched_params) if batched_params else []
+        if not per_expert and not batched:
+            raise ValueError("add_expert_group: give params_per_expert and/or batched_params")
+        sizes = {len(per_expert)} if per_expert else set()
+        sizes |= {p.shape[0] if p.dim() > 0 else -1 for p in batched}
+        if len(sizes) != 1 or min(sizes) < 1:
+            raise ValueError(f"add_expert_group: inconsistent expert counts {sorted(sizes)} "
+                             "(len(params_per_expert) and every batched_params[i].shape[0])")
+        name = name if name is not None else f"group{len(self._groups)}"
+        if name in self.group_names:
+            raise ValueError(f"add_expert_group: name={name!r} is already used")
+        seen = {id(p) for g in self._groups for p in self._group_params(g)}
+        new = batched + [p for ps in per_expert for p in ps]
+        if len({id(p) for p in new}) != len(new) or any(id(p) in seen for p in new):
+            raise ValueError(f"add_expert_group {name!r}: a parameter appears twice or already "
+                             "belongs to another expert group")
+        if token_counts is None:
+            token_counts = self._pending_counts(name)
+        self._groups.append(_ExpertGroup(name, sizes.pop(), batched, per_expert, token_counts))
+        return name
+
+    def _add_moe_layers(self, model: nn.Module) -> None:
+        from moelab.moe.layer import MoELayer  # lazy: moelab.moe imports moelab.methods
+
+        for path, module in model.named_modules():
+            if not isinstance(module, MoELayer):
+                continue
+            name = path or "moe"
+            self.add_expert_group(batched_params=list(module.experts.parameters()), name=name)
+            self._hook_handles.append(module.register_forward_hook(self._count_hook(name)))
+
+    def _pending_counts(self, name: str) -> TokenCounts:
+        return lambda: self._pending.get(name)
+
+    @torch.no_grad()
+    def record_counts(self, name: str, counts_E: Tensor) -> None:
+        """Add one forward's [E] assignment counts to group ``name`` (summed until the next
+        ``step()``, which resets them). The MoELayer hooks call this; so can a user's MoE whose
+        group was added without ``token_counts``."""
+        counts_E = counts_E.detach()
+        acc = self._pending.get(name)
+        if acc is None:
+            self._pending[name] = counts_E.to(_phi_dtype(counts_E.device)).clone()
+        else:
+            acc.add_(counts_E.to(acc.device))
+
+    def _count_hook(self, name: str) -> Callable[..., None]:
+        from moelab.moe.layer import in_backward_pass
+
+        ref = weakref.ref(self)
+
+        def hook(module: nn.Module, _args: Any, _output: Any) -> None:
+            opt = ref()
+            if opt is None or not module.training or in_backward_pass():
+                return  # eval forward, or an activation-checkpoint recompute
+            opt.record_counts(name, module.last_stats.tokens_per_expert)
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        """Detach the counting hooks from the model's MoE layers."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    @staticmethod
+    def _group_params(group: _ExpertGroup) -> list[Tensor]:
+        return group.batched + [p for ps in group.per_expert for p in ps]
+
+    # ------------------------------------------------------------------ multipliers
+
+    def _reduce_counts(self, counts: Tensor) -> Tensor:
+        """Sum a flat tensor of counts over data-parallel ranks (one all-reduce per step).
+
+        A no-op on a single process; active when ``all_reduce_counts`` is set and
+        ``torch.distributed`` is initialised (``process_group``: None = the default group).
+        """
+        if self.all_reduce_counts and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.process_group)
+        return counts
+
+    def _compute_multipliers(self) -> dict[str, Tensor | None]:
+        """Φ [E] per group for this step; None where Φ ≡ 1 is known without looking at data
+        (γ = 0, or no forward on any rank when counts are not reduced)."""
+        cfg = self.config
+        raw = [g.token_counts() for g in self._groups]
+        self.last_multipliers, self.last_utilization, self.last_counts = {}, {}, {}
+        if not self._groups:
+            return {}
+        if cfg.gamma == 0 or (not self.all_reduce_counts and all(c is None for c in raw)):
+            for g, c in zip(self._groups, raw, strict=True):
+                self.last_multipliers[g.name] = torch.ones(g.n_experts)
+                if c is not None:
+                    self.last_counts[g.name] = c.detach().clone()
+                    self.last_utilization[g.name] = (c / c.sum()).float()
+            return {g.name: None for g in self._groups}
+        device = next((c.device for c in raw if c is not None),
+                      self._group_params(self._groups[0])[0].device)
+        dtype = _phi_dtype(device)
+        # one flat buffer of every group's counts, zeros for "no forward" (a layer with no
+        # assignments on any rank gets Φ ≡ 1), so data parallelism needs one all-reduce
+        parts = [torch.zeros(g.n_experts, device=device, dtype=dtype) if c is None else
+                 c.detach().to(device=device, dtype=dtype).reshape(g.n_experts)
+                 for g, c in zip(self._groups, raw, strict=True)]
+        sizes = [g.n_experts for g in self._groups]
+        counts = list(self._reduce_counts(torch.cat(parts)).split(sizes))
+        # stack groups with the same E, so each distinct E costs one vectorised computation
+        by_size: dict[int, list[int]] = {}
+        for i, n in enumerate(sizes):
+            by_size.setdefault(n, []).append(i)
+        phis: list[Tensor] = list(counts)
+        for idx in by_size.values():
+            counts_LE = torch.stack([counts[i] for i in idx])
+            phi_LE = excitation_multipliers(counts_LE, cfg.strategy, cfg.gamma,
+                                            cfg.ablation_base, self.generator)
+            for row, i in enumerate(idx):
+                phis[i] = phi_LE[row]
+        out: dict[str, Tensor | None] = {}
+        for i, g in enumerate(self._groups):
+            out[g.name] = phis[i]
+            self.last_multipliers[g.name] = phis[i].float()
+            self.last_counts[g.name] = counts[i]
+            self.last_utilization[g.name] = (counts[i] / counts[i].sum()).float()
+        return out
+
+    # ------------------------------------------------------------------ step
+
+    def _plan(self, phis: dict[str, Tensor | None]) -> tuple[list[Tensor], list[Tensor]]:
+        """The expert parameters to rescale and their lerp weights ``1 - Φ`` (per expert,
+        shaped to broadcast over each parameter)."""
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        params: list[Tensor] = []
+        weights: list[Tensor] = []
+        for g in self._groups:
+            phi_E = phis[g.name]
+            if phi_E is None:
+                continue
+            w_E = 1.0 - phi_E
+            for p in g.batched:
+                if id(p) in optimized and p.grad is not None:
+                    params.append(p)
+                    weights.append(w_E.to(device=p.device, dtype=p.dtype)
+                                   .view(-1, *([1] * (p.dim() - 1))))
+            if g.per_expert:
+                w_cols = w_E.unbind(0)
+                for k, ps in enumerate(g.per_expert):
+                    for p in ps:
+                        if id(p) in optimized and p.grad is not None:
+                            params.append(p)
+                            weights.append(w_cols[k].to(device=p.device, dtype=p.dtype))
+        return params, weights
+
+    @torch.no_grad()
+    def _snapshot(self, params: list[Tensor]) -> list[Tensor]:
+        """A transient copy of ``params``: one flat buffer per (device, dtype), filled by one
+        ``_foreach_copy_``."""
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        snaps: list[Tensor] = [params[0]] * len(params) if params else []
+        total = 0
+        for (device, dtype), idx in by_kind.items():
+            numels = [params[i].numel() for i in idx]
+            buf = torch.empty(sum(numels), device=device, dtype=dtype)
+            total += buf.numel() * buf.element_size()
+            for i, chunk in zip(idx, buf.split(numels), strict=True):
+                snaps[i] = chunk.view(params[i].shape)
+        if params:
+            torch._foreach_copy_(snaps, params)
+        self.last_snapshot_bytes = total
+        return snaps
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Evaluate ``closure`` (if any), take the base step, rescale each expert's update:
+        ``θ_k <- θ_k,old + Φ_k (θ_k,base - θ_k,old)``. Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        phis = self._compute_multipliers()
+        params, weights = self._plan(phis)
+        snaps = self._snapshot(params)
+        self.optimizer.step()
+        if params:
+            with torch.no_grad():
+                # lerp(θ_base, θ_old, 1 - Φ) = θ_base + (1 - Φ)(θ_old - θ_base)
+                #                            = θ_old + Φ (θ_base - θ_old);
+                # exact at the ends: Φ = 1 keeps θ_base, Φ = 0 restores θ_old bit for bit.
+                torch._foreach_lerp_(params, snaps, weights)
+        del snaps
+        self._pending.clear()
+        return loss
