@@ -93,6 +93,17 @@ def test_auto_uses_grouped_mm_when_aligned_and_warns_otherwise():
         assert resolve_backend("auto", x, odd.experts.w_in) == "loop"
 
 
+@pytest.mark.filterwarnings("ignore:MoE dispatch falls back")
+def test_neuron_level_experts_match_reference():
+    layer = make_layer(n_experts=16, top_k=4, d_ff=1, activation="gelu")
+    x = torch.randn(9, 8, requires_grad=True)
+    g = torch.randn(9, 8)
+    y_fast, y_ref = layer(x).y, naive_moe(layer, x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(layer, x, y_fast, g), grads(layer, x, y_ref, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_grouped_mm_backend_rejects_unsupported_dtype():
     layer = make_layer(dispatch="grouped_mm").double()
     with pytest.raises(RuntimeError, match="dispatch='grouped_mm' is not supported"):

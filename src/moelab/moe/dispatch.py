@@ -76,7 +76,10 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype, d_in: int, d_out:
     if _GROUPED_MM is None:
         return False
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        # Identity saved-tensor hooks shadow any outer ones (activation checkpointing), so a
+        # probe inside a checkpointed first forward leaves nothing for its recompute check.
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             return _probe_grouped_mm(device_type, dtype, d_in, d_out)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
@@ -96,19 +99,24 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype, d_in: int, d_out: in
 
 
 def resolve_backend(requested: str, x: Tensor, w_EIO: Tensor) -> str:
-    """Turn "auto" into "grouped_mm" or "loop"; raise if "grouped_mm" cannot run here."""
+    """Turn "auto" into "grouped_mm" or "loop"; raise if "grouped_mm" can't run.
+
+    "auto" picks grouped GEMM when the installed torch runs it for this dtype/device/shape,
+    else the per-expert loop with a one-time warning.
+    """
     if requested == "loop":
         return "loop"
     ok = grouped_mm_supported(x.device.type, x.dtype, w_EIO.shape[1], w_EIO.shape[2])
-    if not ok:
-        why = (f"torch {torch.__version__} has no grouped GEMM for dtype={x.dtype} on "
-               f"{x.device.type} with expert weights of shape {tuple(w_EIO.shape)} (it needs "
-               f"fp32/bf16/fp16 and row strides that are multiples of 16 bytes)")
-        if requested == "grouped_mm":
-            raise RuntimeError(f"dispatch='grouped_mm' is not supported: {why}; "
-                               "use dispatch='auto' or 'loop'")
-        _warn_loop_fallback(why)
-    return "grouped_mm" if ok else "loop"
+    if ok:
+        return "grouped_mm"
+    why = (f"torch {torch.__version__} has no grouped GEMM for dtype={x.dtype} on "
+           f"{x.device.type} with expert weights of shape {tuple(w_EIO.shape)} (it needs "
+           f"fp32/bf16/fp16 and row strides that are multiples of 16 bytes)")
+    if requested == "grouped_mm":
+        raise RuntimeError(f"dispatch='grouped_mm' is not supported: {why}; "
+                           "use dispatch='auto' or 'loop'")
+    _warn_loop_fallback(why)
+    return "loop"
 
 
 @functools.cache
@@ -117,12 +125,13 @@ def _warn_loop_fallback(why: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
-def grouped_linear(x_NI: Tensor, w_EIO: Tensor, counts_E: Tensor, offsets_E: Tensor,
+def grouped_linear(x_NI: Tensor, w_EIO: Tensor, plan: DispatchPlan,
                    backend: str = "auto") -> Tensor:
-    """Rows of expert e (a contiguous slice of x_NI) times w_EIO[e]. Returns [N, O]."""
+    """Rows of expert e (a contiguous slice of x_NI, as laid out by ``plan``) times w_EIO[e].
+    Returns [N, O]."""
     if resolve_backend(backend, x_NI, w_EIO) == "grouped_mm":
-        return _GROUPED_MM(x_NI, w_EIO.to(x_NI.dtype), offs=offsets_E)
-    chunks = torch.split(x_NI, counts_E.tolist())
+        return _GROUPED_MM(x_NI, w_EIO.to(x_NI.dtype), offs=plan.offsets)
+    chunks = torch.split(x_NI, plan.kept_counts.tolist())
     # unbind (not w[e]) so backward stacks the per-expert grads once instead of E full-size adds
     weights = w_EIO.unbind(0)
     outs = [chunk @ weights[e] for e, chunk in enumerate(chunks) if chunk.shape[0] > 0]

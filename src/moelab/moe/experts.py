@@ -104,11 +104,11 @@ class Experts(nn.Module):
         ``sum_{n -> e} sum_weight_N[n] * expert_e(x_n)`` when ``sum_weight_N`` is given (an empty
         tensor means all ones), else None.
         """
-        h = grouped_linear(x_ND, self.w_in, plan.kept_counts, plan.offsets, self.backend)
+        h = grouped_linear(x_ND, self.w_in, plan, self.backend)
         act, act_sums_EF = _ScaledActivation.apply(
             h, plan.weights.to(h.dtype), self.activation, plan.expert_ids, sum_weight_N,
             self.n_experts)
-        out = grouped_linear(act, self.w_out, plan.kept_counts, plan.offsets, self.backend)
+        out = grouped_linear(act, self.w_out, plan, self.backend)
         if sum_weight_N is None:
             return out, None
         # The down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out.
