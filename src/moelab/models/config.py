@@ -46,6 +46,9 @@ class MomentumConfig:
         _require(self.kappa > 1.0, "momentum.kappa", self.kappa, "need kappa > 1")
         _require(0.0 < self.rho <= 1.0 - 1.0 / self.kappa + 1e-12, "momentum.rho", self.rho,
                  f"need 0 < rho <= 1 - 1/kappa = {1.0 - 1.0 / self.kappa:.6g}")
+        _require(not self.learnable or self.rule in ("heavy_ball", "adam"),
+                 "momentum.learnable", self.learnable,
+                 f"only the heavy_ball and adam rules have mu/gamma to learn (rule={self.rule!r})")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,12 @@ class ModelConfig:
         if self.momentum.rule == "adam":
             _require(self.momentum.adam_layers <= n_moe, "momentum.adam_layers",
                      self.momentum.adam_layers, f"need <= number of MoE layers ({n_moe})")
+        _require(self.skip_connections or self.kind == "mlp", "model.skip_connections",
+                 self.skip_connections, "only the mlp model can drop its residual connections")
+        _require(self.skip_connections or self.momentum.rule == "none",
+                 "model.skip_connections", self.skip_connections,
+                 f"momentum rule {self.momentum.rule!r} updates a residual stream; "
+                 "use skip_connections=True or momentum rule 'none'")
 
     def moe_config(self) -> MoEConfig:
         """The MoEConfig of every MoE block."""

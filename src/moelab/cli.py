@@ -1,0 +1,239 @@
+"""The ``moelab`` command line: train, eval, report, configs.
+
+Errors in the user's input (bad config values, unknown keys, missing data or run directories)
+print one line ``moelab: error: ...`` to stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from moelab import __version__
+
+# What a user can get wrong; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               ModuleNotFoundError, ImportError)
+
+EXAMPLES = """\
+examples:
+  moelab train                                   # built-in default: MoE LM on Shakespeare
+  moelab train --config mnist                    # MoE ViT on the packaged MNIST 5k
+  moelab train --set model.n_experts=16 --set optim.excitation.strategy=zero_sum
+  moelab train --set model.default_moe.beta=0.95 --out runs/dmoe
+  moelab train --resume runs/dmoe                # continue from its ckpt.pt
+  moelab train --config runs/dmoe/config.toml    # redo a run from its saved config
+  moelab eval runs/dmoe
+  moelab report runs/a runs/b --out report/
+  moelab configs                                 # list the shipped configs
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line + usage hint, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _fail(msg: str) -> int:
+    print(f"moelab: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moelab", description="Train and analyse sparse Mixture-of-Experts "
+                "models (Default MoE, MomentumSMoE, Excitation).", epilog=EXAMPLES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"moelab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (writes a run directory)",
+                       description="Train a model from a config. Writes config.toml, "
+                       "metrics.jsonl, command.txt, ckpt.pt and a report into the run "
+                       "directory.", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", "-c", default=None, metavar="NAME|PATH",
+                   help="a shipped config name (see `moelab configs`) or a TOML file "
+                   "(default: default)")
+    t.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config value, e.g. "
+                   "model.n_experts=16, optim.lr=1e-3, model.default_moe=none (repeatable; "
+                   "VALUE is a TOML literal or a plain string)")
+    t.add_argument("--out", "-o", default=None, metavar="DIR",
+                   help="run directory (default: train.out_dir or runs/<name>-<timestamp>)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its checkpoint (uses its config.toml)")
+    t.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar or progress lines (the final results still print)")
+    t.add_argument("--no-report", action="store_true", help="do not write the report")
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint on validation and test",
+                       description="Evaluate the checkpointed model of a run directory.")
+    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("--batches", type=int, default=None, metavar="N",
+                   help="evaluate only the first N batches of each split (default: all)")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    r = sub.add_parser("report", help="plots + Markdown table comparing runs",
+                       description="Write loss/perplexity curves, Gini by depth, router "
+                       "entropy, expert-utilization heatmaps and report.md for the runs.")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", "-o", default=None, metavar="DIR",
+                   help="output folder (default: the run itself for one run, else report/)")
+
+    c = sub.add_parser("configs", help="list the shipped configs, or print one resolved",
+                       description="List the configs shipped with moelab; with NAME, print "
+                       "that config fully resolved as TOML.")
+    c.add_argument("name", nargs="?", default=None, metavar="NAME|PATH")
+    c.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="apply overrides before printing")
+    return p
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from moelab.config import load_config
+    from moelab.train import Trainer, check_fresh_run_dir
+
+    command = ["moelab", *argv]
+    try:
+        if args.resume:
+            if args.config or args.overrides or args.out:
+                return _fail("--resume uses the run's own config.toml and directory; drop "
+                             "--config/--set/--out (edit RUN_DIR/config.toml to change it)")
+            trainer = Trainer.resume(args.resume, quiet=args.quiet, command=command)
+        else:
+            cfg = load_config(args.config or "default", args.overrides)
+            out = args.out or cfg.train.out_dir
+            if out is not None:
+                check_fresh_run_dir(out)
+            trainer = Trainer(cfg, out, quiet=args.quiet, command=command)
+            check_fresh_run_dir(trainer.run_dir)
+    except USER_ERRORS as e:
+        return _fail(_one_line(e))
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        print(f"\nmoelab: interrupted at step {trainer.step}; continue from the last "
+              f"checkpoint with: moelab train --resume {trainer.run_dir}", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    if not args.no_report:
+        try:
+            from moelab.report import make_report
+
+            md = make_report([trainer.run_dir])
+            print(f"report: {md}")
+        except ModuleNotFoundError as e:
+            print(f"moelab: no report: {_one_line(e)}", file=sys.stderr)
+    print(f"run: {trainer.run_dir}")
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    """One line with the final validation and test metric."""
+    if "val_ppl" in s:
+        head = (f"val ppl {s['val_ppl']:.3f} (loss {s['val_loss']:.4f}) | "
+                f"test ppl {s['test_ppl']:.3f} (loss {s['test_loss']:.4f})")
+        rate = f"{s.get('tokens_per_s', 0):,.0f} tokens/s"
+    else:
+        head = (f"val acc {s['val_acc']:.4f} (loss {s['val_loss']:.4f}) | "
+                f"test acc {s['test_acc']:.4f} (loss {s['test_loss']:.4f})")
+        rate = f"{s.get('images_per_s', 0):,.0f} images/s"
+    extra = ""
+    if s.get("gini_mean") is not None:
+        extra = f" | mean Gini {s['gini_mean']:.3f}, dead experts {s.get('dead_experts', 0)}"
+    return (f"step {s['step']} | {head} | {s.get('train_time_s', 0):.0f} s train, "
+            f"{rate}{extra}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from moelab.train import load_trained
+
+    if args.batches is not None and args.batches < 1:
+        return _fail(f"--batches={args.batches} is invalid: need a positive int")
+    try:
+        trainer = load_trained(args.run_dir)
+    except USER_ERRORS as e:
+        return _fail(_one_line(e))
+    n = args.batches if args.batches is not None else trainer.cfg.data.final_eval_batches
+    val = trainer.evaluate("val", n, routing=True)
+    test = trainer.evaluate("test", n, routing=False)
+    layers = val.pop("layers", [])
+    res = {"run": str(args.run_dir), "step": trainer.step, **val, **test}
+    if layers:
+        res["gini_by_layer"] = [x["gini"] for x in layers]
+        res["dead_experts"] = sum(x["dead"] for x in layers)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    if trainer.is_lm:
+        print(f"{args.run_dir} (step {trainer.step}): val ppl {res['val_ppl']:.3f} "
+              f"(loss {res['val_loss']:.4f}) | test ppl {res['test_ppl']:.3f} "
+              f"(loss {res['test_loss']:.4f})")
+    else:
+        print(f"{args.run_dir} (step {trainer.step}): val acc {res['val_acc']:.4f} | "
+              f"test acc {res['test_acc']:.4f}")
+    if layers:
+        print("Gini by MoE layer: " + ", ".join(f"{g:.3f}" for g in res["gini_by_layer"])
+              + f" | dead experts: {res['dead_experts']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from moelab.report import make_report
+
+    try:
+        md = make_report(args.run_dirs, args.out)
+    except USER_ERRORS as e:
+        return _fail(_one_line(e))
+    print(f"report: {md}")
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from moelab.config import dump_toml, load_config, shipped_configs
+
+    try:
+        if args.name is not None:
+            print(dump_toml(load_config(args.name, args.overrides)), end="")
+            return 0
+        configs = shipped_configs()
+    except USER_ERRORS as e:
+        return _fail(_one_line(e))
+    width = max(map(len, configs), default=0)
+    print("shipped configs (moelab train --config NAME; moelab configs NAME prints one):")
+    for name, desc in configs.items():
+        print(f"  {name:<{width}}  {desc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``moelab`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "train":
+        return _cmd_train(args, argv)
+    if args.command == "eval":
+        return _cmd_eval(args)
+    if args.command == "report":
+        return _cmd_report(args)
+    return _cmd_configs(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

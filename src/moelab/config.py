@@ -1,0 +1,623 @@
+"""Run configuration: one frozen dataclass tree that describes a whole training run.
+
+``RunConfig`` = ``name`` + ``model: ModelConfig`` + ``data: DataConfig`` + ``optim: OptimConfig``
+(+ ``optim.excitation: ExcitationConfig | None``) + ``train: TrainConfig``. Every dataclass
+validates itself in ``__post_init__`` and raises a ``ValueError`` naming the field
+(``optim.lr=-1 is invalid: need lr > 0``).
+
+TOML <-> dataclasses, generically (works for any nested frozen dataclass tree):
+
+* :func:`load_config` reads a TOML file (or a shipped config by name), applies ``--set``
+  overrides and builds the tree. Tables become nested dataclasses; an ``X | None`` dataclass
+  field is None when its table is absent and built (defaults filled in) when present; unknown
+  keys raise a :class:`ConfigError` naming them with a close-match suggestion. A top-level
+  ``base = "NAME-or-path"`` key inherits from another config (deep merge, this file wins).
+* :func:`apply_overrides` applies ``KEY=VALUE`` strings: VALUE is parsed as a TOML literal and
+  falls back to a plain string; ``none`` sets an optional field to None
+  (``model.default_moe=none`` disables Default MoE).
+* :func:`dump_toml` writes the resolved tree back; ``config_from_toml(dump_toml(c)) == c``.
+
+Invariant that keeps the round trip exact: every optional (``X | None``) field defaults to None,
+so "absent from the file" and "None" are the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import operator
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+from moelab.methods.excitation import ExcitationConfig
+from moelab.models.config import ModelConfig
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_from_toml",
+    "config_to_dict",
+    "dump_toml",
+    "load_config",
+    "resolve_config_path",
+    "shipped_configs",
+]
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+TOKENIZERS = ("byte", "bpe")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong. The message names the key."""
+
+
+def _check(cond: bool, name: str, value: object, what: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: {what}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ------------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the model reads.
+
+    dataset: a text dataset (``shakespeare``, ``wikitext``, ``textfile``) for ``model.kind =
+        "lm"``, an image dataset (``mnist5k``, ``cifar10``, ``npz``, ``idx``) for "vit"/"mlp".
+    path: the dataset's files (required by wikitext/textfile/cifar10/npz/idx; optional
+        override for the built-ins).
+    tokenizer: "byte" (vocab 256) or "bpe" (byte-level BPE trained on the train split,
+        ``bpe_vocab_size`` tokens, cached; needs the ``tokenizers`` package).
+    seq_len: LM context length S.  batch_size: sequences (or images) per micro-batch.
+    eval_batches: batches per periodic evaluation (None: the whole validation split).
+    final_eval_batches: batches of the final validation/test evaluation (None: whole split).
+    """
+
+    dataset: str = "shakespeare"
+    path: str | None = None
+    tokenizer: str = "byte"
+    bpe_vocab_size: int = 4096
+    seq_len: int = 128
+    batch_size: int = 32
+    eval_batches: int | None = None
+    final_eval_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        from moelab.data import IMAGE_DATASETS, TEXT_DATASETS
+
+        known = TEXT_DATASETS + IMAGE_DATASETS
+        _check(self.dataset in known, "data.dataset", self.dataset, f"choose one of {known}")
+        _check(self.tokenizer in TOKENIZERS, "data.tokenizer", self.tokenizer,
+               f"choose one of {TOKENIZERS}")
+        _check(_is_int(self.bpe_vocab_size) and self.bpe_vocab_size >= 257,
+               "data.bpe_vocab_size", self.bpe_vocab_size, "need an int >= 257")
+        for name in ("seq_len", "batch_size"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, f"data.{name}", v, "need a positive int")
+        for name in ("eval_batches", "final_eval_batches"):
+            v = getattr(self, name)
+            _check(v is None or (_is_int(v) and v >= 1), f"data.{name}", v,
+                   "need a positive int (or none for the whole split)")
+
+    @property
+    def is_text(self) -> bool:
+        from moelab.data import TEXT_DATASETS
+
+        return self.dataset in TEXT_DATASETS
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    name: "adamw", "adam" or "sgd".  lr: peak learning rate.  betas, eps: Adam(W).
+    weight_decay: decoupled (adamw) or L2 (adam, sgd).  momentum, nesterov: SGD.
+    warmup_steps or warmup_frac (of ``train.steps``; not both): linear warmup from 0.
+    schedule: "cosine" (to ``min_lr_ratio * lr`` at the last step), "linear" (same end),
+        "constant".  grad_clip: max global grad norm, 0 = off.
+    excitation: wrap the optimizer in Excitation (None = off).
+    """
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    warmup_steps: int = 0
+    warmup_frac: float = 0.0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    excitation: ExcitationConfig | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, "optim.name", self.name, f"choose one of {OPTIMIZERS}")
+        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "need lr > 0")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               "optim.betas", self.betas, "need two values in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "need eps > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "need >= 0")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "need 0 <= m < 1")
+        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "optim.warmup_steps",
+               self.warmup_steps, "need an int >= 0")
+        _check(0.0 <= self.warmup_frac < 1.0, "optim.warmup_frac", self.warmup_frac,
+               "need 0 <= frac < 1")
+        _check(not (self.warmup_steps and self.warmup_frac), "optim.warmup_frac",
+               self.warmup_frac, "set warmup_steps or warmup_frac, not both")
+        _check(self.schedule in SCHEDULES, "optim.schedule", self.schedule,
+               f"choose one of {SCHEDULES}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
+               "need 0 <= ratio <= 1")
+        _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
+               self.grad_clip, "need >= 0 (0 = off)")
+        if self.excitation is not None and not isinstance(self.excitation, ExcitationConfig):
+            raise ValueError(f"optim.excitation={self.excitation!r} is invalid: "
+                             "need an ExcitationConfig or None")
+
+    def warmup(self, total_steps: int) -> int:
+        """Number of warmup steps for a run of ``total_steps``."""
+        return self.warmup_steps or int(round(self.warmup_frac * total_steps))
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of ``lr`` for optimizer step ``step`` (0-based) of ``total_steps``."""
+        warm = self.warmup(total_steps)
+        if step < warm:
+            return (step + 1) / warm
+        if self.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - 1 - warm)
+        t = min(1.0, (step - warm) / span)
+        shape = 0.5 * (1.0 + math.cos(math.pi * t)) if self.schedule == "cosine" else 1.0 - t
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop.
+
+    steps: optimizer steps.  eval_every: validation every N steps (0: only at the end).
+    log_every: a metrics line every N steps.  checkpoint_every: ``ckpt.pt`` every N steps
+        (0: only at the end).  seed: everything random (init, data order, dropout).
+    out_dir: run directory (None: ``runs/<name>-<timestamp>``).
+    device: "cpu", "cuda", "cuda:N" or "auto".  threads: torch CPU threads (0: torch default).
+    grad_accum: micro-batches per optimizer step.
+    deterministic: ``torch.use_deterministic_algorithms`` during the run.
+    """
+
+    steps: int = 1000
+    eval_every: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 0
+    seed: int = 0
+    out_dir: str | None = None
+    device: str = "cpu"
+    threads: int = 0
+    grad_accum: int = 1
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.steps) and self.steps >= 1, "train.steps", self.steps,
+               "need a positive int")
+        for name in ("eval_every", "checkpoint_every", "threads"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 0, f"train.{name}", v, "need an int >= 0")
+        for name in ("log_every", "grad_accum"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, f"train.{name}", v, "need a positive int")
+        _check(_is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "need an int >= 0")
+        _check(re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.device) is not None,
+               "train.device", self.device, "use cpu, cuda, cuda:N, mps or auto")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: ``name`` (used for the default run directory) and the four sections."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and re.fullmatch(r"[\w.+-]+", self.name) is not None,
+               "name", self.name, "use letters, digits, '_', '-', '.', '+'")
+        kind, ds = self.model.kind, self.data.dataset
+        if kind == "lm":
+            _check(self.data.is_text, "data.dataset", ds,
+                   "model.kind='lm' needs a text dataset, not an image dataset")
+            _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                   self.data.seq_len, f"need <= model.max_seq_len={self.model.max_seq_len}")
+        else:
+            _check(not self.data.is_text, "data.dataset", ds,
+                   f"model.kind={kind!r} needs an image dataset, not a text dataset")
+
+
+# ------------------------------------------------------------------ dict <-> dataclasses
+
+_NONE_WORDS = ("none", "null")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):
+            if len(args) == 1:
+                return args[0], True
+            return functools.reduce(operator.or_, args), True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    names = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if typing.get_origin(tp) is tuple:
+        return f"an array of {len(typing.get_args(tp))} values"
+    return str(tp)
+
+
+def _bad(path: str, value: object, tp: Any, optional: bool) -> ConfigError:
+    need = _type_name(tp) + (" or none" if optional else "")
+    return ConfigError(f"{path}={value!r} is invalid: need {need}")
+
+
+def _convert(path: str, value: Any, tp: Any) -> Any:
+    base, optional = _split_optional(tp)
+    if value is None or (optional and isinstance(value, str)
+                         and value.strip().lower() in _NONE_WORDS and base is not str):
+        if optional:
+            return None
+        raise _bad(path, value, base, optional)
+    if optional and base is str and value is None:
+        return None
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise _bad(path, value, base, optional)
+        return _build(base, value, path)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(path, value, base, optional)
+    if base is int:
+        if _is_int(value):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _bad(path, value, base, optional)
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _bad(path, value, base, optional)
+    if base is str:
+        if isinstance(value, str):
+            if optional and value.strip().lower() in _NONE_WORDS:
+                return None
+            return value
+        raise _bad(path, value, base, optional)
+    if typing.get_origin(base) is tuple:
+        args = typing.get_args(base)
+        if not isinstance(value, (list, tuple)):
+            raise _bad(path, value, base, optional)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _bad(path, value, base, optional)
+        return tuple(_convert(f"{path}[{i}]", v, a)
+                     for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
+        for alt in typing.get_args(base):
+            try:
+                return _convert(path, value, alt)
+            except ConfigError:
+                pass
+        raise _bad(path, value, base, optional)
+    return value
+
+
+def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = (f"; did you mean {path + '.' if path else ''}{close[0]}?" if close
+            else f"; known keys: {', '.join(known)}")
+    return ConfigError(f"unknown key {full!r}{hint}")
+
+
+def _qualify(message: str, path: str, cls: type) -> str:
+    """Make a dataclass's own validation message name the full dotted key."""
+    if not path:
+        return message
+    head = path.rsplit(".", 1)[-1]
+    parent = path[: -len(head)]  # "model." for "model.default_moe", "" for "model"
+    m = re.match(r"([A-Za-z_][\w.]*)=", message)
+    if m is None:
+        return f"{path}: {message}"
+    key = m.group(1)
+    if key.startswith(path + ".") or (parent and key.startswith(parent)):
+        return message
+    if key.startswith(head + "."):
+        return parent + message
+    names = {f.name for f in dataclasses.fields(cls)}
+    if key.split(".")[0] in names:
+        return f"{path}.{message}"
+    return f"{path}: {message}"
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    hints = _field_types(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    known = [f.name for f in fields]
+    for key in data:
+        if key not in known:
+            raise _unknown_key(path, key, known)
+    kwargs = {}
+    for f in fields:
+        if f.name in data:
+            kwargs[f.name] = _convert(f"{path}.{f.name}" if path else f.name, data[f.name],
+                                      hints[f.name])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(_qualify(str(e), path, cls)) from None
+
+
+def config_from_dict(data: dict[str, Any], cls: type = RunConfig) -> Any:
+    """Build ``cls`` (a dataclass tree) from nested dicts; raises :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a table, got {type(data).__name__}")
+    return _build(cls, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dicts (tuples as lists, None values dropped), ready for TOML or JSON."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is None:
+            continue
+        if dataclasses.is_dataclass(v):
+            out[f.name] = config_to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+# ------------------------------------------------------------------------------- TOML
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.fullmatch(k) else json.dumps(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        r = repr(v)
+        return r if any(c in r for c in ".en") else r + ".0"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} {v!r} as TOML")
+
+
+def _check_dumpable(cfg: Any, path: str = "") -> None:
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        key = f"{path}{f.name}"
+        if v is None:
+            default = (f.default if f.default is not dataclasses.MISSING else
+                       f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else dataclasses.MISSING)
+            if default is not None:
+                raise ValueError(f"{key}=None cannot be written to TOML: its default is "
+                                 f"{default!r}, so leaving it out would change the config")
+        elif dataclasses.is_dataclass(v):
+            _check_dumpable(v, key + ".")
+
+
+def _dump_table(d: dict[str, Any], prefix: str, lines: list[str]) -> None:
+    scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+    if prefix and (scalars or not tables):
+        lines.append(f"\n[{prefix}]")
+    for k, v in scalars.items():
+        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for k, v in tables.items():
+        _dump_table(v, f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k), lines)
+
+
+def dump_toml(cfg: Any, header: str | None = None) -> str:
+    """The config tree as TOML text (every field written, None fields left out)."""
+    _check_dumpable(cfg)
+    lines: list[str] = []
+    if header:
+        lines += [f"# {line}" if line else "#" for line in header.splitlines()]
+    _dump_table(config_to_dict(cfg), "", lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where} is not valid TOML: {e}") from None
+
+
+def config_from_toml(text: str, cls: type = RunConfig) -> Any:
+    """Build ``cls`` from TOML text (no ``base`` resolution, no overrides)."""
+    return config_from_dict(_parse_toml(text, "config"), cls)
+
+
+# ---------------------------------------------------------------------- overrides
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: a TOML literal (``16``, ``0.95``, ``true``, ``[0.9, 0.99]``,
+    ``"x"``), otherwise the text itself as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``KEY=VALUE`` overrides (dotted keys) to a nested dict, in place; returns it.
+
+    Creates missing tables (``model.default_moe.beta=0.95`` switches Default MoE on with
+    beta 0.95); ``KEY=none`` sets an optional value or table to None.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+            raise ConfigError(f"bad --set {item!r}: expected KEY=VALUE, e.g. "
+                              "--set model.n_experts=16")
+        value = parse_value(raw.strip())
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None or (isinstance(nxt, str) and nxt.lower() in _NONE_WORDS):
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"bad --set {item!r}: {'.'.join(parts[:i + 1])} is a "
+                                  f"value ({nxt!r}), not a table")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+# ------------------------------------------------------------------ files and names
+
+
+def _configs_dir():
+    return resources.files("moelab") / "configs"
+
+
+def shipped_configs() -> dict[str, str]:
+    """Name -> first comment line (description) of every config shipped in the package."""
+    out = {}
+    for entry in sorted(_configs_dir().iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            first = entry.read_text(encoding="utf-8").splitlines()[:1]
+            desc = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
+            out[entry.name[: -len(".toml")]] = desc
+    return out
+
+
+def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = None):
+    """A path to an existing file, or a shipped config's name (``default``, ``mnist``...)."""
+    text = str(name_or_path)
+    p = Path(text).expanduser()
+    if relative_to is not None and not p.is_absolute():
+        cand = relative_to / p
+        if cand.is_file():
+            return cand
+    if p.is_file():
+        return p
+    stem = text[:-5] if text.endswith(".toml") else text
+    entry = _configs_dir() / f"{stem}.toml"
+    if "/" not in stem and "\\" not in stem and entry.is_file():
+        return entry
+    if p.exists():
+        raise ConfigError(f"config {text!r} is not a file")
+    names = list(shipped_configs())
+    close = difflib.get_close_matches(stem, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"config {text!r} not found: not a file and not a shipped config; "
+                      f"{hint}shipped: {', '.join(names)}")
+
+
+def _read_with_base(name_or_path: str | Path, relative_to: Path | None,
+                    seen: tuple[str, ...]) -> dict[str, Any]:
+    path = resolve_config_path(name_or_path, relative_to)
+    ident = str(path)
+    if ident in seen:
+        raise ConfigError(f"config 'base' loop: {' -> '.join(seen + (ident,))}")
+    data = _parse_toml(path.read_text(encoding="utf-8"), str(name_or_path))
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"base={base!r} in {name_or_path} is invalid: need a config name "
+                          "or path")
+    parent_dir = Path(str(path)).parent if isinstance(path, Path) else None
+    merged = _read_with_base(base, parent_dir, seen + (ident,))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def config_name_of(name_or_path: str | Path) -> str:
+    """The default run name of a config given by name or path (file stem)."""
+    stem = Path(str(name_or_path)).name
+    return stem[:-5] if stem.endswith(".toml") else stem
+
+
+def load_config(name_or_path: str | Path = "default",
+                overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a config file or shipped config, resolve ``base``, apply ``--set`` overrides.
+
+    A file without a top-level ``name`` gets its file stem as the run name.
+    Raises :class:`ConfigError` (a ValueError) with a one-line message on any problem.
+    """
+    data = _read_with_base(name_or_path, None, ())
+    data.setdefault("name", config_name_of(name_or_path))
+    apply_overrides(data, list(overrides))
+    return config_from_dict(data, RunConfig)

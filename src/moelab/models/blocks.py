@@ -1,0 +1,206 @@
+"""Building blocks shared by every moelab model: norm, attention with RoPE, dense SwiGLU, the
+one transformer/MLP block, and the base class that runs a stack of blocks.
+
+There is exactly one block code path (``Block.forward``) for all models and all MomentumSMoE
+rules; the rule (``moelab.methods.momentum.CombineRule``) decides the MoE layer's input and how
+its output enters the residual stream, and its per-token state is passed from block to block
+as an argument (through activation checkpointing too), never stored on a module.
+
+Normalisation (our choice): pre-norm RMSNorm with a learned scale, in all three models.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moelab.methods.momentum import CombineRule, State, build_combine_rule
+from moelab.models.config import ModelConfig
+from moelab.moe import MoELayer, MoELosses
+
+INIT_STD = 0.02
+
+
+class ModelOutput(NamedTuple):
+    """logits: [B, S, V] (LM) or [B, n_classes]; aux_loss: scalar, the sum over MoE layers of
+    ``losses.total`` (add it to the task loss); moe_losses: the MoELosses of each MoE layer,
+    in depth order."""
+
+    logits: Tensor
+    aux_loss: Tensor
+    moe_losses: list[MoELosses]
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim, computed in fp32 at least."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half form) for sequences up to ``max_seq_len``."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} is invalid: RoPE needs an even head dim "
+                             "(d_model / n_heads)")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # [S_max, hd/2]
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x_BHSd: Tensor) -> Tensor:
+        seq = x_BHSd.shape[-2]
+        cos = self.cos[:seq].to(x_BHSd.dtype)
+        sin = self.sin[:seq].to(x_BHSd.dtype)
+        x1, x2 = x_BHSd.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention via ``F.scaled_dot_product_attention``.
+
+    x: [B, S, D] -> [B, S, D]; causal for the LM, bidirectional for the ViT; RoPE optional.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, causal: bool, rope: Rotary | None,
+                 dropout: float, out_std: float) -> None:
+        super().__init__()
+        self.n_heads, self.causal, self.rope, self.dropout = n_heads, causal, rope, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        nn.init.normal_(self.qkv.weight, std=INIT_STD)
+        nn.init.normal_(self.proj.weight, std=out_std)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        b, s, d = x_BSD.shape
+        qkv = self.qkv(x_BSD).view(b, s, 3, self.n_heads, d // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, hd]
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, s, d))
+
+
+class DenseSwiGLU(nn.Module):
+    """Dense FFN ``W_out(silu(x W_gate) * x W_up)``; [..., D] -> [..., D]."""
+
+    def __init__(self, d_model: int, d_ff: int, out_std: float | None = None) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+        if out_std is not None:
+            nn.init.normal_(self.w_in.weight, std=INIT_STD)
+            nn.init.normal_(self.w_out.weight, std=out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One block: ``h' = h + Attn(LN1(h))`` (if it has attention), then the FFN sub-layer.
+
+    Dense FFN: ``h' + FFN(LN2(h'))``. MoE FFN (``moe_idx`` = its index among the MoE layers):
+    ``f = MoE(rule.moe_input(LN2(h'), state, moe_idx))``, ``h, state = rule.combine(h', f,
+    state, moe_idx)``. Without ``residual`` (MoEMLP's deep no-skip variant) the FFN output
+    replaces h: ``h = FFN(LN2(h))`` (only with the baseline rule; the config enforces it).
+    """
+
+    def __init__(self, d_model: int, ffn: nn.Module, *, attn: nn.Module | None,
+                 moe_idx: int | None, residual: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(d_model) if attn is not None else None
+        self.attn = attn
+        self.norm2 = RMSNorm(d_model)
+        self.ffn = ffn
+        self.moe_idx = moe_idx
+        self.residual = residual
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, h: Tensor, state: State,
+                rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
+        """h: [B, S, D] or [B, D]; state: the rule's state (passed through dense blocks)."""
+        if self.attn is not None:
+            h = h + self.drop(self.attn(self.norm1(h)))
+        x = self.norm2(h)
+        if self.moe_idx is None:
+            f = self.drop(self.ffn(x))
+            return (h + f if self.residual else f), state, None
+        out = self.ffn(rule.moe_input(x, state, self.moe_idx))
+        f = self.drop(out.y)
+        if not self.residual:
+            return f, state, out.losses
+        h, state = rule.combine(h, f, state, self.moe_idx)
+        return h, state, out.losses
+
+
+class MoEModel(nn.Module):
+    """Base class: a stack of ``Block``s with MoE FFNs at ``cfg.moe_block_indices()``, the
+    combine rule ``self.combine_rule`` (from ``cfg.momentum``) and activation checkpointing."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise ValueError(f"cfg={cfg!r} is invalid: need a moelab.models.ModelConfig")
+        self.cfg = cfg
+
+    def _build_blocks(self, make_attn, *, residual: bool = True) -> None:
+        """Fill ``self.blocks``; ``make_attn()`` returns a fresh attention module or None."""
+        cfg = self.cfg
+        moe_idx = cfg.moe_block_indices()
+        out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        blocks = []
+        for i in range(cfg.n_layers):
+            if i in moe_idx:
+                ffn: nn.Module = MoELayer(cfg.moe_config())
+            else:
+                ffn = DenseSwiGLU(cfg.d_model, cfg.d_ff_dense or 4 * cfg.d_model, out_std)
+            blocks.append(Block(cfg.d_model, ffn, attn=make_attn(),
+                                moe_idx=moe_idx.index(i) if i in moe_idx else None,
+                                residual=residual, dropout=cfg.dropout))
+        self.blocks = nn.ModuleList(blocks)
+        self.combine_rule = build_combine_rule(cfg.momentum, len(moe_idx))
+
+    def _run_blocks(self, h: Tensor) -> tuple[Tensor, Tensor, list[MoELosses]]:
+        """Run every block; returns ``(h, aux_loss, moe_losses)``."""
+        rule = self.combine_rule
+        state = rule.init_state(h)
+        ckpt = self.cfg.activation_checkpointing and torch.is_grad_enabled()
+        losses: list[MoELosses] = []
+        for block in self.blocks:
+            if ckpt:
+                h, state, layer_losses = checkpoint(block, h, state, rule, use_reentrant=False)
+            else:
+                h, state, layer_losses = block(h, state, rule)
+            if layer_losses is not None:
+                losses.append(layer_losses)
+        aux = losses[0].total
+        for layer_losses in losses[1:]:
+            aux = aux + layer_losses.total
+        return h, aux, losses
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, in depth order."""
+        return [b.ffn for b in self.blocks if b.moe_idx is not None]
+
+    def set_track_out_norm(self, on: bool = True) -> None:
+        """Record each expert's mean output norm in every MoE layer's ``last_stats``
+        (``expert_out_norm``, for ``moelab.metrics.norm_ordered_share``)."""
+        for layer in self.moe_layers():
+            layer.track_out_norm = on
