@@ -329,6 +329,8 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
             if optional and value.strip().lower() in _NONE_WORDS:
                 return None
             return value
+        if _is_int(value):  # `--set data.path=2024` parses as a TOML int
+            return str(value)
         raise _bad(path, value, base, optional)
     if typing.get_origin(base) is tuple:
         args = typing.get_args(base)

@@ -67,7 +67,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
-            out.append(json.loads(line))
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
     return out
 
 
