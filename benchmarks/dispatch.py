@@ -8,7 +8,7 @@ Contenders, per E/K in {8/2, 32/4, 64/8} at fixed active FLOPs (K * d_ff = const
   - dense: a SwiGLU FFN of width K * d_ff, the same active FLOPs (the practical limit).
 Ratios are against dense (and moelab vs hf_eager), all measured in one interleaved run.
 
-    python benchmarks/dispatch.py            # CPU fp32, 2 threads, 2048 tokens, D=512, K*F=2048
+    python -m benchmarks.dispatch            # CPU fp32, 2 threads, 2048 tokens, D=512, K*F=2048
 Needs the ``bench`` extra (transformers>=5) for the HF rows; without it they are skipped.
 """
 
