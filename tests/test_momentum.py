@@ -22,16 +22,8 @@ from moelab.methods.momentum import (
 from moelab.models import ModelConfig, MomentumConfig, build_model
 from moelab.moe import DefaultMoEConfig, MoELosses, MoEOutput
 
-pytestmark = pytest.mark.filterwarnings("ignore:MoE dispatch falls back:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one intra-op thread is faster and immune to a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:MoE dispatch falls back:RuntimeWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 V = 64
 ALL_RULES = {
