@@ -45,6 +45,7 @@ else:  # pragma: no cover - python 3.10
 
 from moelab.methods.excitation import ExcitationConfig
 from moelab.models.config import ModelConfig
+from moelab.moe.config import _require
 
 __all__ = [
     "ConfigError",
@@ -70,10 +71,6 @@ TOKENIZERS = ("byte", "bpe")
 class ConfigError(ValueError):
     """A config file, key or value is wrong. The message names the key."""
 
-
-def _check(cond: bool, name: str, value: object, what: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}={value!r} is invalid: {what}")
 
 
 def _is_int(v: object) -> bool:
@@ -111,17 +108,17 @@ class DataConfig:
         from moelab.data import IMAGE_DATASETS, TEXT_DATASETS
 
         known = TEXT_DATASETS + IMAGE_DATASETS
-        _check(self.dataset in known, "data.dataset", self.dataset, f"choose one of {known}")
-        _check(self.tokenizer in TOKENIZERS, "data.tokenizer", self.tokenizer,
+        _require(self.dataset in known, "data.dataset", self.dataset, f"choose one of {known}")
+        _require(self.tokenizer in TOKENIZERS, "data.tokenizer", self.tokenizer,
                f"choose one of {TOKENIZERS}")
-        _check(_is_int(self.bpe_vocab_size) and self.bpe_vocab_size >= 257,
+        _require(_is_int(self.bpe_vocab_size) and self.bpe_vocab_size >= 257,
                "data.bpe_vocab_size", self.bpe_vocab_size, "need an int >= 257")
         for name in ("seq_len", "batch_size"):
             v = getattr(self, name)
-            _check(_is_int(v) and v >= 1, f"data.{name}", v, "need a positive int")
+            _require(_is_int(v) and v >= 1, f"data.{name}", v, "need a positive int")
         for name in ("eval_batches", "final_eval_batches"):
             v = getattr(self, name)
-            _check(v is None or (_is_int(v) and v >= 1), f"data.{name}", v,
+            _require(v is None or (_is_int(v) and v >= 1), f"data.{name}", v,
                    "need a positive int (or none for the whole split)")
 
     @property
@@ -158,24 +155,24 @@ class OptimConfig:
     excitation: ExcitationConfig | None = None
 
     def __post_init__(self) -> None:
-        _check(self.name in OPTIMIZERS, "optim.name", self.name, f"choose one of {OPTIMIZERS}")
-        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "need lr > 0")
-        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"choose one of {OPTIMIZERS}")
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "need lr > 0")
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
                "optim.betas", self.betas, "need two values in [0, 1)")
-        _check(self.eps > 0, "optim.eps", self.eps, "need eps > 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "need >= 0")
-        _check(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "need 0 <= m < 1")
-        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "optim.warmup_steps",
+        _require(self.eps > 0, "optim.eps", self.eps, "need eps > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "need >= 0")
+        _require(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "need 0 <= m < 1")
+        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "optim.warmup_steps",
                self.warmup_steps, "need an int >= 0")
-        _check(0.0 <= self.warmup_frac < 1.0, "optim.warmup_frac", self.warmup_frac,
+        _require(0.0 <= self.warmup_frac < 1.0, "optim.warmup_frac", self.warmup_frac,
                "need 0 <= frac < 1")
-        _check(not (self.warmup_steps and self.warmup_frac), "optim.warmup_frac",
+        _require(not (self.warmup_steps and self.warmup_frac), "optim.warmup_frac",
                self.warmup_frac, "set warmup_steps or warmup_frac, not both")
-        _check(self.schedule in SCHEDULES, "optim.schedule", self.schedule,
+        _require(self.schedule in SCHEDULES, "optim.schedule", self.schedule,
                f"choose one of {SCHEDULES}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
                "need 0 <= ratio <= 1")
-        _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
+        _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
                self.grad_clip, "need >= 0 (0 = off)")
         if self.excitation is not None and not isinstance(self.excitation, ExcitationConfig):
             raise ValueError(f"optim.excitation={self.excitation!r} is invalid: "
@@ -223,16 +220,16 @@ class TrainConfig:
     deterministic: bool = True
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.steps) and self.steps >= 1, "train.steps", self.steps,
+        _require(_is_int(self.steps) and self.steps >= 1, "train.steps", self.steps,
                "need a positive int")
         for name in ("eval_every", "checkpoint_every", "threads"):
             v = getattr(self, name)
-            _check(_is_int(v) and v >= 0, f"train.{name}", v, "need an int >= 0")
+            _require(_is_int(v) and v >= 0, f"train.{name}", v, "need an int >= 0")
         for name in ("log_every", "grad_accum"):
             v = getattr(self, name)
-            _check(_is_int(v) and v >= 1, f"train.{name}", v, "need a positive int")
-        _check(_is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "need an int >= 0")
-        _check(re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.device) is not None,
+            _require(_is_int(v) and v >= 1, f"train.{name}", v, "need a positive int")
+        _require(_is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "need an int >= 0")
+        _require(re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.device) is not None,
                "train.device", self.device, "use cpu, cuda, cuda:N, mps or auto")
 
 
@@ -247,16 +244,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.name, str) and re.fullmatch(r"[\w.+-]+", self.name) is not None,
+        _require(isinstance(self.name, str) and re.fullmatch(r"[\w.+-]+", self.name) is not None,
                "name", self.name, "use letters, digits, '_', '-', '.', '+'")
         kind, ds = self.model.kind, self.data.dataset
         if kind == "lm":
-            _check(self.data.is_text, "data.dataset", ds,
+            _require(self.data.is_text, "data.dataset", ds,
                    "model.kind='lm' needs a text dataset, not an image dataset")
-            _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+            _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                    self.data.seq_len, f"need <= model.max_seq_len={self.model.max_seq_len}")
         else:
-            _check(not self.data.is_text, "data.dataset", ds,
+            _require(not self.data.is_text, "data.dataset", ds,
                    f"model.kind={kind!r} needs an image dataset, not a text dataset")
 
 

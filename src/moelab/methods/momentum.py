@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from moelab.moe.config import _require
+
 if TYPE_CHECKING:  # runtime import would be circular (moelab.models imports this module)
     from moelab.models.config import MomentumConfig
 
@@ -47,10 +49,6 @@ __all__ = [
 ]
 
 
-def _check(cond: bool, field: str, value: object, what: str) -> None:
-    if not cond:
-        raise ValueError(f"{field}={value!r} is invalid: {what}")
-
 
 def robust_coefficients(kappa: float, rho: float) -> tuple[float, float, float]:
     """Robust momentum (Cyrus et al. 2018) with L = 1: ``(alpha_r, beta_r, eps_r)``.
@@ -59,8 +57,8 @@ def robust_coefficients(kappa: float, rho: float) -> tuple[float, float, float]:
     ``eps_r = rho^3/((kappa-1)*(1-rho)^2*(1+rho))``; needs kappa > 1 and
     0 < rho <= 1 - 1/kappa. kappa=1.25, rho=0.2 gives (0.04, 0.96, 0.041666...).
     """
-    _check(kappa > 1.0, "momentum.kappa", kappa, "need kappa > 1")
-    _check(0.0 < rho <= 1.0 - 1.0 / kappa + 1e-12, "momentum.rho", rho,
+    _require(kappa > 1.0, "momentum.kappa", kappa, "need kappa > 1")
+    _require(0.0 < rho <= 1.0 - 1.0 / kappa + 1e-12, "momentum.rho", rho,
            f"need 0 < rho <= 1 - 1/kappa = {1.0 - 1.0 / kappa:.6g}")
     alpha = kappa * rho**3 / (kappa - 1.0)
     beta = kappa * (1.0 - rho) ** 2 * (1.0 + rho)
@@ -101,7 +99,7 @@ class _MuGamma(CombineRule):
         super().__init__()
         self.learnable = learnable
         if learnable:
-            _check(n_layers is not None and n_layers >= 1, "n_layers", n_layers,
+            _require(n_layers is not None and n_layers >= 1, "n_layers", n_layers,
                    "a learnable rule needs the number of MoE layers (>= 1)")
             self.mu = nn.Parameter(torch.full((n_layers,), float(mu)))
             self.gamma = nn.Parameter(torch.full((n_layers,), float(gamma)))
@@ -169,9 +167,9 @@ class AdamSMoE(_MuGamma):
                  bias_correction: bool = False, *, n_layers: int | None = None,
                  learnable: bool = False) -> None:
         super().__init__(mu, gamma, n_layers, learnable)
-        _check(adam_layers >= 1, "momentum.adam_layers", adam_layers, "need >= 1")
+        _require(adam_layers >= 1, "momentum.adam_layers", adam_layers, "need >= 1")
         if n_layers is not None:
-            _check(adam_layers <= n_layers, "momentum.adam_layers", adam_layers,
+            _require(adam_layers <= n_layers, "momentum.adam_layers", adam_layers,
                    f"need <= number of MoE layers ({n_layers})")
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.adam_layers = adam_layers
@@ -239,10 +237,10 @@ class RobustMomentum(CombineRule):
 
 def build_combine_rule(cfg: MomentumConfig, n_moe_layers: int) -> CombineRule:
     """The CombineRule a ``MomentumConfig`` describes, for a model with ``n_moe_layers``."""
-    _check(isinstance(n_moe_layers, int) and n_moe_layers >= 1, "n_moe_layers", n_moe_layers,
+    _require(isinstance(n_moe_layers, int) and n_moe_layers >= 1, "n_moe_layers", n_moe_layers,
            "need a positive int")
     if cfg.learnable:
-        _check(cfg.rule in ("heavy_ball", "adam"), "momentum.learnable", cfg.learnable,
+        _require(cfg.rule in ("heavy_ball", "adam"), "momentum.learnable", cfg.learnable,
                f"only the heavy_ball and adam rules have mu/gamma to learn (rule={cfg.rule!r})")
     if cfg.rule == "none":
         return CombineRule()
