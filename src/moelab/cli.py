@@ -124,6 +124,8 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"\nmoelab: interrupted at step {trainer.step}; continue from the last "
               f"checkpoint with: moelab train --resume {trainer.run_dir}", file=sys.stderr)
         return 130
+    if not trainer.is_main:  # under torchrun, rank 0 reports
+        return 0
     print(format_summary(summary))
     if not args.no_report:
         try:
@@ -166,6 +168,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     n = args.batches if args.batches is not None else trainer.cfg.data.final_eval_batches
     val = trainer.evaluate("val", n, routing=True)
     test = trainer.evaluate("test", n, routing=False)
+    if not trainer.is_main:
+        return 0
     layers = val.pop("layers", [])
     res = {"run": str(args.run_dir), "step": trainer.step, **val, **test}
     if layers:

@@ -206,6 +206,10 @@ class TrainConfig:
     device: "cpu", "cuda", "cuda:N" or "auto".  threads: torch CPU threads (0: torch default).
     grad_accum: micro-batches per optimizer step.
     deterministic: ``torch.use_deterministic_algorithms`` during the run.
+    expert_parallel: under torchrun, shard every MoE layer's experts over this many ranks
+        (a divisor of the world size and of n_experts; 1: plain data parallel).
+    dist_backend: torch.distributed backend under torchrun: "auto" (nccl on cuda, else gloo),
+        "gloo" or "nccl".
     """
 
     steps: int = 1000
@@ -218,6 +222,8 @@ class TrainConfig:
     threads: int = 0
     grad_accum: int = 1
     deterministic: bool = True
+    expert_parallel: int = 1
+    dist_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _require(_is_int(self.steps) and self.steps >= 1, "train.steps", self.steps,
@@ -225,12 +231,14 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "threads"):
             v = getattr(self, name)
             _require(_is_int(v) and v >= 0, f"train.{name}", v, "need an int >= 0")
-        for name in ("log_every", "grad_accum"):
+        for name in ("log_every", "grad_accum", "expert_parallel"):
             v = getattr(self, name)
             _require(_is_int(v) and v >= 1, f"train.{name}", v, "need a positive int")
         _require(_is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "need an int >= 0")
         _require(re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.device) is not None,
                "train.device", self.device, "use cpu, cuda, cuda:N, mps or auto")
+        _require(self.dist_backend in ("auto", "gloo", "nccl"), "train.dist_backend",
+                 self.dist_backend, "use auto, gloo or nccl")
 
 
 @dataclass(frozen=True)
@@ -247,6 +255,9 @@ class RunConfig:
         _require(isinstance(self.name, str) and re.fullmatch(r"[\w.+-]+", self.name) is not None,
                "name", self.name, "use letters, digits, '_', '-', '.', '+'")
         kind, ds = self.model.kind, self.data.dataset
+        ep = self.train.expert_parallel
+        _require(self.model.n_experts % ep == 0, "train.expert_parallel", ep,
+                 f"need a divisor of model.n_experts={self.model.n_experts}")
         if kind == "lm":
             _require(self.data.is_text, "data.dataset", ds,
                    "model.kind='lm' needs a text dataset, not an image dataset")

@@ -22,6 +22,13 @@ Run directory::
                     included), schedule, RNG states (torch, numpy, python, cuda), batcher, step,
                     the open log window
 
+Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) the Trainer initialises
+``torch.distributed``, shards each global batch of ``data.batch_size`` rows over the ranks, shards
+the experts over ``train.expert_parallel`` ranks and wraps the model in DDP (see
+``moelab.distributed``). Rank 0 alone prints, logs and writes ``config.toml``/``ckpt.pt``; with
+expert parallelism every other rank r also writes its experts to ``ckpt.rank<r>.pt``. Logged
+losses are global-batch means; evaluation runs the same batches on every rank.
+
 Determinism: seeded (``train.seed``) init and data order; batches depend on (seed, step) only;
 ``torch.use_deterministic_algorithms`` during the run (``train.deterministic``). Resuming
 restores every piece of state, so N steps straight and N/2 + resume + N/2 log identical losses.
@@ -44,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from moelab.config import RunConfig, dump_toml, load_config
@@ -202,11 +210,17 @@ class Trainer:
                  command: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         tcfg = cfg.train
-        self.run_dir = Path(run_dir) if run_dir is not None else (
-            Path(tcfg.out_dir) if tcfg.out_dir else default_run_dir(cfg))
-        self.quiet = quiet
         self.command = list(command) if command is not None else ["moelab", *sys.argv[1:]]
         self.device = _resolve_device(tcfg.device)
+        self.ctx = self._setup_distributed()
+        self.is_main = self.ctx is None or self.ctx.is_main
+        self.run_dir = Path(run_dir) if run_dir is not None else (
+            Path(tcfg.out_dir) if tcfg.out_dir else default_run_dir(cfg))
+        if self.ctx is not None:  # one run directory for all ranks: rank 0's
+            shared = [str(self.run_dir)]
+            dist.broadcast_object_list(shared, src=0)
+            self.run_dir = Path(shared[0])
+        self.quiet = quiet or not self.is_main
         self.step = 0
         self.items_seen = 0
         self.train_time_s = 0.0
@@ -224,11 +238,46 @@ class Trainer:
                 self.model = build_model(cfg.model, image_shape=self.image_shape,
                                          n_classes=self.n_classes)
             self.model.to(self.device)
+            self._train_model: torch.nn.Module = self.model
+            self._expert_params: list[torch.nn.Parameter] = []
+            if self.ctx is not None:
+                from moelab import distributed as mdist
+
+                mdist.shard_experts(self.model, self.ctx)
+                mdist.enable_global_stats(self.model)
+                self._expert_params = mdist.expert_parameters(self.model)
+                self._train_model = mdist.wrap_ddp(self.model, self.ctx)
             self.optimizer = self._build_optimizer()
             self._seed_everything(tcfg.seed)  # the run starts from the same RNG state always
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
     # ------------------------------------------------------------------ setup
+
+    def _setup_distributed(self) -> Any:
+        """The ParallelContext under torchrun (world size > 1), else None."""
+        tcfg = self.cfg.train
+        initialised = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            if tcfg.expert_parallel > 1:
+                raise ValueError(f"train.expert_parallel={tcfg.expert_parallel} is invalid on "
+                                 "one process: launch with `torchrun --nproc_per_node N` "
+                                 "(N a multiple of expert_parallel)")
+            return None
+        from moelab.distributed import init_distributed
+
+        ctx = init_distributed(tcfg.expert_parallel, self.device.type, tcfg.dist_backend)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", ctx.local_rank)
+        bs = self.cfg.data.batch_size
+        if bs % ctx.world_size:
+            raise ValueError(f"data.batch_size={bs} is invalid: the global batch must split "
+                             f"evenly over the {ctx.world_size} ranks")
+        return ctx
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.ctx is None else self.ctx.world_size
 
     @property
     def is_lm(self) -> bool:
@@ -266,6 +315,10 @@ class Trainer:
                 torch.set_num_threads(prev_threads)
             torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
+    @property
+    def _shard(self) -> int:
+        return 0 if self.ctx is None else self.ctx.rank
+
     def _setup_data(self) -> None:
         from moelab.data import (
             ImageBatcher,
@@ -295,7 +348,7 @@ class Trainer:
                         f"data.seq_len={dcfg.seq_len} is invalid: the {split} split of "
                         f"{dcfg.dataset!r} has only {t.numel()} tokens")
             self.batcher = LMBatcher(self.tokens["train"], dcfg.batch_size, dcfg.seq_len,
-                                     seed=seed)
+                                     seed=seed, shard=self._shard, num_shards=self.world_size)
         else:
             splits = load_image_dataset(dcfg.dataset, dcfg.path)
             self.images = {"train": splits.train, "val": splits.valid, "test": splits.test}
@@ -308,7 +361,8 @@ class Trainer:
                 raise ValueError(f"data.batch_size={dcfg.batch_size} is invalid: the train "
                                  f"split of {dcfg.dataset!r} has only {n_train} images")
             self.batcher = ImageBatcher(splits.train.x, splits.train.y, dcfg.batch_size,
-                                        seed=seed, mean=self.mean, std=self.std)
+                                        seed=seed, mean=self.mean, std=self.std,
+                                        shard=self._shard, num_shards=self.world_size)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         ocfg = self.cfg.optim
@@ -332,6 +386,7 @@ class Trainer:
             from moelab.methods.excitation import Excitation
 
             opt = Excitation(opt, self.model, config=ocfg.excitation)
+            opt.all_reduce_counts = self.ctx is not None  # the global batch's utilization
         return opt
 
     # ------------------------------------------------------------------ one step
@@ -361,22 +416,28 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         items = 0
-        for _ in range(tcfg.grad_accum):
+        from moelab.distributed import clip_grad_norm_, sync_expert_grads
+
+        for i in range(tcfg.grad_accum):
             x, y = self.batcher.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out = self.model(x)
-            loss = self._task_loss(out.logits, y)
-            ((loss + out.aux_loss) / tcfg.grad_accum).backward()
+            last = i == tcfg.grad_accum - 1
+            no_sync = getattr(self._train_model, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                out = self._train_model(x)
+                loss = self._task_loss(out.logits, y)
+                ((loss + out.aux_loss) / tcfg.grad_accum).backward()
             loss_sum += loss.detach()
             aux_sum += out.aux_loss.detach()
             items += y.numel()
+        if self.ctx is not None:
+            sync_expert_grads(self._expert_params, self.ctx)
+            sums = torch.stack([loss_sum, aux_sum])
+            dist.all_reduce(sums)
+            loss_sum, aux_sum = sums / self.ctx.world_size
+            items *= self.ctx.world_size
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if ocfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, ocfg.grad_clip)
-        else:
-            grads = [p.grad.detach() for p in params if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        grad_norm = clip_grad_norm_(params, ocfg.grad_clip, self.ctx, self._expert_params)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -478,12 +539,30 @@ class Trainer:
             "rng": rng,
             "window": dict(self._window),
             "config_toml": dump_toml(self.cfg),
+            "parallel": {"world_size": self.world_size,
+                         "expert_parallel": self.cfg.train.expert_parallel},
         }
+
+    def _check_parallel(self, state: dict[str, Any]) -> None:
+        """Raise if ``state`` comes from an expert-parallel run of another world size."""
+        saved = state.get("parallel", {"world_size": 1, "expert_parallel": 1})
+        if saved["expert_parallel"] > 1 and saved["world_size"] != self.world_size:
+            raise ValueError(
+                f"this checkpoint holds experts sharded over {saved['world_size']} ranks "
+                f"(expert_parallel={saved['expert_parallel']}); load it under torchrun with "
+                f"--nproc_per_node {saved['world_size']} (this process has a world of "
+                f"{self.world_size}); resharding experts to another world size is not "
+                "supported")
+        if self.cfg.train.expert_parallel != saved["expert_parallel"] and \
+                saved["expert_parallel"] > 1:
+            raise ValueError(f"checkpoint expert_parallel={saved['expert_parallel']} != "
+                             f"train.expert_parallel={self.cfg.train.expert_parallel}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != CKPT_VERSION:
             raise ValueError(f"checkpoint version {state.get('version')!r} is not supported "
                              f"(need {CKPT_VERSION})")
+        self._check_parallel(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.batcher.load_state_dict(state["batcher"])
@@ -498,14 +577,29 @@ class Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
 
+    def _checkpoint_path(self) -> Path | None:
+        """This rank's checkpoint file: ``ckpt.pt`` (rank 0), ``ckpt.rank<r>.pt`` (rank r > 0
+        of an expert-parallel run), None for ranks > 0 of a data-parallel run (rank 0's
+        holds everything)."""
+        if self.is_main:
+            return self.run_dir / CHECKPOINT
+        if self.cfg.train.expert_parallel > 1:
+            return self.run_dir / f"ckpt.rank{self.ctx.rank}.pt"
+        return None
+
     def save_checkpoint(self) -> Path:
-        """Write ``RUN/ckpt.pt`` atomically (temporary file + ``os.replace``)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / CHECKPOINT
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        """Write this rank's checkpoint atomically (temporary file + ``os.replace``); returns
+        ``RUN/ckpt.pt``. All ranks take part under torchrun."""
+        path = self._checkpoint_path()
+        state = self.state_dict()  # on every rank: a collective-free snapshot
+        if path is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        if self.ctx is not None:
+            dist.barrier()
+        return self.run_dir / CHECKPOINT
 
     @classmethod
     def resume(cls, run_dir: str | Path, *, quiet: bool = False,
@@ -521,7 +615,11 @@ class Trainer:
             raise FileNotFoundError(f"cannot {_verb} {run_dir}: no {CHECKPOINT} there (the run "
                                     "stopped before its first checkpoint)")
         trainer = cls(load_config(cfg_path), run_dir, quiet=quiet, command=command)
-        state = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
+        own = trainer._checkpoint_path() or ckpt_path
+        main_state = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
+        trainer._check_parallel(main_state)
+        state = main_state if own == ckpt_path else torch.load(
+            own, map_location=trainer.device, weights_only=False)
         trainer.load_state_dict(state)
         trainer._resumed = True
         return trainer
@@ -529,10 +627,23 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def _log(self, entry: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(_json_safe(entry)) + "\n")
 
     def _start_run_dir(self) -> None:
+        d = self.run_dir
+        if not self._resumed:
+            check_fresh_run_dir(d)  # on every rank, before rank 0 writes anything
+        if self.ctx is not None:
+            dist.barrier()
+        if self.is_main:
+            self._write_run_dir_header()
+        if self.ctx is not None:
+            dist.barrier()
+
+    def _write_run_dir_header(self) -> None:
         d = self.run_dir
         if self._resumed:
             # drop what was logged after the checkpoint (and any final summary)
@@ -540,14 +651,16 @@ class Trainer:
                     if e.get("step", 0) <= self.step and e.get("kind") != "final"]
             _atomic_write_text(d / METRICS, "".join(json.dumps(e) + "\n" for e in kept))
         else:
-            check_fresh_run_dir(d)
             d.mkdir(parents=True, exist_ok=True)
             header = (f"moelab run config ({self.cfg.name}), resolved.\n"
                       f"Reproduce: moelab train --config {d / CONFIG}")
             _atomic_write_text(d / CONFIG, dump_toml(self.cfg, header=header))
             (d / METRICS).write_text("", encoding="utf-8")
+        command = self.command
+        if self.ctx is not None and command and command[0] != "torchrun":
+            command = ["torchrun", "--nproc_per_node", str(self.world_size), *command]
         with open(d / COMMAND, "a", encoding="utf-8") as f:
-            f.write(shlex.join(self.command) + "\n")
+            f.write(shlex.join(command) + "\n")
 
     def _say(self, msg: str) -> None:
         if not self.quiet:

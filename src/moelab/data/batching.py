@@ -33,6 +33,17 @@ def _check_tokens(tokens: torch.Tensor, seq_len: int, batch_size: int, what: str
         )
 
 
+def _check_shard(shard: int, num_shards: int, batch_size: int, what: str) -> slice:
+    """The rows ``[shard * B/n, (shard + 1) * B/n)`` of a batch of B, validated."""
+    if not (isinstance(num_shards, int) and num_shards >= 1 and batch_size % num_shards == 0):
+        raise ValueError(f"{what}: num_shards={num_shards!r} is invalid: need a positive "
+                         f"divisor of batch_size={batch_size}")
+    if not (isinstance(shard, int) and 0 <= shard < num_shards):
+        raise ValueError(f"{what}: shard={shard!r} is invalid: need 0 <= shard < {num_shards}")
+    per = batch_size // num_shards
+    return slice(shard * per, (shard + 1) * per)
+
+
 def _generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(stable_seed(*parts))
 
@@ -49,15 +60,21 @@ class LMBatcher:
     Args:
         tokens: ``[N]`` integer token ids (the train split), N >= seq_len + 1; any integer
             dtype (not copied; windows are cast to int64).
-        batch_size: B. seq_len: S. seed: run seed. rank: data-parallel rank (own stream).
+        batch_size: B. seq_len: S. seed: run seed. rank: an independent stream per value.
+        shard, num_shards: data parallelism — each step's batch of B windows is the same on
+            every rank, and this batcher yields only its part ``shard`` of ``num_shards``
+            equal parts (B / num_shards rows), so N ranks together see exactly the batch one
+            process would.
     """
 
     def __init__(
-        self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0
+        self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
+        shard: int = 0, num_shards: int = 1,
     ) -> None:
         _check_tokens(tokens, seq_len, batch_size, "LMBatcher")
         self.tokens = tokens  # kept as given (e.g. uint8 bytes for a big corpus), no copy
         self.batch_size, self.seq_len, self.seed, self.rank = batch_size, seq_len, seed, rank
+        self.shard = _check_shard(shard, num_shards, batch_size, "LMBatcher")
         self.step = 0
         self._span = torch.arange(seq_len + 1)
 
@@ -71,7 +88,7 @@ class LMBatcher:
         """The batch of the current step, then advance: ``(inputs [B, S], targets [B, S])``."""
         g = _generator("lm", self.seed, self.rank, self.step)
         n_starts = self.tokens.numel() - self.seq_len
-        offsets = torch.randint(0, n_starts, (self.batch_size,), generator=g)
+        offsets = torch.randint(0, n_starts, (self.batch_size,), generator=g)[self.shard]
         window = self.tokens[offsets[:, None] + self._span].to(torch.int64)  # [B, S + 1]
         self.step += 1
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
@@ -170,6 +187,8 @@ class ImageBatcher:
 
     ``mean``/``std`` (``[C]``) default to the statistics of ``x`` itself; pass the TRAIN split's
     (:meth:`ImageSplits.channel_stats`) so evaluation normalises the same way.
+    ``shard``/``num_shards``: data parallelism, as in :class:`LMBatcher` (the same batch on
+    every rank, this batcher yields its equal part).
     """
 
     def __init__(
@@ -182,8 +201,13 @@ class ImageBatcher:
         std: Sequence[float] | torch.Tensor | None = None,
         drop_last: bool = True,
         rank: int = 0,
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> None:
         _check_images(x, y, batch_size, "ImageBatcher")
+        self.shard = _check_shard(shard, num_shards, batch_size, "ImageBatcher")
+        if num_shards > 1 and not drop_last:
+            raise ValueError("ImageBatcher: num_shards > 1 needs drop_last=True (equal shards)")
         if drop_last and batch_size > x.shape[0]:
             raise ValueError(
                 f"ImageBatcher: batch_size={batch_size} > {x.shape[0]} images with "
@@ -215,6 +239,7 @@ class ImageBatcher:
             self.epoch, self.index, self._perm = self.epoch + 1, 0, None
         idx = self._order()[self.index : self.index + self.batch_size]
         self.index += idx.numel()
+        idx = idx[self.shard]
         return (to_float(self.x[idx]) - self.mean) / self.std, self.y[idx]
 
     def state_dict(self) -> dict[str, Any]:

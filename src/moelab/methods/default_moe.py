@@ -9,7 +9,6 @@ autograd.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,9 +17,6 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # imported lazily: moelab.moe imports this module
     from moelab.moe.config import DefaultMoEConfig
     from moelab.moe.dispatch import DispatchPlan
-
-# (sums [E, D], counts [E]) -> the same, summed over data-parallel ranks.
-StatsReducer = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class DefaultExpertOutputs(nn.Module):
@@ -38,9 +34,6 @@ class DefaultExpertOutputs(nn.Module):
         self.cfg = cfg
         self.register_buffer("ema", torch.zeros(n_experts, d_model))
         self.register_buffer("n_updates", torch.zeros(n_experts, dtype=torch.long))
-        #: Hook for data parallelism: all-reduce the per-expert (sums, counts) so every rank
-        #: holds the same Ê. None on a single process.
-        self.stats_reducer: StatsReducer | None = None
 
     def row_weights(self, probs_TE: Tensor, plan: DispatchPlan) -> Tensor:
         """Weight of each dispatched row [N] in the batch mean: its router probability
@@ -59,9 +52,9 @@ class DefaultExpertOutputs(nn.Module):
     @torch.no_grad()
     def update(self, sums_ED: Tensor, mass_E: Tensor) -> None:
         """One EMA step from this forward's per-expert weighted output sums [E, D] and weight
-        totals [E] (token counts for the plain variant)."""
-        if self.stats_reducer is not None:
-            sums_ED, mass_E = self.stats_reducer(sums_ED, mass_E)
+        totals [E] (token counts for the plain variant). Under data parallelism the layer
+        passes both summed over the ranks (``MoELayer.stats_reducer``), so every rank holds the
+        same Ê."""
         seen_E = mass_E > 0
         mean_ED = sums_ED / mass_E.clamp_min(torch.finfo(torch.float).tiny).unsqueeze(1)
         beta = self.cfg.beta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -74,6 +75,11 @@ class MoELayer(nn.Module):
         self.last_stats: RoutingStats | None = None
         #: Record each expert's mean output norm in ``last_stats`` (costs one norm per row).
         self.track_out_norm = False
+        #: Data parallelism: sums a tensor over the ranks (``moelab.distributed`` sets it; None
+        #: on one process). Training forwards then use the global batch's assignment counts in
+        #: the balance loss and the global (sum, mass) in Default MoE's EMA update — one
+        #: all-reduce per layer per forward.
+        self.stats_reducer: Callable[[Tensor], Tensor] | None = None
 
     def _check_input(self, x: Tensor) -> None:
         if not torch.is_floating_point(x):
@@ -99,19 +105,42 @@ class MoELayer(nn.Module):
         row_weights_N = default.row_weights(routing.probs, plan) if update_default else None
         weighted_ND, sums_ED = self.experts(x_TD.index_select(0, plan.token_idx), plan,
                                             row_weights_N)
+        mass_E = default.row_mass(row_weights_N, plan) if update_default else None
+        global_counts = None
+        if self.stats_reducer is not None and self.training:
+            global_counts, sums_ED, mass_E = self._reduce_stats(plan, n_tokens, sums_ED, mass_E)
         if update_default:
-            default.update(sums_ED, default.row_mass(row_weights_N, plan))
+            default.update(sums_ED, mass_E)
         y_TD = combine(weighted_ND, plan, n_tokens)
         if default is not None:
             y_TD = y_TD + default.term(routing.probs, routing.topk_ids, y_TD.dtype)
         if first_pass:
             self.last_stats = self._stats(routing, plan, weighted_ND)
-        return MoEOutput(y_TD.view(x.shape), self._losses(routing))
+        return MoEOutput(y_TD.view(x.shape), self._losses(routing, global_counts))
 
-    def _losses(self, routing: Routing) -> MoELosses:
+    @torch.no_grad()
+    def _reduce_stats(self, plan: DispatchPlan, n_tokens: int, sums_ED: Tensor | None,
+                      mass_E: Tensor | None
+                      ) -> tuple[tuple[Tensor, Tensor], Tensor | None, Tensor | None]:
+        """One all-reduce (fp64) of [counts E | tokens 1 | mass E | sums E*D] over the ranks.
+        Returns ((global counts [E], global tokens), global sums_ED, global mass_E)."""
+        n_experts = self.cfg.n_experts
+        parts = [plan.routed_counts.double(), plan.routed_counts.new_full((1,), n_tokens).double()]
+        if mass_E is not None and sums_ED is not None:
+            parts += [mass_E.double(), sums_ED.double().reshape(-1)]
+        flat = self.stats_reducer(torch.cat(parts))
+        counts_E, tokens = flat[:n_experts], flat[n_experts]
+        if mass_E is not None and sums_ED is not None:
+            rest = flat[n_experts + 1:]
+            mass_E = rest[:n_experts].float()
+            sums_ED = rest[n_experts:].view_as(sums_ED).float()
+        return (counts_E, tokens), sums_ED, mass_E
+
+    def _losses(self, routing: Routing,
+                global_counts: tuple[Tensor, Tensor] | None = None) -> MoELosses:
         cfg = self.cfg
         zero = routing.logits.new_zeros(())
-        balance = (load_balance_loss(routing.probs, routing.topk_ids)
+        balance = (load_balance_loss(routing.probs, routing.topk_ids, *(global_counts or ()))
                    if cfg.aux_loss_coef > 0 else zero)
         z_loss = router_z_loss(routing.logits) if cfg.z_loss_coef > 0 else zero
         return MoELosses(balance, z_loss, cfg.aux_loss_coef * balance + cfg.z_loss_coef * z_loss)

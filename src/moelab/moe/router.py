@@ -48,16 +48,28 @@ class TopKRouter(nn.Module):
         return Routing(logits_TE, probs_TE, ids_TK, weights_TK)
 
 
-def load_balance_loss(probs_TE: Tensor, topk_ids_TK: Tensor) -> Tensor:
+def load_balance_loss(probs_TE: Tensor, topk_ids_TK: Tensor,
+                      global_counts_E: Tensor | None = None,
+                      global_tokens: Tensor | float | None = None) -> Tensor:
     """Switch/GShard balance loss, scaled so that perfect balance scores exactly 1.0.
 
     ``E / (T*K) * sum_i n_i * mean_t(probs[t, i])`` with n_i the top-K assignments to expert i.
     The counts are constants; the gradient flows through the mean probabilities.
+
+    Data parallelism: pass the counts summed over ranks (``global_counts_E`` [E]) and the
+    global token count; the assignment fractions are then the global batch's, and the mean over
+    ranks of this loss (and of its gradient, which DDP averages) equals the single-process loss
+    of the whole global batch, provided every rank holds the same number of tokens.
     """
     n_tokens, n_experts = probs_TE.shape
     top_k = topk_ids_TK.shape[1]
-    counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=n_experts).to(probs_TE.dtype)
-    return n_experts / (n_tokens * top_k) * torch.dot(counts_E, probs_TE.mean(dim=0))
+    if global_counts_E is None:
+        counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=n_experts)
+        global_counts_E, global_tokens = counts_E.to(probs_TE.dtype), n_tokens
+    if isinstance(global_tokens, Tensor):
+        global_tokens = global_tokens.to(probs_TE.dtype)
+    scale = n_experts / (global_tokens * top_k)
+    return scale * torch.dot(global_counts_E.to(probs_TE.dtype), probs_TE.mean(dim=0))
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:

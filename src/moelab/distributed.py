@@ -1,0 +1,309 @@
+"""Multi-process training on ``torch.distributed``: data parallel (DDP) and expert parallel (EP).
+
+Launch with ``torchrun``; every rank runs the same program. Layout of a world of W ranks with
+``expert_parallel = P`` (P divides W):
+
+* every rank trains on its own shard of each global batch (the batchers' ``shard``), and the
+  non-expert parameters are replicated: DDP averages their gradients over all W ranks;
+* ranks ``[g*P, (g+1)*P)`` form expert-parallel group g. In every MoE layer each rank of a group
+  holds E/P experts (rank r: experts ``[(r % P) * E/P, (r % P + 1) * E/P)``); tokens travel to
+  the rank owning their expert and back with a differentiable ``all_to_all_single`` with uneven
+  splits (:class:`ExpertParallelExperts`);
+* expert parameters are left out of DDP. The W/P ranks holding the same experts (one per group)
+  form a replica group; :func:`sync_expert_grads` sums expert gradients over it and divides by
+  W, so every gradient equals the single-process gradient of the whole global batch.
+
+Method state: each MoE layer's ``stats_reducer`` sums the routing counts (global-batch balance
+loss) and Default MoE's (sum, mass) over all ranks; Excitation sums its token counts over all
+ranks (``all_reduce_counts``); MomentumSMoE acts per token and needs nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moelab.moe.dispatch import DispatchPlan
+from moelab.moe.experts import Experts
+from moelab.moe.layer import MoELayer
+
+__all__ = ["ExpertParallelExperts", "ParallelContext", "clip_grad_norm_", "enable_global_stats",
+           "expert_parameters", "init_distributed", "make_context", "shard_experts",
+           "sync_expert_grads", "world_size_from_env", "wrap_ddp"]
+
+
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits. ``ep_group``: the ranks sharing one copy of the experts (None
+    when ``expert_parallel`` = 1); ``replica_group``: the ranks holding the same experts
+    (None when there is one replica)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    expert_parallel: int
+    ep_group: dist.ProcessGroup | None
+    replica_group: dist.ProcessGroup | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.expert_parallel
+
+
+def make_context(expert_parallel: int = 1, local_rank: int | None = None) -> ParallelContext:
+    """The context of this rank in the already initialised default process group; creates the
+    expert-parallel and replica groups (every rank must call this, in the same order)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed is not initialised: call init_distributed() or "
+                           "dist.init_process_group() first")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not isinstance(expert_parallel, int) or expert_parallel < 1 or world % expert_parallel:
+        raise ValueError(f"expert_parallel={expert_parallel!r} is invalid: need a positive "
+                         f"divisor of the world size {world}")
+    p = expert_parallel
+    ep_group = replica_group = None
+    if p > 1:
+        for g in range(world // p):  # new_group is collective: all ranks create all groups
+            group = dist.new_group(list(range(g * p, (g + 1) * p)))
+            if rank // p == g:
+                ep_group = group
+    if 1 < p < world:
+        for i in range(p):
+            group = dist.new_group(list(range(i, world, p)))
+            if rank % p == i:
+                replica_group = group
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return ParallelContext(rank, world, local_rank, p, ep_group, replica_group)
+
+
+def init_distributed(expert_parallel: int = 1, device_type: str = "cpu",
+                     backend: str = "auto") -> ParallelContext:
+    """Initialise the default process group from torchrun's environment (``env://``) unless it
+    already is, and return this rank's context. backend "auto": nccl for cuda, gloo otherwise."""
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError("no torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, "
+                               "MASTER_PORT): launch with `torchrun --nproc_per_node N ...`")
+        if backend == "auto":
+            backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return make_context(expert_parallel)
+
+
+def sum_over(group: dist.ProcessGroup | None) -> Callable[[Tensor], Tensor]:
+    """A function summing a tensor over ``group`` in place (None: the default group)."""
+
+    def reduce(t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    return reduce
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` of rows with uneven splits; backward sends the gradients back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int],
+                group: dist.ProcessGroup | None) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad_out.new_empty(sum(in_splits), *grad_out.shape[1:])
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits,
+                               group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int],
+               group: dist.ProcessGroup | None) -> Tensor:
+    """Differentiable uneven all-to-all of the rows of ``x`` ([sum(in_splits), ...] ->
+    [sum(out_splits), ...]); row block j of ``x`` goes to rank j of ``group``."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class ExpertParallelExperts(nn.Module):
+    """A drop-in for ``Experts`` that holds experts ``expert_range`` of E and exchanges rows
+    with the other ranks of ``group``, which hold the rest (in rank order).
+
+    Forward (same contract as ``Experts.forward``): rows [N, D] grouped by expert (global ids)
+    -> per-expert token counts exchanged -> rows sent to their expert's rank -> regrouped by
+    local expert -> grouped GEMMs -> sent back -> scaled by the routing weight. Default MoE's
+    per-expert output sums (``sums_ED`` [E, D]) cover this rank's rows for all E experts; the
+    layer's ``stats_reducer`` adds the other ranks'.
+    """
+
+    def __init__(self, local: Experts, n_experts: int, group: dist.ProcessGroup | None,
+                 group_size: int, group_rank: int) -> None:
+        super().__init__()
+        if local.n_experts * group_size != n_experts:
+            raise ValueError(f"{local.n_experts} local experts x {group_size} ranks != "
+                             f"n_experts={n_experts}")
+        self.local = local
+        self.n_experts = n_experts
+        self.group, self.group_size = group, group_size
+        first = group_rank * local.n_experts
+        self.expert_range = range(first, first + local.n_experts)
+
+    def forward(self, x_ND: Tensor, plan: DispatchPlan,
+                sum_weight_N: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        n_local, n_ranks = self.local.n_experts, self.group_size
+        send_PE = plan.kept_counts.view(n_ranks, n_local).contiguous()
+        recv_PE = torch.empty_like(send_PE)
+        dist.all_to_all_single(recv_PE, send_PE, group=self.group)
+        send_splits, recv_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
+        x_recv = all_to_all(x_ND, recv_splits, send_splits, self.group)
+        # received rows: by source rank, then by local expert -> regroup by local expert
+        ids = torch.arange(n_local, device=x_ND.device).repeat(n_ranks)
+        local_ids = torch.repeat_interleave(ids, recv_PE.reshape(-1))
+        sorted_ids, order = torch.sort(local_ids, stable=True)
+        kept = recv_PE.sum(0)
+        ones = torch.ones(order.numel(), device=x_ND.device)
+        local_plan = DispatchPlan(order, sorted_ids, ones, kept, kept,
+                                  torch.cumsum(kept, 0).to(torch.int32), 0)
+        y_sorted, _ = self.local(x_recv.index_select(0, order), local_plan)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y_recv = y_sorted.index_select(0, inverse)
+        y_ND = all_to_all(y_recv, send_splits, recv_splits, self.group)
+        weighted_ND = y_ND * plan.weights.to(y_ND.dtype).unsqueeze(1)
+        if sum_weight_N is None:
+            return weighted_ND, None
+        with torch.no_grad():
+            rows = y_ND.detach().float()
+            if sum_weight_N.numel():
+                rows = rows * sum_weight_N.float().unsqueeze(1)
+            sums_ED = rows.new_zeros(self.n_experts, rows.shape[1])
+            sums_ED.index_add_(0, plan.expert_ids, rows)
+        return weighted_ND, sums_ED
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def shard_experts(model: nn.Module, ctx: ParallelContext) -> None:
+    """Keep only this rank's experts in every MoE layer of ``model`` (in place): each layer's
+    ``experts`` becomes an :class:`ExpertParallelExperts` holding slices of the full weights,
+    so a model built with the same seed on every rank is the single-process model, sharded."""
+    p = ctx.expert_parallel
+    if p == 1:
+        return
+    for layer in moe_layers(model):
+        full = layer.experts
+        if not isinstance(full, Experts):
+            raise ValueError("shard_experts: a layer is already sharded")
+        if full.n_experts % p:
+            raise ValueError(f"expert_parallel={p} is invalid: it must divide n_experts="
+                             f"{full.n_experts}")
+        n_local = full.n_experts // p
+        lo = ctx.ep_rank * n_local
+        local = Experts(n_local, full.d_model, full.d_ff, full.activation, full.backend)
+        with torch.no_grad():
+            local.w_in.copy_(full.w_in[lo:lo + n_local])
+            local.w_out.copy_(full.w_out[lo:lo + n_local])
+        local.to(full.w_in.device)
+        layer.experts = ExpertParallelExperts(local, full.n_experts, ctx.ep_group, p, ctx.ep_rank)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of sharded experts (empty without expert parallelism)."""
+    return [p for m in model.modules() if isinstance(m, ExpertParallelExperts)
+            for p in m.parameters()]
+
+
+def enable_global_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Make every MoE layer sum its routing counts and Default MoE statistics over ``group``
+    in training forwards (the global batch's balance loss and Ê)."""
+    for layer in moe_layers(model):
+        layer.stats_reducer = sum_over(group)
+
+
+def wrap_ddp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+    """``DistributedDataParallel`` over the non-expert parameters (sharded experts excluded)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    expert_ids = {id(p) for p in expert_parameters(model)}
+    ignored = [name for name, p in model.named_parameters() if id(p) in expert_ids]
+    if ignored:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    device_ids = None
+    first = next(model.parameters())
+    if first.device.type == "cuda":
+        device_ids = [first.device.index]
+    # the buffers (Default MoE's Ê) stay equal through the layers' reducers: no per-forward sync
+    params = inspect.signature(DDP).parameters
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+               else {"broadcast_buffers": False})
+    return DDP(model, device_ids=device_ids, **no_sync)
+
+
+@torch.no_grad()
+def sync_expert_grads(params: Iterable[Tensor], ctx: ParallelContext) -> None:
+    """Expert gradients -> the single-process gradient of the global batch: sum over the
+    replica group, divide by the world size (DDP's average over the non-expert ones)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if ctx.replica_group is not None:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.replica_group)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+    torch._foreach_div_(grads, float(ctx.world_size))
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[Tensor], max_norm: float, ctx: ParallelContext | None,
+                    expert_params: list[Tensor] | None = None) -> Tensor:
+    """Global gradient norm (clipped to ``max_norm`` if > 0), as on one process: the sharded
+    expert gradients' squared norms are summed over the expert-parallel group."""
+    sharded = {id(p) for p in expert_params or ()}
+    grads = [p.grad for p in params if p.grad is not None]
+    if ctx is None or not sharded or ctx.ep_group is None:
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                     for g in grads]))
+    replicated = [p.grad for p in params if p.grad is not None and id(p) not in sharded]
+    local = [p.grad for p in params if p.grad is not None and id(p) in sharded]
+
+    def sq_norm(gs: list[Tensor]) -> Tensor:
+        if not gs:
+            return torch.zeros((), device=grads[0].device, dtype=torch.float64)
+        return torch.stack([g.double().square().sum() for g in gs]).sum()
+
+    shard_sq = sq_norm(local)
+    dist.all_reduce(shard_sq, op=dist.ReduceOp.SUM, group=ctx.ep_group)
+    total = (sq_norm(replicated) + shard_sq).sqrt().float()
+    if max_norm > 0:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return total

@@ -1,0 +1,308 @@
+"""Data and expert parallelism on gloo: N spawned CPU processes (1 thread each) against one.
+
+Every worker builds the single-process reference itself (same seed) and asserts inside; a
+failed assertion in any rank fails the test through ``torch.multiprocessing.spawn``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moelab.distributed import (
+    all_to_all,
+    enable_global_stats,
+    make_context,
+    shard_experts,
+    sync_expert_grads,
+)
+from moelab.moe import DefaultMoEConfig, MoEConfig, MoELayer
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def _entry(rank: int, world: int, init_file: str, fn, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, tmp_path: Path, fn, *args) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks."""
+    init_file = tmp_path / f"pg-{fn.__name__}-{world}"
+    mp.spawn(_entry, args=(world, str(init_file), fn, args), nprocs=world, join=True)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 2e-5) -> None:
+    assert torch.allclose(a, b, rtol=tol, atol=tol), \
+        f"rank {dist.get_rank()}: {what} differs by {(a - b).abs().max().item():.3g}"
+
+
+# ---------------------------------------------------------------------------- all_to_all
+
+
+def _all_to_all_worker(rank: int, world: int) -> None:
+    # rank r sends (j + 1) rows to rank j, each row = [r, j]; so it receives (r + 1) from each
+    in_splits = [j + 1 for j in range(world)]
+    out_splits = [rank + 1] * world
+    rows = torch.tensor([[rank, j] for j in range(world) for _ in range(j + 1)],
+                        dtype=torch.float, requires_grad=True)
+    got = all_to_all(rows, out_splits, in_splits, None)
+    want = torch.tensor([[src, rank] for src in range(world) for _ in range(rank + 1)],
+                        dtype=torch.float)
+    assert torch.equal(got, want), got
+    # backward routes each row's gradient back to where the row came from
+    weight = torch.arange(got.numel(), dtype=torch.float).view_as(got) + 100 * rank
+    (got * weight).sum().backward()
+    back = torch.empty_like(rows)
+    dist.all_to_all_single(back, weight, in_splits, out_splits)
+    assert torch.equal(rows.grad, back)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_to_all_uneven_splits_and_backward(tmp_path, world):
+    spawn(world, tmp_path, _all_to_all_worker)
+
+
+# ---------------------------------------------------------------------------- EP layer
+
+
+def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool) -> None:
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, n_experts=8, top_k=2, d_ff=8, aux_loss_coef=0.1,
+                    z_loss_coef=0.01,
+                    default_moe=DefaultMoEConfig(beta=0.5, scored=True) if default_moe else None)
+    ref = MoELayer(cfg)
+    layer = copy.deepcopy(ref)
+    ctx = make_context(ep)
+    shard_experts(layer, ctx)
+    enable_global_stats(layer)
+    n_tokens = 12 * world
+    rows = slice(rank * 12, (rank + 1) * 12)
+    n_local = cfg.n_experts // ep
+    experts = slice(ctx.ep_rank * n_local, (ctx.ep_rank + 1) * n_local)
+    for step in range(2):  # the second step uses the Ê the first one stored
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(n_tokens, cfg.d_model, generator=g)
+        upstream = torch.randn(n_tokens, cfg.d_model, generator=g)
+        for m in (ref, layer):
+            m.zero_grad(set_to_none=True)
+        # reference objective: the global batch's mean-style loss
+        x_ref = x.clone().requires_grad_()
+        out = ref(x_ref)
+        ((out.y * upstream).sum() / world + out.losses.total).backward()
+        # each rank: its shard, its own loss; gradients averaged over ranks as DDP would
+        x_loc = x[rows].clone().requires_grad_()
+        o = layer(x_loc)
+        ((o.y * upstream[rows]).sum() + o.losses.total).backward()
+        close(o.y, out.y[rows], f"step {step} output")
+        close(x_loc.grad, x_ref.grad[rows] * world, f"step {step} input grad")
+        total = o.losses.total.detach().clone()
+        dist.all_reduce(total)
+        close(total / world, out.losses.total.detach(), f"step {step} router losses")
+        router_grad = layer.router.weight.grad.clone()
+        dist.all_reduce(router_grad)
+        close(router_grad / world, ref.router.weight.grad, f"step {step} router grad")
+        if ep > 1:
+            sync_expert_grads(list(layer.experts.parameters()), ctx)
+            local = layer.experts.local
+        else:  # replicated experts: averaged like every other parameter
+            local = layer.experts
+            for p in local.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        close(local.w_in.grad, ref.experts.w_in.grad[experts], f"step {step} w_in grad")
+        close(local.w_out.grad, ref.experts.w_out.grad[experts], f"step {step} w_out grad")
+        if default_moe:
+            close(layer.default_moe.ema, ref.default_moe.ema, f"step {step} default Ê")
+            assert torch.equal(layer.default_moe.n_updates, ref.default_moe.n_updates)
+        stats = layer.last_stats.tokens_per_expert.clone()
+        dist.all_reduce(stats)
+        assert torch.equal(stats, ref.last_stats.tokens_per_expert)
+
+
+@pytest.mark.parametrize("world,ep,default_moe", [
+    (2, 2, False),
+    (2, 2, True),
+    (4, 4, True),
+    (4, 2, True),   # two replicas of each expert shard
+    (2, 1, True),   # plain data parallel: global balance loss and Ê
+])
+def test_expert_parallel_layer_matches_single_process(tmp_path, world, ep, default_moe):
+    spawn(world, tmp_path, _ep_layer_worker, ep, default_moe)
+
+
+def _ep_errors_worker(rank: int, world: int) -> None:
+    try:
+        make_context(3)
+    except ValueError as e:
+        assert "expert_parallel=3" in str(e)
+    else:
+        raise AssertionError("make_context(3) on 2 ranks did not raise")
+    layer = MoELayer(MoEConfig(d_model=4, n_experts=3, top_k=1, d_ff=4))
+    try:
+        shard_experts(layer, make_context(2))
+    except ValueError as e:
+        assert "n_experts=3" in str(e)
+    else:
+        raise AssertionError("sharding 3 experts over 2 ranks did not raise")
+
+
+def test_expert_parallel_errors(tmp_path):
+    spawn(2, tmp_path, _ep_errors_worker)
+
+
+# ---------------------------------------------------------------------------- Trainer
+
+# tiny LM with every method on: Default MoE, MomentumSMoE, Excitation; clipping, accumulation
+TINY_ALL = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_experts=4",
+    "model.top_k=2", "model.d_ff=32", "model.max_seq_len=32", "model.default_moe.beta=0.9",
+    "model.momentum.rule=heavy_ball",
+    "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2", "data.final_eval_batches=2",
+    "optim.lr=3e-3", "optim.warmup_steps=2", "optim.grad_clip=0.5",
+    "train.steps=6", "train.eval_every=3", "train.log_every=1", "train.checkpoint_every=3",
+    "train.threads=1", "train.grad_accum=2",
+]
+
+
+def tiny_all(*extra: str):
+    from moelab.config import apply_overrides, config_from_dict, config_to_dict, load_config
+
+    data = config_to_dict(load_config("default"))
+    data["name"] = "tiny"
+    return config_from_dict(apply_overrides(data, [*TINY_ALL, *extra]))
+
+
+def _trainer_worker(rank: int, world: int, run_dir: str, extra: tuple[str, ...],
+                    max_steps: int | None, resume: bool) -> None:
+    from moelab.train import Trainer
+
+    if resume:
+        trainer = Trainer.resume(run_dir, quiet=True)
+    else:
+        trainer = Trainer(tiny_all(*extra), run_dir, quiet=True)
+    trainer.fit(max_steps=max_steps)
+
+
+def run_dist(tmp_path: Path, world: int, run_dir: Path, *extra: str,
+             max_steps: int | None = None, resume: bool = False) -> None:
+    spawn(world, tmp_path, _trainer_worker, str(run_dir), extra, max_steps, resume)
+
+
+def train_log(run_dir: Path) -> tuple[list[float], list[float], list[dict]]:
+    from moelab.train import read_metrics
+
+    entries = read_metrics(run_dir)
+    train = [e for e in entries if e["kind"] == "train"]
+    evals = [e for e in entries if e["kind"] == "eval"]
+    return [e["loss"] for e in train], [e["grad_norm"] for e in train], evals
+
+
+def full_state(run_dir: Path, world: int, ep: int) -> dict[str, torch.Tensor]:
+    """The model state of a run, expert shards concatenated back into full [E, ...] tensors."""
+    states = [torch.load(run_dir / "ckpt.pt", weights_only=False)["model"]]
+    states += [torch.load(run_dir / f"ckpt.rank{r}.pt", weights_only=False)["model"]
+               for r in range(1, ep)]
+    out = {}
+    for key, value in states[0].items():
+        if ".experts.local." in key:
+            out[key.replace(".local.", ".")] = torch.cat([s[key] for s in states])
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    from moelab.train import Trainer
+
+    run = tmp_path_factory.mktemp("single") / "run"
+    Trainer(tiny_all(), run, quiet=True).fit()
+    return run
+
+
+def assert_same_run(run: Path, ref: Path, world: int, ep: int) -> None:
+    losses, norms, evals = train_log(run)
+    ref_losses, ref_norms, ref_evals = train_log(ref)
+    assert losses == pytest.approx(ref_losses, rel=1e-4)
+    assert norms == pytest.approx(ref_norms, rel=1e-3)
+    assert [e["val_loss"] for e in evals] == pytest.approx(
+        [e["val_loss"] for e in ref_evals], rel=1e-4)
+    state, ref_state = full_state(run, world, ep), full_state(ref, 1, 1)
+    assert state.keys() == ref_state.keys()
+    for key, value in ref_state.items():
+        assert torch.allclose(state[key].float(), value.float(), rtol=1e-3, atol=2e-5), key
+
+
+def test_data_parallel_trainer_matches_one_process(tmp_path, single_run):
+    run = tmp_path / "dp"
+    run_dist(tmp_path, 2, run)
+    assert_same_run(run, single_run, 2, 1)
+    assert not list(run.glob("ckpt.rank*"))  # rank 0's checkpoint holds everything
+    assert (run / "command.txt").read_text().startswith("torchrun --nproc_per_node 2 ")
+
+
+def test_expert_parallel_trainer_matches_one_process_and_resumes(tmp_path, single_run):
+    run = tmp_path / "ep"
+    # 2 ranks, stopped after 3 steps, then resumed on 2 ranks to the end
+    run_dist(tmp_path, 2, run, "train.expert_parallel=2", max_steps=3)
+    assert (run / "ckpt.rank1.pt").is_file()
+    run_dist(tmp_path, 2, run, resume=True)
+    assert_same_run(run, single_run, 2, 2)
+
+
+def test_expert_parallel_checkpoint_needs_the_same_world_size(tmp_path):
+    from moelab.train import Trainer
+
+    run = tmp_path / "ep"
+    run_dist(tmp_path, 2, run, "train.expert_parallel=2", "train.steps=2", max_steps=1)
+    with pytest.raises(ValueError, match="expert_parallel=2 is invalid on one process"):
+        Trainer.resume(run, quiet=True)
+    with pytest.raises(mp.ProcessRaisedException, match="sharded over 2 ranks"):
+        run_dist(tmp_path, 4, run, resume=True)
+
+
+def test_data_parallel_checkpoint_resumes_on_one_process(tmp_path, single_run):
+    from moelab.train import Trainer
+
+    run = tmp_path / "dp"
+    run_dist(tmp_path, 2, run, max_steps=3)
+    Trainer.resume(run, quiet=True).fit()
+    assert_same_run(run, single_run, 1, 1)
+
+
+def test_expert_parallel_needs_torchrun():
+    from moelab.train import Trainer
+
+    with pytest.raises(ValueError, match="train.expert_parallel=2 is invalid on one process"):
+        Trainer(tiny_all("train.expert_parallel=2"), quiet=True)
+
+
+def test_torchrun_command_line(tmp_path):
+    """The README's command: ``torchrun --nproc_per_node 2 -m moelab train ...``."""
+    run = tmp_path / "run"
+    sets = [a for s in [*TINY_ALL, "train.steps=2", "train.expert_parallel=2"]
+            for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "moelab", "train", *sets, "--out", str(run), "--no-report"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("val ppl") == 1, done.stdout  # rank 0 alone reports
+    final = [e for e in train_log(run)[2] if e.get("final")]
+    assert len(final) == 1
+    assert (run / "ckpt.pt").is_file() and (run / "ckpt.rank1.pt").is_file()
