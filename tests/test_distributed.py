@@ -167,11 +167,11 @@ def test_expert_parallel_errors(tmp_path):
 
 # ---------------------------------------------------------------------------- Trainer
 
-# tiny LM with every method on: Default MoE, MomentumSMoE, Excitation; clipping, accumulation
+# tiny LM with every method on (Default MoE, MomentumSMoE, Excitation), clipping, accumulation
 TINY_ALL = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_experts=4",
     "model.top_k=2", "model.d_ff=32", "model.max_seq_len=32", "model.default_moe.beta=0.9",
-    "model.momentum.rule=heavy_ball",
+    "model.momentum.rule=heavy_ball", "optim.excitation.strategy=zero_sum",
     "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2", "data.final_eval_batches=2",
     "optim.lr=3e-3", "optim.warmup_steps=2", "optim.grad_clip=0.5",
     "train.steps=6", "train.eval_every=3", "train.log_every=1", "train.checkpoint_every=3",
@@ -242,6 +242,10 @@ def assert_same_run(run: Path, ref: Path, world: int, ep: int) -> None:
     assert norms == pytest.approx(ref_norms, rel=1e-3)
     assert [e["val_loss"] for e in evals] == pytest.approx(
         [e["val_loss"] for e in ref_evals], rel=1e-4)
+    for e, ref_e in zip(evals, ref_evals, strict=True):  # the global batch's multipliers
+        for layer, phi in ref_e["excitation"].items():
+            assert e["excitation"][layer]["multipliers"] == pytest.approx(
+                phi["multipliers"], rel=1e-5)
     state, ref_state = full_state(run, world, ep), full_state(ref, 1, 1)
     assert state.keys() == ref_state.keys()
     for key, value in ref_state.items():

@@ -170,10 +170,11 @@ class _ExpertGroup:
     """The parameters of one layer's E experts and where its token counts come from."""
 
     name: str
-    n_experts: int
-    batched: list[Tensor]            # each [E, ...]
-    per_expert: list[list[Tensor]]   # E lists
+    n_experts: int                   # E, the length of the counts
+    batched: list[Tensor]            # each [E_held, ...]
+    per_expert: list[list[Tensor]]   # E_held lists
     token_counts: TokenCounts
+    held: range                      # the experts these parameters are (all E, or an EP shard)
 
 
 class Excitation(Optimizer):
@@ -303,7 +304,8 @@ class Excitation(Optimizer):
     def add_expert_group(self, *, token_counts: TokenCounts | None = None,
                          params_per_expert: Sequence[Iterable[Tensor]] | None = None,
                          batched_params: Iterable[Tensor] | None = None,
-                         name: str | None = None) -> str:
+                         name: str | None = None, n_experts: int | None = None,
+                         held_experts: range | None = None) -> str:
         """Register the experts of one MoE layer; returns the group's name.
 
         params_per_expert: E lists, the parameters of each expert (e.g. ``[list(e.parameters())
@@ -312,6 +314,9 @@ class Excitation(Optimizer):
         token_counts: called once per step, returns [E] assignment counts since the previous
             step (any device/dtype), or None when the layer had no forward (Φ ≡ 1). Left out:
             the counts are those given to ``record_counts(name, ...)`` since the last step.
+        n_experts, held_experts: expert parallelism — the counts cover all ``n_experts``
+            experts while the parameters hold only the experts ``held_experts`` (a range of
+            ``len(held_experts)``, the parameters' expert count). Default: they hold all.
         The parameters must also be in the wrapped optimizer to be updated at all.
         """
         per_expert = [list(ps) for ps in params_per_expert] if params_per_expert else []
@@ -323,6 +328,12 @@ class Excitation(Optimizer):
         if len(sizes) != 1 or min(sizes) < 1:
             raise ValueError(f"add_expert_group: inconsistent expert counts {sorted(sizes)} "
                              "(len(params_per_expert) and every batched_params[i].shape[0])")
+        n_held = sizes.pop()
+        held = held_experts if held_experts is not None else range(n_held)
+        total = n_experts if n_experts is not None else n_held
+        if len(held) != n_held or held.step != 1 or held.start < 0 or held.stop > total:
+            raise ValueError(f"add_expert_group: held_experts={held!r} is invalid: need a "
+                             f"range of {n_held} consecutive experts within n_experts={total}")
         name = name if name is not None else f"group{len(self._groups)}"
         if name in self.group_names:
             raise ValueError(f"add_expert_group: name={name!r} is already used")
@@ -333,7 +344,7 @@ class Excitation(Optimizer):
                              "belongs to another expert group")
         if token_counts is None:
             token_counts = self._pending_counts(name)
-        self._groups.append(_ExpertGroup(name, sizes.pop(), batched, per_expert, token_counts))
+        self._groups.append(_ExpertGroup(name, total, batched, per_expert, token_counts, held))
         return name
 
     def _add_moe_layers(self, model: nn.Module) -> None:
@@ -343,7 +354,10 @@ class Excitation(Optimizer):
             if not isinstance(module, MoELayer):
                 continue
             name = path or "moe"
-            self.add_expert_group(batched_params=list(module.experts.parameters()), name=name)
+            experts = module.experts  # an expert-parallel layer holds a range of the E experts
+            self.add_expert_group(batched_params=list(experts.parameters()), name=name,
+                                  n_experts=module.cfg.n_experts,
+                                  held_experts=getattr(experts, "expert_range", None))
             self._hook_handles.append(module.register_forward_hook(self._count_hook(name)))
 
     def _pending_counts(self, name: str) -> TokenCounts:
@@ -452,7 +466,7 @@ class Excitation(Optimizer):
             phi_E = phis[g.name]
             if phi_E is None:
                 continue
-            w_E = 1.0 - phi_E
+            w_E = 1.0 - phi_E[g.held.start:g.held.stop]
             for p in g.batched:
                 if id(p) in optimized and p.grad is not None:
                     params.append(p)
