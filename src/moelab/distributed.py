@@ -169,6 +169,8 @@ class ExpertParallelExperts(nn.Module):
         self.group, self.group_size = group, group_size
         first = group_rank * local.n_experts
         self.expert_range = range(first, first + local.n_experts)
+        #: rows sent to each rank of the group by the last forward (index = group rank)
+        self.last_send_splits: list[int] = []
 
     def forward(self, x_ND: Tensor, plan: DispatchPlan,
                 sum_weight_N: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -177,6 +179,7 @@ class ExpertParallelExperts(nn.Module):
         recv_PE = torch.empty_like(send_PE)
         dist.all_to_all_single(recv_PE, send_PE, group=self.group)
         send_splits, recv_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
+        self.last_send_splits = send_splits
         x_recv = all_to_all(x_ND, recv_splits, send_splits, self.group)
         # received rows: by source rank, then by local expert -> regroup by local expert
         ids = torch.arange(n_local, device=x_ND.device).repeat(n_ranks)

@@ -238,6 +238,7 @@ class Trainer:
                 self.model = build_model(cfg.model, image_shape=self.image_shape,
                                          n_classes=self.n_classes)
             self.model.to(self.device)
+            self.n_params = sum(p.numel() for p in self.model.parameters())  # before sharding
             self._train_model: torch.nn.Module = self.model
             self._expert_params: list[torch.nn.Parameter] = []
             if self.ctx is not None:
@@ -249,7 +250,6 @@ class Trainer:
                 self._train_model = mdist.wrap_ddp(self.model, self.ctx)
             self.optimizer = self._build_optimizer()
             self._seed_everything(tcfg.seed)  # the run starts from the same RNG state always
-        self.n_params = sum(p.numel() for p in self.model.parameters())
 
     # ------------------------------------------------------------------ setup
 
