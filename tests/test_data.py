@@ -636,3 +636,27 @@ def test_registry_names_and_errors(tmp_path):
         load_text_dataset("textfile")
     with pytest.raises(FileNotFoundError, match="idx: directory not found"):
         load_image_dataset("idx", tmp_path / "nowhere")
+
+
+def test_batcher_shards_partition_the_global_batch():
+    tokens = torch.arange(500) % 251
+    full = LMBatcher(tokens, 6, 8, seed=3)
+    shards = [LMBatcher(tokens, 6, 8, seed=3, shard=r, num_shards=3) for r in range(3)]
+    for _ in range(3):
+        x, y = full.next_batch()
+        parts = [b.next_batch() for b in shards]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    imgs = torch.randint(0, 256, (10, 1, 2, 2), dtype=torch.uint8)
+    labels = torch.arange(10)
+    full_img = ImageBatcher(imgs, labels, 4, seed=1)
+    img_shards = [ImageBatcher(imgs, labels, 4, seed=1, shard=r, num_shards=2) for r in range(2)]
+    for _ in range(4):  # crosses an epoch boundary (10 images, batches of 4, drop_last)
+        xb, yb = full_img.next_batch()
+        parts = [b.next_batch() for b in img_shards]
+        assert torch.equal(torch.cat([p[1] for p in parts]), yb)
+        assert torch.equal(torch.cat([p[0] for p in parts]), xb)
+    with pytest.raises(ValueError, match="num_shards=4 is invalid"):
+        LMBatcher(tokens, 6, 8, num_shards=4)
+    with pytest.raises(ValueError, match="shard=2 is invalid"):
+        ImageBatcher(imgs, labels, 4, shard=2, num_shards=2)

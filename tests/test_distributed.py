@@ -309,4 +309,9 @@ def test_torchrun_command_line(tmp_path):
     assert done.stdout.count("val ppl") == 1, done.stdout  # rank 0 alone reports
     final = [e for e in train_log(run)[2] if e.get("final")]
     assert len(final) == 1
+    from moelab.train import Trainer, read_metrics
+
+    summary = read_metrics(run)[-1]
+    one_process = Trainer(tiny_all(), tmp_path / "unused", quiet=True)
+    assert summary["kind"] == "final" and summary["params"] == one_process.n_params
     assert (run / "ckpt.pt").is_file() and (run / "ckpt.rank1.pt").is_file()
