@@ -488,6 +488,9 @@ def test_user_module_list_moe():
             k = int(n.split(".")[1])
             torch.testing.assert_close(p - p0, phi[k] * -0.2 * g)
     assert torch.equal(moe.experts[2].weight, old[5])
+    # expert 1 (Φ = 1) is not copied: the snapshot holds experts 0 and 2
+    assert opt.last_snapshot_bytes == sum(p.numel() * 4 for k in (0, 2)
+                                          for p in moe.experts[k].parameters())
 
 
 def test_user_group_with_record_counts():
