@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from moelab.methods import excitation as excitation_module
 from moelab.methods.excitation import (
     BASE_STRATEGIES,
     STRATEGIES,
@@ -312,6 +313,51 @@ def test_zero_sum_unused_expert_does_not_move_despite_momentum(opt_name):
     assert torch.equal(layer.router.weight, ref_layer.router.weight)
 
 
+@pytest.mark.parametrize("slice_bytes", [1, 1 << 20])
+@pytest.mark.parametrize("strategy", ["zero_sum", "positive_sum", "negative_sum"])
+def test_sliced_snapshot_skips_unit_experts_and_matches_unwrapped(monkeypatch, slice_bytes,
+                                                                  strategy):
+    """The CPU snapshot in expert slices (one expert per slice with slice_bytes=1), experts with
+    Φ = 1 not copied: those stay bit-identical to the unwrapped optimizer, an unused expert
+    (zero_sum: Φ = 0) does not move at all, the others move Φ_k times the unwrapped change, and
+    last_snapshot_bytes counts exactly the experts with Φ != 1."""
+    monkeypatch.setattr(excitation_module, "_CPU_SLICE_BYTES", slice_bytes)
+    layer = make_layer(n_experts=8)
+    opt = Excitation(torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1), layer,
+                     strategy=strategy, gamma=1.0)
+    layer(torch.randn(32, 8)).y.square().sum().backward()  # step 1: Adam state for all experts
+    opt.step()
+    with torch.no_grad():  # x[:, 0] > 0 and w[7] = (-100, 0, ...): expert 7 loses every token
+        layer.router.weight[7] = 0.0
+        layer.router.weight[7, 0] = -100.0
+    weights = (layer.experts.w_in, layer.experts.w_out)
+    for _ in range(2):
+        opt.zero_grad()
+        x = torch.randn(32, 8)
+        x[:, 0] = x[:, 0].abs() + 1.0
+        layer(x).y.square().sum().backward()
+        ref_layer, ref_opt = unwrapped_copy(layer, opt)
+        old = [w.detach().clone() for w in weights]
+        opt.step()
+        ref_opt.step()
+        phi = opt.last_multipliers["moe"]
+        assert phi[7] == (0.0 if strategy != "positive_sum" else 1.0)
+        assert (phi == 1).any() != (strategy == "zero_sum")
+        assert (phi != 1).sum() >= 2
+        refs = (ref_layer.experts.w_in, ref_layer.experts.w_out)
+        for w, w0, r in zip(weights, old, refs, strict=True):
+            for k in range(8):
+                if phi[k] == 1:
+                    assert torch.equal(w[k], r[k])
+                elif phi[k] == 0:
+                    assert torch.equal(w[k], w0[k])
+                else:
+                    torch.testing.assert_close(w[k] - w0[k], phi[k] * (r[k] - w0[k]),
+                                               rtol=1e-4, atol=1e-7)
+        moving = int((phi != 1).sum())
+        assert opt.last_snapshot_bytes == moving * sum(w[0].numel() * 4 for w in weights)
+
+
 # ---------------------------------------------------------------------------- counting
 
 
@@ -442,6 +488,9 @@ def test_user_module_list_moe():
             k = int(n.split(".")[1])
             torch.testing.assert_close(p - p0, phi[k] * -0.2 * g)
     assert torch.equal(moe.experts[2].weight, old[5])
+    # expert 1 (Φ = 1) is not copied: the snapshot holds experts 0 and 2
+    assert opt.last_snapshot_bytes == sum(p.numel() * 4 for k in (0, 2)
+                                          for p in moe.experts[k].parameters())
 
 
 def test_user_group_with_record_counts():

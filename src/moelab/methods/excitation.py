@@ -84,6 +84,11 @@ STRATEGIES = BASE_STRATEGIES + ABLATIONS
 #: Returns the [E] assignment counts since the last step, or None if there was no forward.
 TokenCounts = Callable[[], "Tensor | None"]
 
+#: On CPU the snapshot is taken in slices of at most this many bytes (at least one expert):
+#: small allocations come from memory malloc already holds; one big buffer is a fresh mapping
+#: that page-faults on every step (measured: ~20 ms per 96 MiB, 4x the copy itself).
+_CPU_SLICE_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class ExcitationConfig:
@@ -202,7 +207,7 @@ class Excitation(Optimizer):
     {group name: u [E] float32, NaN for a layer without assignments} and ``last_counts``
     {group name: n [E], summed over the step's forwards (and ranks)} of the last step;
     ``last_snapshot_bytes``: size of the transient copy of the expert parameters made by the
-    last step (the wrapper's only extra memory).
+    last step (the wrapper's only extra memory; on CPU experts with Φ = 1 are not copied).
     """
 
     def __init__(self, optimizer: Optimizer, model: nn.Module | None = None,
@@ -457,8 +462,15 @@ class Excitation(Optimizer):
     # ------------------------------------------------------------------ step
 
     def _plan(self, phis: dict[str, Tensor | None]) -> tuple[list[Tensor], list[Tensor]]:
-        """The expert parameters to rescale and their lerp weights ``1 - Φ`` (per expert,
-        shaped to broadcast over each parameter)."""
+        """The expert parameters to rescale and their lerp weights ``1 - Φ`` (shaped to
+        broadcast over each parameter).
+
+        Batched [E, ...] parameters come as slices along the expert dimension. On CPU: experts
+        with Φ = 1 exactly are left out (their base update stands as is), and a slice holds at
+        most ``_CPU_SLICE_BYTES`` (at least one expert), so the snapshot is made of small
+        allocations that malloc serves from memory the process already has, instead of one big
+        fresh mapping that page-faults on every step.
+        """
         optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         params: list[Tensor] = []
         weights: list[Tensor] = []
@@ -467,38 +479,45 @@ class Excitation(Optimizer):
             if phi_E is None:
                 continue
             w_E = 1.0 - phi_E[g.held.start:g.held.stop]
+            on_cpu = phi_E.device.type == "cpu"
+            # host-side mask of moving experts; elsewhere no sync, every expert is rescaled
+            n_held = len(g.held)  # the experts these parameters hold (all, or an EP shard)
+            moving = (w_E != 0).tolist() if on_cpu else [True] * n_held
             for p in g.batched:
-                if id(p) in optimized and p.grad is not None:
-                    params.append(p)
-                    weights.append(w_E.to(device=p.device, dtype=p.dtype)
-                                   .view(-1, *([1] * (p.dim() - 1))))
+                if id(p) not in optimized or p.grad is None:
+                    continue
+                w_p = w_E.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.dim() - 1)))
+                limit = n_held
+                if p.device.type == "cpu":
+                    limit = max(1, _CPU_SLICE_BYTES // max(1, p[0].numel() * p.element_size()))
+                a = 0
+                while a < n_held:
+                    if not moving[a]:
+                        a += 1
+                        continue
+                    b = a + 1
+                    while b < n_held and moving[b] and b - a < limit:
+                        b += 1
+                    params.append(p[a:b])
+                    weights.append(w_p[a:b])
+                    a = b
             if g.per_expert:
                 w_cols = w_E.unbind(0)
                 for k, ps in enumerate(g.per_expert):
                     for p in ps:
-                        if id(p) in optimized and p.grad is not None:
+                        if moving[k] and id(p) in optimized and p.grad is not None:
                             params.append(p)
                             weights.append(w_cols[k].to(device=p.device, dtype=p.dtype))
         return params, weights
 
     @torch.no_grad()
     def _snapshot(self, params: list[Tensor]) -> list[Tensor]:
-        """A transient copy of ``params``: one flat buffer per (device, dtype), filled by one
+        """A transient copy of ``params`` (one ``empty_like`` each), filled by one
         ``_foreach_copy_``."""
-        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(params):
-            by_kind.setdefault((p.device, p.dtype), []).append(i)
-        snaps: list[Tensor] = [params[0]] * len(params) if params else []
-        total = 0
-        for (device, dtype), idx in by_kind.items():
-            numels = [params[i].numel() for i in idx]
-            buf = torch.empty(sum(numels), device=device, dtype=dtype)
-            total += buf.numel() * buf.element_size()
-            for i, chunk in zip(idx, buf.split(numels), strict=True):
-                snaps[i] = chunk.view(params[i].shape)
+        snaps = [torch.empty_like(p) for p in params]
         if params:
             torch._foreach_copy_(snaps, params)
-        self.last_snapshot_bytes = total
+        self.last_snapshot_bytes = sum(s.numel() * s.element_size() for s in snaps)
         return snaps
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
