@@ -145,6 +145,35 @@ def test_expert_parallel_layer_matches_single_process(tmp_path, world, ep, defau
     spawn(world, tmp_path, _ep_layer_worker, ep, default_moe)
 
 
+def _ep_idle_shard_worker(rank: int, world: int, ep: int) -> None:
+    """Every token picks experts 0-3, so the ranks holding 4-7 receive no rows (loop
+    backend: their expert weights get no gradient at all in backward)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, n_experts=8, top_k=2, d_ff=8, dispatch="loop")
+    ref = MoELayer(cfg)
+    with torch.no_grad():
+        ref.router.weight[:4, 0] = 10.0
+        ref.router.weight[4:, 0] = -10.0
+    layer = copy.deepcopy(ref)
+    ctx = make_context(ep)
+    shard_experts(layer, ctx)
+    x = torch.randn(6 * world, cfg.d_model, generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 3.0
+    (ref(x).y.sum() / world).backward()
+    layer(x[rank * 6:(rank + 1) * 6]).y.sum().backward()
+    sync_expert_grads(list(layer.experts.parameters()), ctx)  # must not hang or skip
+    n_local = cfg.n_experts // ep
+    held = slice(ctx.ep_rank * n_local, (ctx.ep_rank + 1) * n_local)
+    ref_w_in = ref.experts.w_in.grad
+    close(layer.experts.local.w_in.grad,
+          torch.zeros_like(ref_w_in[held]) if ref_w_in is None else ref_w_in[held], "w_in grad")
+
+
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
+def test_expert_shard_without_tokens_gets_zero_grads(tmp_path, world, ep):
+    spawn(world, tmp_path, _ep_idle_shard_worker, ep)
+
+
 def _ep_errors_worker(rank: int, world: int) -> None:
     try:
         make_context(3)

@@ -104,10 +104,13 @@ def init_distributed(expert_parallel: int = 1, device_type: str = "cpu",
                                "MASTER_PORT): launch with `torchrun --nproc_per_node N ...`")
         if backend == "auto":
             backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
+        if device_type == "cuda":  # before nccl binds this process to a device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
-    return make_context(expert_parallel)
+    ctx = make_context(expert_parallel)
+    if device_type == "cuda":  # also when the caller created the process group
+        torch.cuda.set_device(ctx.local_rank)
+    return ctx
 
 
 def sum_over(group: dist.ProcessGroup | None) -> Callable[[Tensor], Tensor]:
@@ -270,7 +273,11 @@ def wrap_ddp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
 def sync_expert_grads(params: Iterable[Tensor], ctx: ParallelContext) -> None:
     """Expert gradients -> the single-process gradient of the global batch: sum over the
     replica group, divide by the world size (DDP's average over the non-expert ones)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    params = list(params)
+    for p in params:  # a shard whose experts got no rows this step: zero gradient, as on one
+        if p.grad is None:  # process, and the same all-reduce size on every replica
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     if not grads:
         return
     if ctx.replica_group is not None:

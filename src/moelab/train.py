@@ -620,6 +620,13 @@ class Trainer:
         trainer._check_parallel(main_state)
         state = main_state if own == ckpt_path else torch.load(
             own, map_location=trainer.device, weights_only=False)
+        if trainer.ctx is not None:  # all ranks must resume from the same step (or all stop)
+            torn = torch.tensor([float(state["step"] != main_state["step"])],
+                                device=trainer.device)
+            dist.all_reduce(torn)
+            if float(torn) > 0:
+                raise ValueError(f"cannot {_verb} {run_dir}: the per-rank checkpoint files are "
+                                 "from different steps (a save was interrupted)")
         trainer.load_state_dict(state)
         trainer._resumed = True
         return trainer

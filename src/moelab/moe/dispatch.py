@@ -136,7 +136,9 @@ def grouped_linear(x_NI: Tensor, w_EIO: Tensor, plan: DispatchPlan,
     weights = w_EIO.unbind(0)
     outs = [chunk @ weights[e] for e, chunk in enumerate(chunks) if chunk.shape[0] > 0]
     if not outs:
-        return x_NI.new_zeros(0, w_EIO.shape[2])
+        # an empty matmul, not new_zeros: x and w stay in the graph (zero gradients), as with
+        # grouped_mm — expert parallelism needs every rank's backward to reach its all-to-alls
+        return x_NI[:0] @ w_EIO[0]
     return torch.cat(outs)
 
 
