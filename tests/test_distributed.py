@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,9 @@ def _entry(rank: int, world: int, init_file: str, fn, args: tuple) -> None:
 
 def spawn(world: int, tmp_path: Path, fn, *args) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks."""
-    init_file = tmp_path / f"pg-{fn.__name__}-{world}"
+    # a fresh rendezvous file per launch: a FileStore file left by an earlier group (it is
+    # removed asynchronously) would hand the new ranks stale keys
+    init_file = tmp_path / f"pg-{fn.__name__}-{world}-{uuid.uuid4().hex}"
     mp.spawn(_entry, args=(world, str(init_file), fn, args), nprocs=world, join=True)
 
 
