@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moelab import distributed as mdist
 from moelab.config import RunConfig, dump_toml, load_config
 from moelab.metrics import aggregate_counts, layer_metrics
 
@@ -242,8 +243,6 @@ class Trainer:
             self._train_model: torch.nn.Module = self.model
             self._expert_params: list[torch.nn.Parameter] = []
             if self.ctx is not None:
-                from moelab import distributed as mdist
-
                 mdist.shard_experts(self.model, self.ctx)
                 mdist.enable_global_stats(self.model)
                 self._expert_params = mdist.expert_parameters(self.model)
@@ -257,16 +256,14 @@ class Trainer:
         """The ParallelContext under torchrun (world size > 1), else None."""
         tcfg = self.cfg.train
         initialised = dist.is_available() and dist.is_initialized()
-        world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1"))
+        world = dist.get_world_size() if initialised else mdist.world_size_from_env()
         if world == 1:
             if tcfg.expert_parallel > 1:
                 raise ValueError(f"train.expert_parallel={tcfg.expert_parallel} is invalid on "
                                  "one process: launch with `torchrun --nproc_per_node N` "
                                  "(N a multiple of expert_parallel)")
             return None
-        from moelab.distributed import init_distributed
-
-        ctx = init_distributed(tcfg.expert_parallel, self.device.type, tcfg.dist_backend)
+        ctx = mdist.init_distributed(tcfg.expert_parallel, self.device.type, tcfg.dist_backend)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", ctx.local_rank)
         bs = self.cfg.data.batch_size
@@ -416,8 +413,6 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         items = 0
-        from moelab.distributed import clip_grad_norm_, sync_expert_grads
-
         for i in range(tcfg.grad_accum):
             x, y = self.batcher.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -431,13 +426,13 @@ class Trainer:
             aux_sum += out.aux_loss.detach()
             items += y.numel()
         if self.ctx is not None:
-            sync_expert_grads(self._expert_params, self.ctx)
+            mdist.sync_expert_grads(self._expert_params, self.ctx)
             sums = torch.stack([loss_sum, aux_sum])
             dist.all_reduce(sums)
             loss_sum, aux_sum = sums / self.ctx.world_size
             items *= self.ctx.world_size
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = clip_grad_norm_(params, ocfg.grad_clip, self.ctx, self._expert_params)
+        grad_norm = mdist.clip_grad_norm_(params, ocfg.grad_clip, self.ctx, self._expert_params)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
