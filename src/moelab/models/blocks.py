@@ -26,6 +26,13 @@ from moelab.moe import MoELayer, MoELosses
 INIT_STD = 0.02
 
 
+def require_float_input(x: object, name: str) -> None:
+    """Raise ValueError unless ``x`` is a floating-point tensor (``name``: the argument)."""
+    if not isinstance(x, Tensor) or not torch.is_floating_point(x):
+        dtype = getattr(x, "dtype", type(x).__name__)
+        raise ValueError(f"{name} dtype={dtype} is invalid: need a float tensor")
+
+
 class ModelOutput(NamedTuple):
     """logits: [B, S, V] (LM) or [B, n_classes]; aux_loss: scalar, the sum over MoE layers of
     ``losses.total`` (add it to the task loss); moe_losses: the MoELosses of each MoE layer,

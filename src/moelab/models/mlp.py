@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
-from moelab.models.blocks import ModelOutput, MoEModel, RMSNorm
+from moelab.models.blocks import ModelOutput, MoEModel, RMSNorm, require_float_input
 from moelab.models.config import ModelConfig
 
 
@@ -37,9 +36,7 @@ class MoEMLP(MoEModel):
         self.head = nn.Linear(cfg.d_model, n_classes)
 
     def forward(self, x: Tensor) -> ModelOutput:
-        if not isinstance(x, Tensor) or not torch.is_floating_point(x):
-            dtype = getattr(x, "dtype", type(x).__name__)
-            raise ValueError(f"input dtype={dtype} is invalid: need a float tensor")
+        require_float_input(x, "input")
         if x.dim() < 2 or math.prod(x.shape[1:]) != self.d_input:
             raise ValueError(f"input shape={tuple(x.shape)} is invalid: need [B, {self.d_input}]"
                              f" or [B, *dims] with prod(dims) = d_input={self.d_input}")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moelab.models.blocks import INIT_STD, ModelOutput, MoEModel, RMSNorm, SelfAttention
+from moelab.models.blocks import (
+    INIT_STD,
+    ModelOutput,
+    MoEModel,
+    RMSNorm,
+    SelfAttention,
+    require_float_input,
+)
 from moelab.models.config import ModelConfig
 
 
@@ -49,9 +56,7 @@ class MoEViT(MoEModel):
         self.head = nn.Linear(cfg.d_model, n_classes)
 
     def forward(self, images: Tensor) -> ModelOutput:
-        if not isinstance(images, Tensor) or not torch.is_floating_point(images):
-            dtype = getattr(images, "dtype", type(images).__name__)
-            raise ValueError(f"images dtype={dtype} is invalid: need a float tensor")
+        require_float_input(images, "images")
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"images shape={tuple(images.shape)} is invalid: need "
                              f"[B, {', '.join(map(str, self.image_shape))}] (image_shape)")
