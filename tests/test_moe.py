@@ -6,8 +6,17 @@ import pytest
 import torch
 from reference import naive_moe
 
-from moelab.moe import MoEConfig, MoELayer, load_balance_loss, plan_dispatch, router_z_loss
+import moelab.moe.expert_loop as expert_loop_module
+from moelab.moe import (
+    DefaultMoEConfig,
+    MoEConfig,
+    MoELayer,
+    load_balance_loss,
+    plan_dispatch,
+    router_z_loss,
+)
 from moelab.moe.dispatch import grouped_mm_supported, resolve_backend
+from moelab.moe.expert_loop import plan_chunks
 
 # fp64 and unaligned shapes take the loop on purpose here; the warning itself is tested below
 pytestmark = pytest.mark.filterwarnings("ignore:MoE dispatch falls back:RuntimeWarning")
@@ -86,14 +95,21 @@ def test_bf16_grouped_close_to_fp32_reference():
     torch.testing.assert_close(layer16(x.bfloat16()).y.float(), ref, rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.skipif(not HAS_GROUPED, reason="this torch has no CPU grouped_mm")
-def test_auto_uses_grouped_mm_when_aligned_and_warns_otherwise():
-    aligned = make_layer(d_ff=8)
-    x = torch.randn(4, 8)
-    assert resolve_backend("auto", x, aligned.experts.w_in) == "grouped_mm"
-    odd = make_layer(d_ff=5)
+def test_auto_picks_the_loop_on_cpu_and_grouped_mm_elsewhere(monkeypatch, recwarn):
+    import moelab.moe.dispatch as dispatch
+
+    w = make_layer(d_ff=8).experts.w_in
+    assert resolve_backend("auto", "cpu", torch.float32, w) == "loop"
+    assert not recwarn.list  # the loop is the CPU default, not a fallback
+    monkeypatch.setattr(dispatch, "grouped_mm_supported", lambda *args: True)
+    assert resolve_backend("auto", "cuda", torch.float32, w) == "grouped_mm"
+    assert resolve_backend("grouped_mm", "cpu", torch.float32, w) == "grouped_mm"
+    monkeypatch.setattr(dispatch, "grouped_mm_supported", lambda *args: False)
+    dispatch._warn_loop_fallback.cache_clear()
     with pytest.warns(RuntimeWarning, match="falls back to a per-expert loop"):
-        assert resolve_backend("auto", x, odd.experts.w_in) == "loop"
+        assert resolve_backend("auto", "cuda", torch.float32, w) == "loop"
+    with pytest.raises(RuntimeError, match="dispatch='grouped_mm' is not supported"):
+        resolve_backend("grouped_mm", "cuda", torch.float32, w)
 
 
 @pytest.mark.filterwarnings("ignore:MoE dispatch falls back")
@@ -166,8 +182,9 @@ def test_capacity_prefers_first_choices():
     assert plan.kept_counts.tolist() == [2, 2] and plan.routed_counts.tolist() == [3, 3]
 
 
-def test_routing_stats_recorded_and_detached():
-    layer = make_layer(n_experts=4, top_k=2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routing_stats_recorded_and_detached(backend):
+    layer = make_layer(n_experts=4, top_k=2, d_ff=8, dispatch=backend)
     layer.track_out_norm = True
     x = torch.randn(10, 8)
     layer(x)
@@ -200,6 +217,55 @@ def test_bad_config_names_field(kw, field):
     base = dict(d_model=8, n_experts=4, top_k=2, d_ff=6)
     with pytest.raises(ValueError, match=field):
         MoEConfig(**{**base, **kw})
+
+
+def test_plan_chunks_hand_computed():
+    # budget 4 rows: empty experts join the current chunk; an expert over budget stands alone
+    assert plan_chunks([3, 0, 2, 5, 0, 1], 4) == [
+        (0, 3, 0, 2), (3, 5, 2, 3), (5, 10, 3, 5), (10, 11, 5, 6)]
+    assert plan_chunks([0, 0], 4) == [(0, 0, 0, 2)]
+    assert plan_chunks([2, 2], 1) == [(0, 2, 0, 1), (2, 4, 1, 2)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 200, 1 << 20])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_loop_chunks_match_naive_reference(monkeypatch, chunk_bytes, activation):
+    """Chunks of one expert each (1 byte), a few experts each (200) and all experts (1 MiB),
+    with experts that receive no rows, in output and every gradient."""
+    monkeypatch.setattr(expert_loop_module, "CHUNK_BYTES", chunk_bytes)
+    layer = make_layer(n_experts=12, top_k=2, d_ff=5, activation=activation, dispatch="loop")
+    x = torch.randn(5, 8, requires_grad=True)
+    g = torch.randn(5, 8)
+    assert (layer.router(x).topk_ids.reshape(-1).bincount(minlength=12) == 0).any()
+    y_fast, y_ref = layer(x).y, naive_moe(layer, x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(layer, x, y_fast, g), grads(layer, x, y_ref, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_GROUPED, reason="this torch has no CPU grouped_mm")
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_loop_and_grouped_paths_agree_on_everything(monkeypatch, capacity_factor):
+    """Default MoE sums (the EMA after a step), expert output norms, capacity drops, output
+    and every gradient: the fused loop (in 3-expert chunks) equals the grouped-GEMM path."""
+    monkeypatch.setattr(expert_loop_module, "CHUNK_BYTES", 3 * 4 * 4 * 8)
+    results = []
+    for backend in ("loop", "grouped_mm"):
+        layer = make_layer(n_experts=8, top_k=2, d_ff=8, dispatch=backend,
+                           capacity_factor=capacity_factor,
+                           default_moe=DefaultMoEConfig(beta=0.5))
+        layer.track_out_norm = True
+        torch.manual_seed(1)
+        x = torch.randn(16, 8, requires_grad=True)
+        y = layer(x).y
+        results.append((y, *grads(layer, x, y, torch.ones_like(y)),
+                        layer.default_moe.ema.clone(), layer.last_stats.expert_out_norm,
+                        layer.last_stats.dropped_frac))
+    assert results[0][-1].item() == results[1][-1].item()
+    if capacity_factor is not None:
+        assert results[0][-1].item() > 0
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_bad_input_errors():

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moelab.moe.dispatch import DispatchPlan
-from moelab.moe.experts import Experts
+from moelab.moe.dispatch import DispatchPlan, combine
+from moelab.moe.experts import Experts, ExpertsOutput
 from moelab.moe.layer import MoELayer
 
 __all__ = ["ExpertParallelExperts", "ParallelContext", "clip_grad_norm_", "enable_global_stats",
@@ -154,9 +154,10 @@ class ExpertParallelExperts(nn.Module):
     """A drop-in for ``Experts`` that holds experts ``expert_range`` of E and exchanges rows
     with the other ranks of ``group``, which hold the rest (in rank order).
 
-    Forward (same contract as ``Experts.forward``): rows [N, D] grouped by expert (global ids)
-    -> per-expert token counts exchanged -> rows sent to their expert's rank -> regrouped by
-    local expert -> grouped GEMMs -> sent back -> scaled by the routing weight. Default MoE's
+    Forward (same contract as ``Experts.forward``): token rows gathered in ``plan`` order
+    (grouped by global expert id) -> per-expert counts exchanged -> rows sent to their
+    expert's rank -> run by the local experts (regrouped by local expert) -> sent back ->
+    scaled by the routing weight and combined into [T, D]. Default MoE's
     per-expert output sums (``sums_ED`` [E, D]) cover this rank's rows for all E experts; the
     layer's ``stats_reducer`` adds the other ranks'.
     """
@@ -175,38 +176,40 @@ class ExpertParallelExperts(nn.Module):
         #: rows sent to each rank of the group by the last forward (index = group rank)
         self.last_send_splits: list[int] = []
 
-    def forward(self, x_ND: Tensor, plan: DispatchPlan,
-                sum_weight_N: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x_TD: Tensor, plan: DispatchPlan, sum_weight_N: Tensor | None = None,
+                track_out_norm: bool = False) -> ExpertsOutput:
         n_local, n_ranks = self.local.n_experts, self.group_size
         send_PE = plan.kept_counts.view(n_ranks, n_local).contiguous()
         recv_PE = torch.empty_like(send_PE)
         dist.all_to_all_single(recv_PE, send_PE, group=self.group)
         send_splits, recv_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
         self.last_send_splits = send_splits
-        x_recv = all_to_all(x_ND, recv_splits, send_splits, self.group)
-        # received rows: by source rank, then by local expert -> regroup by local expert
-        ids = torch.arange(n_local, device=x_ND.device).repeat(n_ranks)
+        x_recv = all_to_all(x_TD.index_select(0, plan.token_idx), recv_splits, send_splits,
+                            self.group)
+        # received rows: by source rank, then by local expert -> regroup by local expert; the
+        # local experts' combine through this permutation puts their outputs back in recv order
+        ids = torch.arange(n_local, device=x_TD.device).repeat(n_ranks)
         local_ids = torch.repeat_interleave(ids, recv_PE.reshape(-1))
         sorted_ids, order = torch.sort(local_ids, stable=True)
         kept = recv_PE.sum(0)
-        ones = torch.ones(order.numel(), device=x_ND.device)
+        ones = torch.ones(order.numel(), device=x_TD.device)
         local_plan = DispatchPlan(order, sorted_ids, ones, kept, kept,
                                   torch.cumsum(kept, 0).to(torch.int32), 0)
-        y_sorted, _ = self.local(x_recv.index_select(0, order), local_plan)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        y_recv = y_sorted.index_select(0, inverse)
+        y_recv = self.local(x_recv, local_plan).y_TD
         y_ND = all_to_all(y_recv, send_splits, recv_splits, self.group)
-        weighted_ND = y_ND * plan.weights.to(y_ND.dtype).unsqueeze(1)
-        if sum_weight_N is None:
-            return weighted_ND, None
+        y_TD = combine(y_ND * plan.weights.to(y_ND.dtype).unsqueeze(1), plan, x_TD.shape[0])
+        sums_ED = norm_sums_E = None
         with torch.no_grad():
             rows = y_ND.detach().float()
-            if sum_weight_N.numel():
-                rows = rows * sum_weight_N.float().unsqueeze(1)
-            sums_ED = rows.new_zeros(self.n_experts, rows.shape[1])
-            sums_ED.index_add_(0, plan.expert_ids, rows)
-        return weighted_ND, sums_ED
+            if track_out_norm:
+                norm_sums_E = rows.new_zeros(self.n_experts).index_add_(
+                    0, plan.expert_ids, rows.norm(dim=1))
+            if sum_weight_N is not None:
+                if sum_weight_N.numel():
+                    rows = rows * sum_weight_N.float().unsqueeze(1)
+                sums_ED = rows.new_zeros(self.n_experts, rows.shape[1])
+                sums_ED.index_add_(0, plan.expert_ids, rows)
+        return ExpertsOutput(y_TD, sums_ED, norm_sums_E)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -46,8 +46,9 @@ class MoEConfig:
     aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in
         ``MoELosses.total``.
     default_moe: a DefaultMoEConfig to switch Default MoE on, None for plain top-K.
-    dispatch: "auto" (grouped GEMM when the installed torch supports it, else a loop),
-        "grouped_mm" (error if unsupported) or "loop".
+    dispatch: "auto" (the fused per-expert loop on CPU; grouped GEMM on other devices when the
+        installed torch supports it, else the loop), "grouped_mm" (error if unsupported) or
+        "loop" (see ``moe.expert_loop``).
     """
 
     d_model: int

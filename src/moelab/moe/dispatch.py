@@ -1,4 +1,4 @@
-"""Token dispatch: sort the T*K assignments by expert, run grouped GEMMs, combine back.
+"""Token dispatch: sort the T*K assignments by expert; the grouped-GEMM primitives.
 
 Assignments are flattened choice-major (index ``k*T + t``) and stably sorted by expert id, so
 inside an expert the first choices come before the second choices and tokens keep their order.
@@ -98,19 +98,20 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype, d_in: int, d_out: in
     return bool(torch.allclose(y, ref, rtol=1e-2, atol=1e-2))
 
 
-def resolve_backend(requested: str, x: Tensor, w_EIO: Tensor) -> str:
+def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO: Tensor) -> str:
     """Turn "auto" into "grouped_mm" or "loop"; raise if "grouped_mm" can't run.
 
-    "auto" picks grouped GEMM when the installed torch runs it for this dtype/device/shape,
-    else the per-expert loop with a one-time warning.
+    "auto" picks the fused per-expert loop on CPU (there torch's grouped GEMM is itself a loop
+    of matmuls, plus operand copies, and its [N, D] buffers page-fault; see
+    ``moe.expert_loop``) and grouped GEMM elsewhere when the installed torch runs it for this
+    dtype/device/shape, else the loop with a one-time warning.
     """
-    if requested == "loop":
+    if requested == "loop" or (requested == "auto" and device_type == "cpu"):
         return "loop"
-    ok = grouped_mm_supported(x.device.type, x.dtype, w_EIO.shape[1], w_EIO.shape[2])
-    if ok:
+    if grouped_mm_supported(device_type, dtype, w_EIO.shape[1], w_EIO.shape[2]):
         return "grouped_mm"
-    why = (f"torch {torch.__version__} has no grouped GEMM for dtype={x.dtype} on "
-           f"{x.device.type} with expert weights of shape {tuple(w_EIO.shape)} (it needs "
+    why = (f"torch {torch.__version__} has no grouped GEMM for dtype={dtype} on "
+           f"{device_type} with expert weights of shape {tuple(w_EIO.shape)} (it needs "
            f"fp32/bf16/fp16 and row strides that are multiples of 16 bytes)")
     if requested == "grouped_mm":
         raise RuntimeError(f"dispatch='grouped_mm' is not supported: {why}; "
@@ -125,21 +126,10 @@ def _warn_loop_fallback(why: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
-def grouped_linear(x_NI: Tensor, w_EIO: Tensor, plan: DispatchPlan,
-                   backend: str = "auto") -> Tensor:
-    """Rows of expert e (a contiguous slice of x_NI, as laid out by ``plan``) times w_EIO[e].
-    Returns [N, O]."""
-    if resolve_backend(backend, x_NI, w_EIO) == "grouped_mm":
-        return _GROUPED_MM(x_NI, w_EIO.to(x_NI.dtype), offs=plan.offsets)
-    chunks = torch.split(x_NI, plan.kept_counts.tolist())
-    # unbind (not w[e]) so backward stacks the per-expert grads once instead of E full-size adds
-    weights = w_EIO.unbind(0)
-    outs = [chunk @ weights[e] for e, chunk in enumerate(chunks) if chunk.shape[0] > 0]
-    if not outs:
-        # an empty matmul, not new_zeros: x and w stay in the graph (zero gradients), as with
-        # grouped_mm — expert parallelism needs every rank's backward to reach its all-to-alls
-        return x_NI[:0] @ w_EIO[0]
-    return torch.cat(outs)
+def grouped_linear(x_NI: Tensor, w_EIO: Tensor, plan: DispatchPlan) -> Tensor:
+    """Rows of expert e (a contiguous slice of x_NI, as laid out by ``plan``) times w_EIO[e],
+    as one grouped GEMM. Returns [N, O]."""
+    return _GROUPED_MM(x_NI, w_EIO.to(x_NI.dtype), offs=plan.offsets)
 
 
 def combine(weighted_ND: Tensor, plan: DispatchPlan, n_tokens: int) -> Tensor:

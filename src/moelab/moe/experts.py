@@ -1,25 +1,40 @@
 """Expert MLPs with weights stored batched over experts.
 
-Weights: ``w_in`` [E, D, F] (GELU) or [E, D, 2F] (SwiGLU: gate then up, fused so one grouped
-GEMM computes both), ``w_out`` [E, F, D]. Expert e's parameters are the slices ``w_in[e]``,
+Weights: ``w_in`` [E, D, F] (GELU) or [E, D, 2F] (SwiGLU: gate then up, fused so one GEMM
+computes both), ``w_out`` [E, F, D]. Expert e's parameters are the slices ``w_in[e]``,
 ``w_out[e]``.
 
 The routing weight of each row is folded into the hidden activation (``act(h) * w`` before the
 down projection, which equals ``w * expert(x)`` because the down projection is linear and has no
-bias). A small fused autograd function does that, so no [N, D] product is ever allocated — on
-CPU, fresh large allocations (page faults) cost more than the arithmetic.
+bias), so no [N, D] product is ever allocated — on CPU, fresh large allocations (page faults)
+cost more than the arithmetic.
+
+Two paths compute the same thing (``MoEConfig.dispatch``): "grouped_mm" (gather the rows,
+two grouped GEMMs, combine; the default on CUDA) and "loop" (``moe.expert_loop``: per-expert
+matmuls fused with the gather and combine, chunk by chunk; the default on CPU).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.moe.dispatch import DispatchPlan, grouped_linear
+from moelab.moe.activations import ACTIVATIONS, activation_backward, activation_forward, row_dot
+from moelab.moe.dispatch import DispatchPlan, combine, grouped_linear, resolve_backend
+from moelab.moe.expert_loop import expert_loop
 
-_SQRT_HALF = 0.5**0.5
-_INV_SQRT_2PI = (2 * torch.pi) ** -0.5
+
+class ExpertsOutput(NamedTuple):
+    """y_TD: [T, D] each token's weighted sum of its kept experts' outputs.
+    sums_ED: [E, D] fp32 detached Default MoE sums (None unless requested).
+    out_norm_sums_E: [E] fp32 detached sums of raw expert-output norms (None unless requested).
+    """
+
+    y_TD: Tensor
+    sums_ED: Tensor | None
+    out_norm_sums_E: Tensor | None
 
 
 class _ScaledActivation(torch.autograd.Function):
@@ -31,11 +46,7 @@ class _ScaledActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, scale, activation, expert_ids, sum_weight, n_experts):
-        if activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            act = F.silu(gate).mul_(up)
-        else:
-            act = F.gelu(h)
+        act = activation_forward(h, activation)
         sums = h.new_zeros(0)
         if sum_weight is not None:
             rows = act if sum_weight.numel() == 0 else act * sum_weight.unsqueeze(1)
@@ -50,38 +61,18 @@ class _ScaledActivation(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_sums):
         h, scale = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        n_rows = h.shape[0]
-        grad_scaled = grad_out * scale.unsqueeze(1)  # d out / d act(h)
-        if ctx.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
-            grad_h = torch.empty_like(h)
-            width = gate.shape[1]
-            torch.mul(grad_scaled, silu, out=grad_h[:, width:])
-            # d silu / d gate = sig * (1 + gate * (1 - sig))
-            dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
-            torch.mul(dsilu.mul_(up), grad_scaled, out=grad_h[:, :width])
-            act = silu.mul_(up)
-        else:
-            cdf = torch.erf(h * _SQRT_HALF).add_(1.0).mul_(0.5)
-            dgelu = torch.exp(h.square() * -0.5).mul_(h).mul_(_INV_SQRT_2PI).add_(cdf)
-            grad_h = dgelu.mul_(grad_scaled)
-            act = cdf.mul_(h)
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            grad_scale = torch.bmm(grad_out.view(n_rows, 1, -1), act.view(n_rows, -1, 1))
-            grad_scale = grad_scale.view(n_rows).to(scale.dtype)
+        grad_h, act = activation_backward(h, grad_out * scale.unsqueeze(1), ctx.activation)
+        grad_scale = row_dot(grad_out, act).to(scale.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_scale, None, None, None, None
 
 
 class Experts(nn.Module):
-    """E independent MLP experts applied to token rows already grouped by expert."""
+    """E independent MLP experts applied to the token rows the router assigned them."""
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str = "swiglu",
                  backend: str = "auto") -> None:
         super().__init__()
-        if activation not in ("swiglu", "gelu"):
+        if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is invalid: choose 'swiglu' or 'gelu'")
         self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
         self.activation = activation
@@ -95,22 +86,42 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_in, std=self.d_model**-0.5)
         nn.init.normal_(self.w_out, std=self.d_ff**-0.5)
 
-    def forward(self, x_ND: Tensor, plan: DispatchPlan,
-                sum_weight_N: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Weighted expert outputs for rows grouped by expert.
+    def forward(self, x_TD: Tensor, plan: DispatchPlan, sum_weight_N: Tensor | None = None,
+                track_out_norm: bool = False) -> ExpertsOutput:
+        """Gather, run and combine: ``y_TD[t] = sum_{n: token n = t} plan.weights[n] *
+        expert_{e(n)}(x_TD[t])`` over the kept assignments of ``plan``.
 
-        x_ND: [N, D] rows in ``plan`` order. Returns ``(out_ND, sums_ED)``: out_ND [N, D] is
-        ``plan.weights[n] * expert_{e(n)}(x_n)``; sums_ED ([E, D] fp32, detached) is
-        ``sum_{n -> e} sum_weight_N[n] * expert_e(x_n)`` when ``sum_weight_N`` is given (an empty
-        tensor means all ones), else None.
+        x_TD: [T, D]. With ``sum_weight_N`` ([N], or empty for all ones), also returns
+        Default MoE's ``sums_ED[e] = sum_{n -> e} sum_weight_N[n] * expert_e(x_n)``; with
+        ``track_out_norm``, the per-expert sums of ``|expert_e(x_n)|`` (see ExpertsOutput).
         """
-        h = grouped_linear(x_ND, self.w_in, plan, self.backend)
+        if resolve_backend(self.backend, x_TD.device.type, x_TD.dtype, self.w_in) == "loop":
+            y_TD, act_sums_EF, norm_sums_E = expert_loop(
+                x_TD, self.w_in, self.w_out, plan.weights, plan.token_idx, plan.expert_ids,
+                plan.kept_counts.tolist(), self.activation, sum_weight_N, track_out_norm)
+        else:
+            y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, plan, sum_weight_N,
+                                                           track_out_norm)
+        sums_ED = None
+        if sum_weight_N is not None:
+            # The down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out
+            sums_ED = torch.bmm(act_sums_EF.unsqueeze(1), self.w_out.detach().float()).squeeze(1)
+        return ExpertsOutput(y_TD, sums_ED, norm_sums_E if track_out_norm else None)
+
+    def _grouped(self, x_TD: Tensor, plan: DispatchPlan, sum_weight_N: Tensor | None,
+                 track_out_norm: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The grouped-GEMM path: [N, D] rows gathered, two grouped GEMMs, index_add back."""
+        x_ND = x_TD.index_select(0, plan.token_idx)
+        h = grouped_linear(x_ND, self.w_in, plan)
         act, act_sums_EF = _ScaledActivation.apply(
             h, plan.weights.to(h.dtype), self.activation, plan.expert_ids, sum_weight_N,
             self.n_experts)
-        out = grouped_linear(act, self.w_out, plan, self.backend)
-        if sum_weight_N is None:
-            return out, None
-        # The down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out.
-        sums_ED = torch.bmm(act_sums_EF.unsqueeze(1), self.w_out.detach().float()).squeeze(1)
-        return out, sums_ED
+        out_ND = grouped_linear(act, self.w_out, plan)
+        norm_sums_E = None
+        if track_out_norm:
+            with torch.no_grad():
+                # raw output norm = |w * expert(x)| / w (w > 0: a softmax probability)
+                norms_N = out_ND.float().norm(dim=-1) / plan.weights.float().clamp_min(1e-30)
+                norm_sums_E = norms_N.new_zeros(self.n_experts).index_add_(
+                    0, plan.expert_ids, norms_N)
+        return combine(out_ND, plan, x_TD.shape[0]), act_sums_EF, norm_sums_E

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from moelab.methods.default_moe import DefaultExpertOutputs
 from moelab.moe.config import MoEConfig
-from moelab.moe.dispatch import DispatchPlan, combine, expert_capacity, plan_dispatch
+from moelab.moe.dispatch import DispatchPlan, expert_capacity, plan_dispatch
 from moelab.moe.experts import Experts
 from moelab.moe.router import Routing, TopKRouter, load_balance_loss, router_z_loss
 
@@ -103,19 +103,19 @@ class MoELayer(nn.Module):
         default = self.default_moe
         update_default = default is not None and self.training and first_pass
         row_weights_N = default.row_weights(routing.probs, plan) if update_default else None
-        weighted_ND, sums_ED = self.experts(x_TD.index_select(0, plan.token_idx), plan,
-                                            row_weights_N)
+        experts_out = self.experts(x_TD, plan, row_weights_N,
+                                   track_out_norm=self.track_out_norm and first_pass)
+        y_TD, sums_ED = experts_out.y_TD, experts_out.sums_ED
         mass_E = default.row_mass(row_weights_N, plan) if update_default else None
         global_counts = None
         if self.stats_reducer is not None and self.training:
             global_counts, sums_ED, mass_E = self._reduce_stats(plan, n_tokens, sums_ED, mass_E)
         if update_default:
             default.update(sums_ED, mass_E)
-        y_TD = combine(weighted_ND, plan, n_tokens)
         if default is not None:
             y_TD = y_TD + default.term(routing.probs, routing.topk_ids, y_TD.dtype)
         if first_pass:
-            self.last_stats = self._stats(routing, plan, weighted_ND)
+            self.last_stats = self._stats(routing, plan, experts_out.out_norm_sums_E)
         return MoEOutput(y_TD.view(x.shape), self._losses(routing, global_counts))
 
     @torch.no_grad()
@@ -146,17 +146,16 @@ class MoELayer(nn.Module):
         return MoELosses(balance, z_loss, cfg.aux_loss_coef * balance + cfg.z_loss_coef * z_loss)
 
     @torch.no_grad()
-    def _stats(self, routing: Routing, plan: DispatchPlan, weighted_ND: Tensor) -> RoutingStats:
+    def _stats(self, routing: Routing, plan: DispatchPlan,
+               out_norm_sums_E: Tensor | None) -> RoutingStats:
         probs_TE = routing.probs.detach()
         n_tokens = probs_TE.shape[0]
         entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
         out_norm = None
-        if self.track_out_norm:
-            # raw expert output norm = |w * expert(x)| / w (w > 0: a softmax probability)
-            norms_N = weighted_ND.detach().float().norm(dim=-1) / plan.weights.clamp_min(1e-30)
-            sums_E = torch.zeros_like(probs_TE[0]).index_add_(0, plan.expert_ids, norms_N)
+        if out_norm_sums_E is not None:
             kept_E = plan.kept_counts
-            out_norm = torch.where(kept_E > 0, sums_E / kept_E.clamp_min(1), float("nan"))
+            out_norm = torch.where(kept_E > 0, out_norm_sums_E / kept_E.clamp_min(1),
+                                   float("nan"))
         total = n_tokens * self.cfg.top_k
         return RoutingStats(
             tokens_per_expert=plan.routed_counts.float(),

@@ -1,0 +1,164 @@
+"""The "loop" dispatch path: per-expert matmuls fused with the gather and the combine.
+
+Why a loop beats torch's grouped GEMM on CPU: there, ``grouped_mm`` is itself a loop of
+per-expert matmuls, plus copies of its transposed operands in backward; and a gather -> grouped
+GEMM -> combine pipeline allocates several [N, D] row buffers (N = T*K assignments), which at
+K = 8 pass the 32 MiB above which glibc maps fresh pages for every allocation, so page faults
+cost more than the arithmetic. ``expert_loop`` walks the experts in chunks of at most
+``CHUNK_BYTES`` of rows: gather a chunk's token rows, run each expert's matmuls into slices of
+the chunk's buffers (``torch.mm(out=)``, with the transposes folded into BLAS), apply the
+activation and the routing weight, and index_add the chunk into the [T, D] output. Backward
+walks the same chunks. Only the pre-activations h are saved (in chunks); x rows are gathered
+again in backward. It runs on any device and dtype; on CUDA, grouped GEMM is the default.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from moelab.moe.activations import activation_backward, activation_forward, row_dot
+
+#: Largest row buffer of one chunk, in bytes (each chunk holds whole experts, so a single
+#: expert with more rows than this makes a bigger chunk).
+CHUNK_BYTES = 8 << 20
+
+
+def plan_chunks(counts_E: list[int], max_rows: int) -> list[tuple[int, int, int, int]]:
+    """Split experts (in order) into chunks of at most ``max_rows`` rows (at least one expert
+    each). Returns ``(row_start, row_end, expert_start, expert_end)`` per chunk; experts with
+    no rows are folded into a neighbour, so every chunk but a lone all-empty one has rows."""
+    chunks = []
+    row_start = expert_start = rows = 0
+    for e, count in enumerate(counts_E):
+        if rows and count and rows + count > max_rows:
+            chunks.append((row_start, row_start + rows, expert_start, e))
+            row_start, expert_start, rows = row_start + rows, e, 0
+        rows += count
+    chunks.append((row_start, row_start + rows, expert_start, len(counts_E)))
+    return chunks
+
+
+def _per_expert_mm(a: Tensor, b_E: Tensor | list[Tensor], out: Tensor, counts: list[int],
+                   first_expert: int) -> None:
+    """out[rows of e] = a[rows of e] @ b_E[e] for the experts of one chunk (rows contiguous)."""
+    row = 0
+    for i, count in enumerate(counts):
+        if count:
+            torch.mm(a[row:row + count], b_E[first_expert + i], out=out[row:row + count])
+        row += count
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """y_TD = index_add over kept assignments n of ``weights[n] * expert_{e(n)}(x[token[n]])``.
+
+    Extra non-differentiable outputs: act_sums_EF (Default MoE: per-expert sums of
+    ``sum_weight[n] * act(h_n)``, fp32) and norm_sums_E (per-expert sums of the raw expert
+    output norms), each empty unless requested.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_in, w_out, weights_N, token_idx, expert_ids, counts, activation,
+                sum_weight_N, track_norms):
+        n_tokens, d_model = x_TD.shape
+        n_experts, width_in = w_in.shape[0], w_in.shape[2]
+        row_bytes = max(d_model, width_in) * x_TD.element_size()
+        chunks = plan_chunks(counts, max(1, CHUNK_BYTES // row_bytes))
+        y_TD = x_TD.new_zeros(n_tokens, d_model)
+        want_sums = sum_weight_N is not None
+        act_sums = x_TD.new_zeros(n_experts, w_out.shape[1] if want_sums else 0,
+                                  dtype=torch.float)
+        norm_sums = x_TD.new_zeros(n_experts if track_norms else 0, dtype=torch.float)
+        saved_h = []
+        for r0, r1, e0, e1 in chunks:
+            if r0 == r1:
+                continue
+            idx = token_idx[r0:r1]
+            x_rows = x_TD.index_select(0, idx)
+            h = x_TD.new_empty(r1 - r0, width_in)
+            _per_expert_mm(x_rows, w_in, h, counts[e0:e1], e0)
+            act = activation_forward(h, activation)
+            if want_sums:
+                rows = act if sum_weight_N.numel() == 0 else act * sum_weight_N[r0:r1, None]
+                act_sums.index_add_(0, expert_ids[r0:r1], rows.float())
+            w_rows = weights_N[r0:r1, None]
+            act.mul_(w_rows)
+            out = x_rows  # same shape, no longer needed
+            _per_expert_mm(act, w_out, out, counts[e0:e1], e0)
+            if track_norms:
+                raw_norms = out.float().norm(dim=1) / w_rows.squeeze(1).float().clamp_min(1e-30)
+                norm_sums.index_add_(0, expert_ids[r0:r1], raw_norms)
+            y_TD.index_add_(0, idx, out)
+            saved_h.append(h)
+        ctx.chunks, ctx.counts, ctx.activation = chunks, counts, activation
+        ctx.save_for_backward(x_TD, w_in, w_out, weights_N, token_idx, *saved_h)
+        ctx.mark_non_differentiable(act_sums, norm_sums)
+        return y_TD, act_sums, norm_sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_sums, _grad_norms):
+        x_TD, w_in, w_out, weights_N, token_idx, *saved_h = ctx.saved_tensors
+        counts = ctx.counts
+        grad_y = grad_y.contiguous()
+        need_x, need_w_in, need_w_out, need_weights = ctx.needs_input_grad[:4]
+        grad_x = torch.zeros_like(x_TD) if need_x else None
+        # experts with no rows get zero gradients, as with an empty matmul
+        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
+        grad_w_out = torch.zeros_like(w_out) if need_w_out else None
+        grad_weights = torch.zeros_like(weights_N) if need_weights else None
+        w_in_t = [w.t() for w in w_in.unbind(0)]
+        w_out_t = [w.t() for w in w_out.unbind(0)]
+        chunks_with_rows = [c for c in ctx.chunks if c[0] != c[1]]
+        for (r0, r1, e0, e1), h in zip(chunks_with_rows, saved_h, strict=True):
+            idx = token_idx[r0:r1]
+            chunk_counts = counts[e0:e1]
+            grad_rows = grad_y.index_select(0, idx)  # d loss / d out rows [n, D]
+            grad_scaled = h.new_empty(r1 - r0, w_out.shape[1])  # d loss / d (w * act)
+            _per_expert_mm(grad_rows, w_out_t, grad_scaled, chunk_counts, e0)
+            w_rows = weights_N[r0:r1, None]
+            grad_h, act = activation_backward(h, grad_scaled * w_rows, ctx.activation)
+            if need_weights:
+                grad_weights[r0:r1] = row_dot(grad_scaled, act)
+            if need_w_out:
+                scaled_t = act.mul_(w_rows).t()
+                _per_expert_mm_weights(scaled_t, grad_rows, grad_w_out, chunk_counts, e0)
+            if need_w_in:
+                x_rows_t = x_TD.index_select(0, idx).t()
+                _per_expert_mm_weights(x_rows_t, grad_h, grad_w_in, chunk_counts, e0)
+            if need_x:
+                grad_x_rows = grad_rows  # same shape, no longer needed
+                _per_expert_mm(grad_h, w_in_t, grad_x_rows, chunk_counts, e0)
+                grad_x.index_add_(0, idx, grad_x_rows)
+        return (grad_x, grad_w_in, grad_w_out, grad_weights,
+                None, None, None, None, None, None)
+
+
+def _per_expert_mm_weights(a_t: Tensor, b: Tensor, out_E: Tensor, counts: list[int],
+                           first_expert: int) -> None:
+    """out_E[e] = a_t[:, rows of e] @ b[rows of e] — the weight gradient of each expert."""
+    row = 0
+    for i, count in enumerate(counts):
+        if count:
+            torch.mm(a_t[:, row:row + count], b[row:row + count], out=out_E[first_expert + i])
+        row += count
+
+
+def expert_loop(x_TD: Tensor, w_in: Tensor, w_out: Tensor, weights_N: Tensor,
+                token_idx: Tensor, expert_ids: Tensor, counts_E: list[int], activation: str,
+                sum_weight_N: Tensor | None = None, track_norms: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Sparse expert MLP over token rows, one expert at a time (see the module docstring).
+
+    x_TD: [T, D] tokens; w_in: [E, D, W]; w_out: [E, F, D]; the N kept assignments, grouped by
+    expert: weights_N [N] (routing weights), token_idx [N], expert_ids [N], counts_E (rows per
+    expert, a host list summing to N). Returns (y_TD [T, D], act_sums_EF, norm_sums_E): y is
+    the weighted sum of each token's expert outputs; act_sums_EF [E, F] (fp32, detached) sums
+    ``sum_weight_N[n] * act(h_n)`` per expert when ``sum_weight_N`` is given (an empty tensor:
+    all ones); norm_sums_E [E] (fp32, detached) sums the raw expert-output norms per expert when
+    ``track_norms``. Unrequested extras are empty.
+    """
+    return _ExpertLoop.apply(x_TD, w_in.to(x_TD.dtype), w_out.to(x_TD.dtype),
+                             weights_N.to(x_TD.dtype), token_idx, expert_ids, counts_E,
+                             activation, sum_weight_N, track_norms)
