@@ -1,7 +1,9 @@
 """Forward+backward time of moelab's MoELayer against Hugging Face's MoE block and a dense FFN.
 
 Contenders, per E/K in {8/2, 32/4, 64/8} at fixed active FLOPs (K * d_ff = const):
-  - moelab: MoELayer (sort + grouped GEMM + index_add), plain top-K and with Default MoE;
+  - moelab: MoELayer with its default dispatch (on CPU the fused per-expert loop), plain top-K
+    and with Default MoE; moelab_grouped_path: the same layer with dispatch="grouped_mm"
+    (gather -> grouped GEMM over all rows -> index_add; the CUDA default);
   - hf_eager: transformers' OlmoeSparseMoeBlock, eager experts (one-hot mask, loop over experts,
     where, index_add) — the "one-hot loop";
   - hf_grouped_mm: the same block with experts_implementation="grouped_mm";
@@ -63,11 +65,14 @@ def run(tokens: int, d_model: int, active_ff: int, reps: int) -> list[dict]:
         moe = MoELayer(base)
         dmoe = MoELayer(MoEConfig(**{**base.__dict__, "default_moe": DefaultMoEConfig()}))
         dmoe.load_state_dict(moe.state_dict(), strict=False)
+        grouped = MoELayer(MoEConfig(**{**base.__dict__, "dispatch": "grouped_mm"}))
+        grouped.load_state_dict(moe.state_dict())
         dense = DenseSwiGLU(d_model, active_ff)
         fns = {
             "dense": fwd_bwd(dense, x, grad),
             "moelab": fwd_bwd(moe, x, grad, lambda o: o.y),
             "moelab_default_moe": fwd_bwd(dmoe, x, grad, lambda o: o.y),
+            "moelab_grouped_path": fwd_bwd(grouped, x, grad, lambda o: o.y),
         }
         for impl in ("eager", "grouped_mm"):
             block = hf_block(d_model, n_experts, top_k, d_ff, impl)
@@ -76,12 +81,17 @@ def run(tokens: int, d_model: int, active_ff: int, reps: int) -> list[dict]:
         secs = time_interleaved(fns, reps=reps)
         mem_plain = saved_tensor_bytes(lambda m=moe, x=x: m(x).y)
         mem_default = saved_tensor_bytes(lambda m=dmoe, x=x: m(x).y)
+        mem_grouped = saved_tensor_bytes(lambda m=grouped, x=x: m(x).y)
+        mem_dense = saved_tensor_bytes(lambda m=dense, x=x: m(x))
         row = {"E/K": f"{n_experts}/{top_k}", "d_ff": d_ff,
                **{f"{k}_ms": round(v * 1e3, 2) for k, v in secs.items()},
                **{f"{k}/dense": round(v / secs["dense"], 3) for k, v in secs.items()
                   if k != "dense"},
                "default_moe/plain_time": round(secs["moelab_default_moe"] / secs["moelab"], 3),
-               "default_moe/plain_saved_bytes": round(mem_default / mem_plain, 4)}
+               "default_moe/plain_saved_bytes": round(mem_default / mem_plain, 4),
+               "saved_MiB": {"moelab": round(mem_plain / 2**20, 1),
+                             "moelab_grouped_path": round(mem_grouped / 2**20, 1),
+                             "dense": round(mem_dense / 2**20, 1)}}
         if "hf_eager" in secs:
             row["moelab/hf_eager"] = round(secs["moelab"] / secs["hf_eager"], 3)
         rows.append(row)

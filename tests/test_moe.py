@@ -229,13 +229,21 @@ def test_plan_chunks_hand_computed():
 
 @pytest.mark.parametrize("chunk_bytes", [1, 200, 1 << 20])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_loop_chunks_match_naive_reference(monkeypatch, chunk_bytes, activation):
+@pytest.mark.parametrize("d_ff", [
+    5,  # unaligned rows: a matmul per expert
+    pytest.param(8, marks=pytest.mark.skipif(not HAS_GROUPED, reason="no CPU grouped_mm")),
+])
+def test_loop_chunks_match_naive_reference(monkeypatch, chunk_bytes, activation, d_ff):
     """Chunks of one expert each (1 byte), a few experts each (200) and all experts (1 MiB),
-    with experts that receive no rows, in output and every gradient."""
+    with experts that receive no rows, in output and every gradient; with grouped GEMMs per
+    chunk (aligned d_ff=8) and with per-expert matmuls (d_ff=5)."""
     monkeypatch.setattr(expert_loop_module, "CHUNK_BYTES", chunk_bytes)
-    layer = make_layer(n_experts=12, top_k=2, d_ff=5, activation=activation, dispatch="loop")
+    layer = make_layer(n_experts=12, top_k=2, d_ff=d_ff, activation=activation,
+                       dispatch="loop")
     x = torch.randn(5, 8, requires_grad=True)
     g = torch.randn(5, 8)
+    grouped = expert_loop_module._grouped_mm_runs(x, layer.experts.w_in, layer.experts.w_out)
+    assert grouped == (d_ff == 8)
     assert (layer.router(x).topk_ids.reshape(-1).bincount(minlength=12) == 0).any()
     y_fast, y_ref = layer(x).y, naive_moe(layer, x)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)

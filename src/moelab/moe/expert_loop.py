@@ -14,15 +14,18 @@ again in backward. It runs on any device and dtype; on CUDA, grouped GEMM is the
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moelab.moe.activations import activation_backward, activation_forward, row_dot
+from moelab.moe.dispatch import _GROUPED_MM, grouped_mm_supported
 
 #: Largest row buffer of one chunk, in bytes (each chunk holds whole experts, so a single
 #: expert with more rows than this makes a bigger chunk).
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 4 << 20
 
 
 def plan_chunks(counts_E: list[int], max_rows: int) -> list[tuple[int, int, int, int]]:
@@ -40,14 +43,20 @@ def plan_chunks(counts_E: list[int], max_rows: int) -> list[tuple[int, int, int,
     return chunks
 
 
-def _per_expert_mm(a: Tensor, b_E: Tensor | list[Tensor], out: Tensor, counts: list[int],
-                   first_expert: int) -> None:
-    """out[rows of e] = a[rows of e] @ b_E[e] for the experts of one chunk (rows contiguous)."""
+def _chunk_matmul(a_NI: Tensor, w_CIO: Tensor, counts: list[int], offsets: Tensor | None
+                  ) -> Tensor:
+    """Rows of one chunk (contiguous by expert) times their expert's matrix: [n, I] x
+    [C, I, O] -> [n, O]; one grouped GEMM when ``offsets`` (the chunk's cumulative row ends,
+    int32) is given, else a matmul per expert."""
+    if offsets is not None:
+        return _GROUPED_MM(a_NI, w_CIO, offs=offsets)
+    out = a_NI.new_empty(a_NI.shape[0], w_CIO.shape[2])
     row = 0
-    for i, count in enumerate(counts):
+    for e, count in enumerate(counts):
         if count:
-            torch.mm(a[row:row + count], b_E[first_expert + i], out=out[row:row + count])
+            torch.mm(a_NI[row:row + count], w_CIO[e], out=out[row:row + count])
         row += count
+    return out
 
 
 class _ExpertLoop(torch.autograd.Function):
@@ -70,28 +79,29 @@ class _ExpertLoop(torch.autograd.Function):
         act_sums = x_TD.new_zeros(n_experts, w_out.shape[1] if want_sums else 0,
                                   dtype=torch.float)
         norm_sums = x_TD.new_zeros(n_experts if track_norms else 0, dtype=torch.float)
+        use_grouped = _grouped_mm_runs(x_TD, w_in, w_out)
         saved_h = []
         for r0, r1, e0, e1 in chunks:
             if r0 == r1:
                 continue
             idx = token_idx[r0:r1]
+            offsets = _chunk_offsets(counts[e0:e1], x_TD.device) if use_grouped else None
             x_rows = x_TD.index_select(0, idx)
-            h = x_TD.new_empty(r1 - r0, width_in)
-            _per_expert_mm(x_rows, w_in, h, counts[e0:e1], e0)
+            h = _chunk_matmul(x_rows, w_in[e0:e1], counts[e0:e1], offsets)
             act = activation_forward(h, activation)
             if want_sums:
                 rows = act if sum_weight_N.numel() == 0 else act * sum_weight_N[r0:r1, None]
                 act_sums.index_add_(0, expert_ids[r0:r1], rows.float())
             w_rows = weights_N[r0:r1, None]
             act.mul_(w_rows)
-            out = x_rows  # same shape, no longer needed
-            _per_expert_mm(act, w_out, out, counts[e0:e1], e0)
+            out = _chunk_matmul(act, w_out[e0:e1], counts[e0:e1], offsets)
             if track_norms:
                 raw_norms = out.float().norm(dim=1) / w_rows.squeeze(1).float().clamp_min(1e-30)
                 norm_sums.index_add_(0, expert_ids[r0:r1], raw_norms)
             y_TD.index_add_(0, idx, out)
             saved_h.append(h)
         ctx.chunks, ctx.counts, ctx.activation = chunks, counts, activation
+        ctx.use_grouped = use_grouped
         ctx.save_for_backward(x_TD, w_in, w_out, weights_N, token_idx, *saved_h)
         ctx.mark_non_differentiable(act_sums, norm_sums)
         return y_TD, act_sums, norm_sums
@@ -104,35 +114,67 @@ class _ExpertLoop(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         need_x, need_w_in, need_w_out, need_weights = ctx.needs_input_grad[:4]
         grad_x = torch.zeros_like(x_TD) if need_x else None
-        # experts with no rows get zero gradients, as with an empty matmul
-        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
-        grad_w_out = torch.zeros_like(w_out) if need_w_out else None
+        # One chunk of grouped GEMMs: its weight-gradient GEMMs are the whole gradients.
+        # Otherwise every expert with rows writes its slice; the others get zeros.
+        whole = ctx.use_grouped and len(ctx.chunks) == 1
+        grad_w_in = _empty_weight_grad(w_in, counts) if need_w_in and not whole else None
+        grad_w_out = _empty_weight_grad(w_out, counts) if need_w_out and not whole else None
         grad_weights = torch.zeros_like(weights_N) if need_weights else None
-        w_in_t = [w.t() for w in w_in.unbind(0)]
-        w_out_t = [w.t() for w in w_out.unbind(0)]
+        w_in_t, w_out_t = w_in.transpose(1, 2), w_out.transpose(1, 2)
         chunks_with_rows = [c for c in ctx.chunks if c[0] != c[1]]
         for (r0, r1, e0, e1), h in zip(chunks_with_rows, saved_h, strict=True):
             idx = token_idx[r0:r1]
             chunk_counts = counts[e0:e1]
+            offsets = _chunk_offsets(chunk_counts, h.device) if ctx.use_grouped else None
             grad_rows = grad_y.index_select(0, idx)  # d loss / d out rows [n, D]
-            grad_scaled = h.new_empty(r1 - r0, w_out.shape[1])  # d loss / d (w * act)
-            _per_expert_mm(grad_rows, w_out_t, grad_scaled, chunk_counts, e0)
+            # d loss / d (w * act)
+            grad_scaled = _chunk_matmul(grad_rows, w_out_t[e0:e1], chunk_counts, offsets)
             w_rows = weights_N[r0:r1, None]
             grad_h, act = activation_backward(h, grad_scaled * w_rows, ctx.activation)
             if need_weights:
                 grad_weights[r0:r1] = row_dot(grad_scaled, act)
             if need_w_out:
                 scaled_t = act.mul_(w_rows).t()
-                _per_expert_mm_weights(scaled_t, grad_rows, grad_w_out, chunk_counts, e0)
+                if whole:
+                    grad_w_out = _GROUPED_MM(scaled_t, grad_rows, offs=offsets)
+                else:
+                    _per_expert_mm_weights(scaled_t, grad_rows, grad_w_out, chunk_counts, e0)
             if need_w_in:
                 x_rows_t = x_TD.index_select(0, idx).t()
-                _per_expert_mm_weights(x_rows_t, grad_h, grad_w_in, chunk_counts, e0)
+                if whole:
+                    grad_w_in = _GROUPED_MM(x_rows_t, grad_h, offs=offsets)
+                else:
+                    _per_expert_mm_weights(x_rows_t, grad_h, grad_w_in, chunk_counts, e0)
             if need_x:
-                grad_x_rows = grad_rows  # same shape, no longer needed
-                _per_expert_mm(grad_h, w_in_t, grad_x_rows, chunk_counts, e0)
+                grad_x_rows = _chunk_matmul(grad_h, w_in_t[e0:e1], chunk_counts, offsets)
                 grad_x.index_add_(0, idx, grad_x_rows)
+        if whole and not chunks_with_rows:  # no rows at all: zero weight gradients
+            grad_w_in = torch.zeros_like(w_in) if need_w_in else None
+            grad_w_out = torch.zeros_like(w_out) if need_w_out else None
         return (grad_x, grad_w_in, grad_w_out, grad_weights,
                 None, None, None, None, None, None)
+
+
+def _grouped_mm_runs(x_TD: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether grouped GEMM runs for every product of the loop (all row strides aligned)."""
+    d_model, width_in, d_ff = w_in.shape[1], w_in.shape[2], w_out.shape[1]
+    return (grouped_mm_supported(x_TD.device.type, x_TD.dtype, d_model, width_in)
+            and grouped_mm_supported(x_TD.device.type, x_TD.dtype, d_ff, d_model))
+
+
+def _chunk_offsets(counts: list[int], device: torch.device) -> Tensor:
+    """Cumulative row ends of a chunk's experts: the grouped GEMM's ``offs`` (int32)."""
+    return torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
+
+
+def _empty_weight_grad(w_E: Tensor, counts: list[int]) -> Tensor:
+    """An uninitialised gradient for w_E, zeroed only at the experts that got no rows (not a
+    full zero fill: the per-expert matmuls overwrite the rest)."""
+    grad = torch.empty_like(w_E)
+    idle = [e for e, count in enumerate(counts) if count == 0]
+    if idle:
+        grad[idle] = 0
+    return grad
 
 
 def _per_expert_mm_weights(a_t: Tensor, b: Tensor, out_E: Tensor, counts: list[int],
