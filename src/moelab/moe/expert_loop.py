@@ -1,15 +1,17 @@
-"""The "loop" dispatch path: per-expert matmuls fused with the gather and the combine.
+"""The "loop" dispatch path: the experts run chunk by chunk, fused with the gather and combine.
 
-Why a loop beats torch's grouped GEMM on CPU: there, ``grouped_mm`` is itself a loop of
-per-expert matmuls, plus copies of its transposed operands in backward; and a gather -> grouped
-GEMM -> combine pipeline allocates several [N, D] row buffers (N = T*K assignments), which at
-K = 8 pass the 32 MiB above which glibc maps fresh pages for every allocation, so page faults
-cost more than the arithmetic. ``expert_loop`` walks the experts in chunks of at most
-``CHUNK_BYTES`` of rows: gather a chunk's token rows, run each expert's matmuls into slices of
-the chunk's buffers (``torch.mm(out=)``, with the transposes folded into BLAS), apply the
-activation and the routing weight, and index_add the chunk into the [T, D] output. Backward
-walks the same chunks. Only the pre-activations h are saved (in chunks); x rows are gathered
-again in backward. It runs on any device and dtype; on CUDA, grouped GEMM is the default.
+Why not one grouped GEMM over all N = T*K rows on CPU: that pipeline (gather -> grouped GEMM ->
+activation -> grouped GEMM -> index_add) allocates several [N, D] and [N, 2F] buffers, which at
+K = 8 pass the 32 MiB above which glibc maps fresh pages for every allocation, so each step
+page-faults 100-280 MB — more than the arithmetic costs (torch's CPU grouped GEMM is itself a
+loop of matmuls, so nothing is lost by splitting it). ``expert_loop`` walks the experts in
+chunks of at most ``CHUNK_BYTES`` of rows: gather a chunk's token rows, run its experts (one
+grouped GEMM per chunk where grouped GEMM runs for the dtype and strides, else a matmul per
+expert), apply the activation and the routing weight, and index_add the chunk into the [T, D]
+output. Backward walks the same chunks and writes each expert's weight gradient in place
+(``torch.mm(out=)``, the transposes folded into BLAS). Only the pre-activations h are saved (in
+chunks); x rows are gathered again in backward. Runs on any device and dtype; on CUDA the
+one-grouped-GEMM path (``Experts._grouped``) is the default.
 """
 
 from __future__ import annotations
