@@ -21,8 +21,6 @@ from moelab.methods.excitation import (
 )
 from moelab.moe import MoEConfig, MoELayer
 
-pytestmark = pytest.mark.filterwarnings("ignore:MoE dispatch falls back")
-
 
 def make_layer(seed=0, **kw) -> MoELayer:
     torch.manual_seed(seed)

@@ -19,8 +19,7 @@ from moelab.models import (
 )
 from moelab.moe import MoELayer
 
-pytestmark = [pytest.mark.filterwarnings("ignore:MoE dispatch falls back:RuntimeWarning"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 64
 

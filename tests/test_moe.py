@@ -18,9 +18,6 @@ from moelab.moe import (
 from moelab.moe.dispatch import grouped_mm_supported, resolve_backend
 from moelab.moe.expert_loop import plan_chunks
 
-# fp64 and unaligned shapes take the loop on purpose here; the warning itself is tested below
-pytestmark = pytest.mark.filterwarnings("ignore:MoE dispatch falls back:RuntimeWarning")
-
 HAS_GROUPED = grouped_mm_supported("cpu", torch.float32, 8, 16)
 BACKENDS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
     not HAS_GROUPED, reason="this torch has no CPU grouped_mm"))]
@@ -112,7 +109,6 @@ def test_auto_picks_the_loop_on_cpu_and_grouped_mm_elsewhere(monkeypatch, recwar
         resolve_backend("grouped_mm", "cuda", torch.float32, w)
 
 
-@pytest.mark.filterwarnings("ignore:MoE dispatch falls back")
 def test_neuron_level_experts_match_reference():
     layer = make_layer(n_experts=16, top_k=4, d_ff=1, activation="gelu")
     x = torch.randn(9, 8, requires_grad=True)
@@ -255,7 +251,7 @@ def test_loop_chunks_match_naive_reference(monkeypatch, chunk_bytes, activation,
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 def test_loop_and_grouped_paths_agree_on_everything(monkeypatch, capacity_factor):
     """Default MoE sums (the EMA after a step), expert output norms, capacity drops, output
-    and every gradient: the fused loop (in 3-expert chunks) equals the grouped-GEMM path."""
+    and every gradient: the fused loop (6-row chunks of 1-2 experts) equals the grouped path."""
     monkeypatch.setattr(expert_loop_module, "CHUNK_BYTES", 3 * 4 * 4 * 8)
     results = []
     for backend in ("loop", "grouped_mm"):
@@ -276,6 +272,22 @@ def test_loop_and_grouped_paths_agree_on_everything(monkeypatch, capacity_factor
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+def test_loop_saves_the_input_only_when_w_in_needs_a_gradient():
+    """With the router and w_in frozen, nothing needs x itself in backward: the caller may
+    modify it in place after the forward, and x's gradient is still right."""
+    layer = make_layer(d_ff=8, dispatch="loop")
+    layer.router.weight.requires_grad_(False)
+    layer.experts.w_in.requires_grad_(False)
+    x = torch.randn(6, 8, requires_grad=True)
+    g = torch.randn(6, 8)
+    (grad_ref,) = torch.autograd.grad(naive_moe(layer, x), x, g)
+    h = x * 1
+    y = layer(h).y
+    h.add_(1.0)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, grad_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_input_errors():
     layer = make_layer()
     with pytest.raises(ValueError, match="shape"):
@@ -284,15 +296,20 @@ def test_bad_input_errors():
         layer(torch.ones(3, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="shape"):
         layer(torch.randn(8))
+    with pytest.raises(ValueError, match="no tokens"):
+        layer(torch.randn(2, 0, 8))
 
 
 @pytest.mark.skipif(not HAS_GROUPED, reason="this torch has no CPU grouped_mm")
-def test_probe_under_no_grad_and_inference_mode_does_not_disable_grouped_mm():
+def test_probe_under_no_grad_inference_mode_or_autocast_does_not_disable_grouped_mm():
     grouped_mm_supported.cache_clear()
     state = torch.random.get_rng_state()
     with torch.inference_mode():
         assert grouped_mm_supported("cpu", torch.float32, 8, 16)
     grouped_mm_supported.cache_clear()
     with torch.no_grad():
+        assert grouped_mm_supported("cpu", torch.float32, 8, 16)
+    grouped_mm_supported.cache_clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 probe result would not match
         assert grouped_mm_supported("cpu", torch.float32, 8, 16)
     assert torch.equal(state, torch.random.get_rng_state())  # probing draws no random numbers

@@ -22,8 +22,7 @@ from moelab.methods.momentum import (
 from moelab.models import ModelConfig, MomentumConfig, build_model
 from moelab.moe import DefaultMoEConfig, MoELosses, MoEOutput
 
-pytestmark = [pytest.mark.filterwarnings("ignore:MoE dispatch falls back:RuntimeWarning"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 64
 ALL_RULES = {

@@ -77,8 +77,11 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype, d_in: int, d_out:
         return False
     try:
         # Identity saved-tensor hooks shadow any outer ones (activation checkpointing), so a
-        # probe inside a checkpointed first forward leaves nothing for its recompute check.
+        # probe inside a checkpointed first forward leaves nothing for its recompute check;
+        # autocast off, or a probe under autocast would compare a bf16 result to fp32 and
+        # cache False for good.
         with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device_type, enabled=False), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             return _probe_grouped_mm(device_type, dtype, d_in, d_out)
     except (RuntimeError, TypeError, NotImplementedError):
@@ -123,7 +126,7 @@ def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO:
 @functools.cache
 def _warn_loop_fallback(why: str) -> None:
     warnings.warn(f"MoE dispatch falls back to a per-expert loop (slower): {why}",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=3)
 
 
 def grouped_linear(x_NI: Tensor, w_EIO: Tensor, plan: DispatchPlan) -> Tensor:

@@ -9,8 +9,10 @@ chunks of at most ``CHUNK_BYTES`` of rows: gather a chunk's token rows, run its 
 grouped GEMM per chunk where grouped GEMM runs for the dtype and strides, else a matmul per
 expert), apply the activation and the routing weight, and index_add the chunk into the [T, D]
 output. Backward walks the same chunks and writes each expert's weight gradient in place
-(``torch.mm(out=)``, the transposes folded into BLAS). Only the pre-activations h are saved (in
-chunks); x rows are gathered again in backward. Runs on any device and dtype; on CUDA the
+(``torch.mm(out=)``, the transposes folded into BLAS), or, when a single grouped chunk holds
+every expert, takes the weight gradients straight from grouped GEMM. Only the pre-activations h
+are saved (in chunks), plus the input x when w_in needs a gradient (its rows are gathered again
+in backward). Runs on any device and dtype; on CUDA the
 one-grouped-GEMM path (``Experts._grouped``) is the default.
 """
 
@@ -31,9 +33,10 @@ CHUNK_BYTES = 4 << 20
 
 
 def plan_chunks(counts_E: list[int], max_rows: int) -> list[tuple[int, int, int, int]]:
-    """Split experts (in order) into chunks of at most ``max_rows`` rows (at least one expert
-    each). Returns ``(row_start, row_end, expert_start, expert_end)`` per chunk; experts with
-    no rows are folded into a neighbour, so every chunk but a lone all-empty one has rows."""
+    """Split experts (in order) into chunks of at most ``max_rows`` rows, except that an
+    expert with more rows than that makes a chunk of its own. Returns ``(row_start, row_end,
+    expert_start, expert_end)`` per chunk; experts with no rows join the current chunk, so
+    every chunk but a lone all-empty one has rows."""
     chunks = []
     row_start = expert_start = rows = 0
     for e, count in enumerate(counts_E):
@@ -104,7 +107,10 @@ class _ExpertLoop(torch.autograd.Function):
             saved_h.append(h)
         ctx.chunks, ctx.counts, ctx.activation = chunks, counts, activation
         ctx.use_grouped = use_grouped
-        ctx.save_for_backward(x_TD, w_in, w_out, weights_N, token_idx, *saved_h)
+        # x is needed only for w_in's gradient (not saving it otherwise also frees the caller
+        # to modify x in place after the forward)
+        ctx.save_for_backward(x_TD if ctx.needs_input_grad[1] else None, w_in, w_out, weights_N,
+                              token_idx, *saved_h)
         ctx.mark_non_differentiable(act_sums, norm_sums)
         return y_TD, act_sums, norm_sums
 
@@ -115,7 +121,7 @@ class _ExpertLoop(torch.autograd.Function):
         counts = ctx.counts
         grad_y = grad_y.contiguous()
         need_x, need_w_in, need_w_out, need_weights = ctx.needs_input_grad[:4]
-        grad_x = torch.zeros_like(x_TD) if need_x else None
+        grad_x = grad_y.new_zeros(grad_y.shape) if need_x else None
         # One chunk of grouped GEMMs: its weight-gradient GEMMs are the whole gradients.
         # Otherwise every expert with rows writes its slice; the others get zeros.
         whole = ctx.use_grouped and len(ctx.chunks) == 1

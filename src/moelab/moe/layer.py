@@ -89,6 +89,9 @@ class MoELayer(nn.Module):
                 f"MoELayer input shape={tuple(x.shape)} is invalid: need [B, S, "
                 f"{self.cfg.d_model}] or [T, {self.cfg.d_model}] (d_model={self.cfg.d_model})"
             )
+        if x.numel() == 0:
+            raise ValueError(f"MoELayer input shape={tuple(x.shape)} is invalid: it holds no "
+                             "tokens (router statistics and losses need at least one)")
 
     def forward(self, x: Tensor) -> MoEOutput:
         self._check_input(x)
