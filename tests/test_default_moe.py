@@ -182,3 +182,23 @@ def test_bad_beta_rejected():
     for beta in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match="beta"):
             DefaultMoEConfig(beta=beta)
+
+
+def test_bf16_layer_keeps_fp32_default_and_trains():
+    """``layer.bfloat16()`` casts the experts but keeps Ê in fp32; forward, backward and the
+    EMA update run, and Ê matches the fp32 layer fed the same bf16-rounded weights."""
+    _, dflt = make_pair(top_k=2, beta=0.5)
+    ref = MoELayer(dflt.cfg)
+    dflt.bfloat16()
+    ref.load_state_dict({k: v.float() for k, v in dflt.state_dict().items()})
+    assert dflt.default_moe.ema.dtype == torch.float32
+    x = torch.randn(10, 8)
+    y = dflt(x.bfloat16()).y
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and dflt.experts.w_in.grad.dtype == torch.bfloat16
+    ref(x.bfloat16().float())
+    ema = dflt.default_moe.ema
+    assert ema.abs().sum() > 0
+    torch.testing.assert_close(ema, ref.default_moe.ema, rtol=5e-2, atol=2e-2)
+    y2 = dflt(x.bfloat16()).y  # the default term (fp32 Ê) now contributes, in bf16
+    assert y2.dtype == torch.bfloat16

@@ -35,6 +35,14 @@ class DefaultExpertOutputs(nn.Module):
         self.register_buffer("ema", torch.zeros(n_experts, d_model))
         self.register_buffer("n_updates", torch.zeros(n_experts, dtype=torch.long))
 
+    def _apply(self, fn, recurse=True):
+        """Module casts (``.bfloat16()``, ``.half()``) keep Ê in fp32: an EMA with beta near 1
+        in a 16-bit float would round most updates away. Device moves and fp64 apply."""
+        super()._apply(fn, recurse)
+        if self.ema.dtype in (torch.bfloat16, torch.float16):
+            self.ema = self.ema.float()
+        return self
+
     def row_weights(self, probs_TE: Tensor, plan: DispatchPlan) -> Tensor:
         """Weight of each dispatched row [N] in the batch mean: its router probability
         (scored), or an empty tensor meaning "all ones" (plain)."""
@@ -75,7 +83,7 @@ class DefaultExpertOutputs(nn.Module):
         """``sum_{i not in TopK(t)} probs[t, i] * Ê_i`` as [T, D] in ``dtype``, computed as
         (probs with the chosen entries zeroed) @ Ê — no [T, E, D] tensor."""
         skipped_TE = probs_TE.scatter(1, topk_ids_TK, 0.0)
-        default_TD = (skipped_TE @ self.value()).to(dtype)
+        default_TD = (skipped_TE @ self.value().to(skipped_TE.dtype)).to(dtype)
         if self.cfg.straight_through:
             return default_TD - default_TD.detach()
         return default_TD
