@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moelab.moe.dispatch import DispatchPlan, combine
+from moelab.moe.dispatch import DispatchPlan, add_per_expert_, combine
 from moelab.moe.experts import Experts, ExpertsOutput
 from moelab.moe.layer import MoELayer
 
@@ -202,13 +202,11 @@ class ExpertParallelExperts(nn.Module):
         with torch.no_grad():
             rows = y_ND.detach().float()
             if track_out_norm:
-                norm_sums_E = rows.new_zeros(self.n_experts).index_add_(
-                    0, plan.expert_ids, rows.norm(dim=1))
+                norm_sums_E = add_per_expert_(rows.new_zeros(self.n_experts), rows.norm(dim=1),
+                                              plan.expert_ids)
             if sum_weight_N is not None:
-                if sum_weight_N.numel():
-                    rows = rows * sum_weight_N.float().unsqueeze(1)
-                sums_ED = rows.new_zeros(self.n_experts, rows.shape[1])
-                sums_ED.index_add_(0, plan.expert_ids, rows)
+                sums_ED = add_per_expert_(rows.new_zeros(self.n_experts, rows.shape[1]), rows,
+                                          plan.expert_ids, sum_weight_N.float())
         return ExpertsOutput(y_TD, sums_ED, norm_sums_E)
 
 

@@ -46,7 +46,7 @@ class MoEConfig:
     aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in
         ``MoELosses.total``.
     default_moe: a DefaultMoEConfig to switch Default MoE on, None for plain top-K.
-    dispatch: "auto" (the fused per-expert loop on CPU; grouped GEMM on other devices when the
+    dispatch: "auto" (the chunked expert loop on CPU; grouped GEMM on other devices when the
         installed torch supports it, else the loop), "grouped_mm" (error if unsupported) or
         "loop" (see ``moe.expert_loop``).
     """

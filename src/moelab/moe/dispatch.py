@@ -104,10 +104,10 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype, d_in: int, d_out: in
 def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO: Tensor) -> str:
     """Turn "auto" into "grouped_mm" or "loop"; raise if "grouped_mm" can't run.
 
-    "auto" picks the fused per-expert loop on CPU (there torch's grouped GEMM is itself a loop
-    of matmuls, plus operand copies, and its [N, D] buffers page-fault; see
-    ``moe.expert_loop``) and grouped GEMM elsewhere when the installed torch runs it for this
-    dtype/device/shape, else the loop with a one-time warning.
+    "auto" picks the chunked expert loop on CPU (there torch's grouped GEMM is itself a loop
+    of matmuls, and the one-GEMM path's [N, D] buffers page-fault; see ``moe.expert_loop``)
+    and grouped GEMM elsewhere when the installed torch runs it for this dtype/device/shape,
+    else the loop with a one-time warning.
     """
     if requested == "loop" or (requested == "auto" and device_type == "cpu"):
         return "loop"
@@ -139,3 +139,19 @@ def combine(weighted_ND: Tensor, plan: DispatchPlan, n_tokens: int) -> Tensor:
     """Sum each token's (already weighted) expert outputs: [N, D] -> [T, D]."""
     out = weighted_ND.new_zeros(n_tokens, weighted_ND.shape[1])
     return out.index_add_(0, plan.token_idx, weighted_ND)
+
+
+def add_per_expert_(sums_E: Tensor, rows_N: Tensor, expert_ids_N: Tensor,
+                    row_weights_N: Tensor | None = None) -> Tensor:
+    """In place: ``sums_E[e] += sum_{n: expert n = e} row_weights_N[n] * rows_N[n]``, added in
+    the sums' dtype. rows_N: [N] or [N, X]; row_weights_N: [N], or None or an empty tensor for
+    all ones (Default MoE's plain variant). Returns sums_E."""
+    if row_weights_N is not None and row_weights_N.numel():
+        rows_N = rows_N * row_weights_N.view(-1, *([1] * (rows_N.dim() - 1)))
+    return sums_E.index_add_(0, expert_ids_N, rows_N.to(sums_E.dtype))
+
+
+def raw_output_norms(weighted_ND: Tensor, weights_N: Tensor) -> Tensor:
+    """Each row's raw expert-output norm from its weighted output: ``|w_n * expert(x_n)| / w_n``
+    ([N] fp32; w_n > 0, a softmax probability)."""
+    return weighted_ND.float().norm(dim=1) / weights_N.float().clamp_min(1e-30)

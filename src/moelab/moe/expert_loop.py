@@ -25,7 +25,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moelab.moe.activations import activation_backward, activation_forward, row_dot
-from moelab.moe.dispatch import _GROUPED_MM, grouped_mm_supported
+from moelab.moe.dispatch import (
+    _GROUPED_MM,
+    add_per_expert_,
+    grouped_mm_supported,
+    raw_output_norms,
+)
 
 #: Largest row buffer of one chunk, in bytes (each chunk holds whole experts, so a single
 #: expert with more rows than this makes a bigger chunk).
@@ -95,14 +100,14 @@ class _ExpertLoop(torch.autograd.Function):
             h = _chunk_matmul(x_rows, w_in[e0:e1], counts[e0:e1], offsets)
             act = activation_forward(h, activation)
             if want_sums:
-                rows = act if sum_weight_N.numel() == 0 else act * sum_weight_N[r0:r1, None]
-                act_sums.index_add_(0, expert_ids[r0:r1], rows.float())
+                weights = sum_weight_N[r0:r1] if sum_weight_N.numel() else None
+                add_per_expert_(act_sums, act, expert_ids[r0:r1], weights)
             w_rows = weights_N[r0:r1, None]
             act.mul_(w_rows)
             out = _chunk_matmul(act, w_out[e0:e1], counts[e0:e1], offsets)
             if track_norms:
-                raw_norms = out.float().norm(dim=1) / w_rows.squeeze(1).float().clamp_min(1e-30)
-                norm_sums.index_add_(0, expert_ids[r0:r1], raw_norms)
+                add_per_expert_(norm_sums, raw_output_norms(out, weights_N[r0:r1]),
+                                expert_ids[r0:r1])
             y_TD.index_add_(0, idx, out)
             saved_h.append(h)
         ctx.chunks, ctx.counts, ctx.activation = chunks, counts, activation
@@ -122,14 +127,15 @@ class _ExpertLoop(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         need_x, need_w_in, need_w_out, need_weights = ctx.needs_input_grad[:4]
         grad_x = grad_y.new_zeros(grad_y.shape) if need_x else None
-        # One chunk of grouped GEMMs: its weight-gradient GEMMs are the whole gradients.
-        # Otherwise every expert with rows writes its slice; the others get zeros.
-        whole = ctx.use_grouped and len(ctx.chunks) == 1
+        chunks_with_rows = [c for c in ctx.chunks if c[0] != c[1]]
+        # One chunk of grouped GEMMs (holding every expert): its weight-gradient GEMMs are the
+        # whole gradients. Otherwise every expert with rows writes its slice; the others
+        # (all of them when no rows came) get zeros.
+        whole = ctx.use_grouped and len(ctx.chunks) == 1 and len(chunks_with_rows) == 1
         grad_w_in = _empty_weight_grad(w_in, counts) if need_w_in and not whole else None
         grad_w_out = _empty_weight_grad(w_out, counts) if need_w_out and not whole else None
         grad_weights = torch.zeros_like(weights_N) if need_weights else None
         w_in_t, w_out_t = w_in.transpose(1, 2), w_out.transpose(1, 2)
-        chunks_with_rows = [c for c in ctx.chunks if c[0] != c[1]]
         for (r0, r1, e0, e1), h in zip(chunks_with_rows, saved_h, strict=True):
             idx = token_idx[r0:r1]
             chunk_counts = counts[e0:e1]
@@ -156,9 +162,6 @@ class _ExpertLoop(torch.autograd.Function):
             if need_x:
                 grad_x_rows = _chunk_matmul(grad_h, w_in_t[e0:e1], chunk_counts, offsets)
                 grad_x.index_add_(0, idx, grad_x_rows)
-        if whole and not chunks_with_rows:  # no rows at all: zero weight gradients
-            grad_w_in = torch.zeros_like(w_in) if need_w_in else None
-            grad_w_out = torch.zeros_like(w_out) if need_w_out else None
         return (grad_x, grad_w_in, grad_w_out, grad_weights,
                 None, None, None, None, None, None)
 

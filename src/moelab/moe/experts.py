@@ -10,8 +10,8 @@ bias), so no [N, D] product is ever allocated — on CPU, fresh large allocation
 cost more than the arithmetic.
 
 Two paths compute the same thing (``MoEConfig.dispatch``): "grouped_mm" (gather the rows,
-two grouped GEMMs, combine; the default on CUDA) and "loop" (``moe.expert_loop``: per-expert
-matmuls fused with the gather and combine, chunk by chunk; the default on CPU).
+two grouped GEMMs, combine; the default on CUDA) and "loop" (``moe.expert_loop``: the experts
+run chunk by chunk, fused with the gather and combine; the default on CPU).
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe.activations import ACTIVATIONS, activation_backward, activation_forward, row_dot
-from moelab.moe.dispatch import DispatchPlan, combine, grouped_linear, resolve_backend
+from moelab.moe.dispatch import (
+    DispatchPlan,
+    add_per_expert_,
+    combine,
+    grouped_linear,
+    raw_output_norms,
+    resolve_backend,
+)
 from moelab.moe.expert_loop import expert_loop
 
 
@@ -49,9 +56,8 @@ class _ScaledActivation(torch.autograd.Function):
         act = activation_forward(h, activation)
         sums = h.new_zeros(0)
         if sum_weight is not None:
-            rows = act if sum_weight.numel() == 0 else act * sum_weight.unsqueeze(1)
             sums = torch.zeros(n_experts, act.shape[1], device=h.device, dtype=torch.float)
-            sums.index_add_(0, expert_ids, rows.float())
+            add_per_expert_(sums, act, expert_ids, sum_weight)
         ctx.activation = activation
         ctx.save_for_backward(h, scale)
         ctx.mark_non_differentiable(sums)
@@ -120,8 +126,7 @@ class Experts(nn.Module):
         norm_sums_E = None
         if track_out_norm:
             with torch.no_grad():
-                # raw output norm = |w * expert(x)| / w (w > 0: a softmax probability)
-                norms_N = out_ND.float().norm(dim=-1) / plan.weights.float().clamp_min(1e-30)
-                norm_sums_E = norms_N.new_zeros(self.n_experts).index_add_(
-                    0, plan.expert_ids, norms_N)
+                norm_sums_E = add_per_expert_(out_ND.new_zeros(self.n_experts, dtype=torch.float),
+                                              raw_output_norms(out_ND, plan.weights),
+                                              plan.expert_ids)
         return combine(out_ND, plan, x_TD.shape[0]), act_sums_EF, norm_sums_E
