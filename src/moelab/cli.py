@@ -28,6 +28,8 @@ examples:
   moelab eval runs/dmoe
   moelab report runs/a runs/b --out report/
   moelab configs                                 # list the shipped configs
+  moelab reproduce list                          # the papers' claims as experiments
+  moelab reproduce excitation-foundation --profile full --out repro
 """
 
 
@@ -85,6 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", "-o", default=None, metavar="DIR",
                    help="output folder (default: the run itself for one run, else report/)")
+
+    rp = sub.add_parser(
+        "reproduce", help="run papers' claims as multi-seed experiments with verdicts",
+        description="`moelab reproduce list` lists the experiments; `moelab reproduce NAME "
+        "[NAME ...] | all` trains every run (arms x lr grid x seeds; finished runs with the "
+        "same config are skipped, interrupted ones resumed) and writes OUT/NAME/results.md, "
+        "results.json and plots.")
+    rp.add_argument("names", nargs="+", metavar="NAME", help="'list', 'all' or experiment names")
+    rp.add_argument("--seeds", type=int, default=None, metavar="N",
+                    help="seeds 0..N-1 (default: the profile's)")
+    rp.add_argument("--profile", choices=("quick", "full"), default="quick",
+                    help="quick: tiny smoke-test runs; full: the documented setting "
+                    "(default: quick)")
+    rp.add_argument("--jobs", "-j", type=int, default=None, metavar="J",
+                    help="worker processes, the CPU cores split between them (default: one "
+                    "per core)")
+    rp.add_argument("--out", "-o", default="reproduce", metavar="DIR",
+                    help="output folder (default: reproduce/)")
+    rp.add_argument("--data-dir", default=None, metavar="DIR",
+                    help="CIFAR-10 python batches for the image claims (default: "
+                    "Fashion-MNIST if installed, else the packaged MNIST-5k)")
 
     c = sub.add_parser("configs", help="list the shipped configs, or print one resolved",
                        description="List the configs shipped with moelab; with NAME, print "
@@ -202,6 +225,49 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from moelab.experiments import EXPERIMENTS, reproduce
+
+    if args.names == ["list"]:
+        width = max(map(len, EXPERIMENTS), default=0)
+        print("experiments (moelab reproduce NAME [--profile quick|full]):")
+        for e in EXPERIMENTS.values():
+            full, quick = e.profile("full"), e.profile("quick")
+            cost = (f"~{full.cpu_minutes:.0f} min full, ~{quick.cpu_minutes * 60:.0f} s quick "
+                    "(2 CPU cores)") if not e.sources else "analyses " + ", ".join(e.sources)
+            print(f"  {e.name:<{width}}  {e.claim}\n  {'':<{width}}  paper: {e.paper}\n"
+                  f"  {'':<{width}}  CPU time: {cost}")
+        return 0
+    if "list" in args.names:
+        return _fail("'list' takes no other names")
+    if args.seeds is not None and args.seeds < 1:
+        return _fail(f"--seeds={args.seeds} is invalid: need >= 1")
+    if args.jobs is not None and args.jobs < 1:
+        return _fail(f"--jobs={args.jobs} is invalid: need >= 1")
+    try:
+        paths = reproduce(args.names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
+                          out=args.out, data_dir=args.data_dir, command=["moelab", *argv])
+    except USER_ERRORS as e:
+        return _fail(_one_line(e))
+    except KeyboardInterrupt:
+        print("\nmoelab: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    failed = 0
+    for p in paths:
+        import json as _json
+
+        res = _json.loads((p.parent / "results.json").read_text(encoding="utf-8"))
+        failed += len(res["failed"]) if not res["experiment"]["sources"] else 0
+        verdicts = ", ".join(f"{c['text']}: {c['verdict']}" for c in res["claims"])
+        print(f"{p.parent.name}: {verdicts}")
+        print(f"  results: {p}")
+    if failed:
+        print(f"moelab reproduce: {failed} run(s) failed; see the results' 'Failed runs'",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_configs(args: argparse.Namespace) -> int:
     from moelab.config import dump_toml, load_config, shipped_configs
 
@@ -236,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_eval(args)
     if args.command == "report":
         return _cmd_report(args)
+    if args.command == "reproduce":
+        return _cmd_reproduce(args, argv)
     return _cmd_configs(args)
 
 

@@ -1,0 +1,188 @@
+"""The Excitation paper's claims (Shaier, "Excitation: Momentum For Experts", arXiv 2602.21798).
+
+Plain Python definitions: copy one, change it, and ``register`` it to run your own. Keys come
+from :mod:`moelab.experiments.keys` (``kv(K.N_EXPERTS, 256)`` is ``"model.n_experts=256"``);
+literal ``"KEY=VALUE"`` strings work the same.
+
+Definitions are fixed before their test results are read; any later change is written in the
+experiment's ``notes`` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moelab.experiments import keys as K
+from moelab.experiments.keys import kv
+from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile, Records
+
+__all__ = ["FOUNDATION", "RESCUE", "SPECIALIZATION", "gini_by_layer", "router_entropy_auc"]
+
+PAPER = "Shaier, Excitation: Momentum For Experts (arXiv 2602.21798, 2026)"
+TEST_ACC = Metric.final("acc", label="test accuracy")
+
+# A run's shape at the quick profile: a smoke test of the whole pipeline, not evidence.
+_QUICK = (kv(K.STEPS, 20), kv(K.EVAL_EVERY, 10), kv(K.CHECKPOINT_EVERY, 10),
+          kv(K.LOG_EVERY, 5), kv(K.EVAL_BATCHES, 2), kv(K.FINAL_EVAL_BATCHES, 4),
+          kv(K.BATCH_SIZE, 64))
+
+
+def _excite(strategy: str, **extra: object) -> tuple[str, ...]:
+    out = [kv(K.EXCITATION_STRATEGY, strategy), kv(K.EXCITATION_GAMMA, 1.0)]
+    out += [kv(getattr(K, f"EXCITATION_{k.upper()}"), v) for k, v in extra.items()]
+    return tuple(out)
+
+
+# ------------------------------------------------------------------- 1. foundation
+
+FOUNDATION = Experiment(
+    name="excitation-foundation",
+    claim="On a neuron-level MoE MLP trained with SGD, the targeted Excitation strategies "
+          "(zero_sum, positive_sum, negative_sum) raise test accuracy over plain SGD, while the "
+          "ablations (inverted, random, global multipliers) do not give that gain.",
+    paper=PAPER + ", foundation experiment (CIFAR-10: 41.01% -> 46.58%)",
+    base="mnist_mlp",
+    overrides=(
+        kv(K.MODEL_KIND, "mlp"), kv(K.N_LAYERS, 2), kv(K.MOE_EVERY, 1), kv(K.D_MODEL, 128),
+        kv(K.N_EXPERTS, 256), kv(K.TOP_K, 16), kv(K.D_FF, 1), kv(K.ACTIVATION, "gelu"),
+        kv(K.AUX_LOSS_COEF, 0.0), kv(K.OPTIMIZER, "sgd"), kv(K.MOMENTUM, 0.0),
+        kv(K.WEIGHT_DECAY, 0.0), kv(K.WARMUP_STEPS, 0), kv(K.SCHEDULE, "constant"),
+        kv(K.GRAD_CLIP, 0.0), kv(K.BATCH_SIZE, 512),
+    ),
+    arms=(
+        Arm("base"),
+        Arm("zero_sum", _excite("zero_sum")),
+        Arm("positive_sum", _excite("positive_sum")),
+        Arm("negative_sum", _excite("negative_sum")),
+        # the ablations rearrange positive_sum's multipliers (with zero_sum's, "global" would
+        # be the base optimizer exactly: the zero_sum multipliers average to 1)
+        Arm("inverted", _excite("inverted", ablation_base="positive_sum")),
+        Arm("random", _excite("random", ablation_base="positive_sum")),
+        Arm("global", _excite("global", ablation_base="positive_sum")),
+    ),
+    claims=(
+        Claim("zero_sum", "base", "higher", text="zero_sum beats plain SGD"),
+        Claim("positive_sum", "base", "higher", text="positive_sum beats plain SGD"),
+        Claim("negative_sum", "base", "higher", text="negative_sum beats plain SGD"),
+        Claim("positive_sum", "inverted", "higher",
+              text="targeting matters: positive_sum beats its inverted multipliers"),
+        Claim("positive_sum", "random", "higher",
+              text="targeting matters: positive_sum beats its randomly permuted multipliers"),
+        Claim("positive_sum", "global", "higher",
+              text="targeting matters: positive_sum beats its mean multiplier for all experts"),
+    ),
+    metrics=(TEST_ACC,),
+    lr_grid=(0.03, 0.1, 0.3),
+    profiles={
+        "quick": Profile(_QUICK + (kv(K.N_EXPERTS, 32), kv(K.TOP_K, 4)), seeds=2,
+                         lr_index=(1,), cpu_minutes=0.3),
+        "full": Profile((kv(K.STEPS, 300), kv(K.EVAL_EVERY, 50), kv(K.CHECKPOINT_EVERY, 100)),
+                        seeds=5, cpu_minutes=45.0),
+    },
+    chance=0.1,
+    notes="Regime: best guess (2 neuron-level MoE layers, 256 experts top-16, 300 steps of "
+          "SGD at batch 512), chosen so the base is not saturated.",
+)
+
+# ------------------------------------------------------------------------ 2. rescue
+
+_SGD = (kv(K.OPTIMIZER, "sgd"), kv(K.MOMENTUM, 0.0))
+_ADAM = (kv(K.OPTIMIZER, "adam"),)
+_SGD_LRS = (0.03, 0.1, 0.3)
+_ADAM_LRS = (3e-4, 1e-3, 3e-3)
+
+RESCUE = Experiment(
+    name="excitation-rescue",
+    claim="Deep MoE MLPs without skip connections stay near chance with plain SGD or Adam, "
+          "while the same optimizers wrapped in Excitation escape.",
+    paper=PAPER + ", deep-MoE rescue experiment",
+    base="mnist_mlp",
+    overrides=(
+        kv(K.MODEL_KIND, "mlp"), kv(K.N_LAYERS, 12), kv(K.MOE_EVERY, 1), kv(K.D_MODEL, 64),
+        kv(K.N_EXPERTS, 8), kv(K.TOP_K, 2), kv(K.D_FF, 64), kv(K.ACTIVATION, "swiglu"),
+        kv(K.SKIP_CONNECTIONS, False), kv(K.WEIGHT_DECAY, 0.0), kv(K.WARMUP_STEPS, 0),
+        kv(K.SCHEDULE, "constant"), kv(K.BATCH_SIZE, 128),
+    ),
+    arms=(
+        Arm("sgd", _SGD, lr_grid=_SGD_LRS),
+        Arm("sgd+excitation", _SGD + _excite("positive_sum"), lr_grid=_SGD_LRS),
+        Arm("adam", _ADAM, lr_grid=_ADAM_LRS),
+        Arm("adam+excitation", _ADAM + _excite("positive_sum"), lr_grid=_ADAM_LRS),
+    ),
+    claims=(
+        Claim("sgd+excitation", "sgd", "higher", text="Excitation rescues SGD"),
+        Claim("adam+excitation", "adam", "higher", text="Excitation rescues Adam"),
+    ),
+    metrics=(TEST_ACC,),
+    profiles={
+        "quick": Profile(_QUICK, seeds=2, lr_index=(1,), cpu_minutes=0.3),
+        "full": Profile((kv(K.STEPS, 300), kv(K.EVAL_EVERY, 50), kv(K.CHECKPOINT_EVERY, 100)),
+                        seeds=5, cpu_minutes=45.0),
+    },
+    chance=0.1,
+    notes="Regime: best guess (12 no-skip SwiGLU MoE layers, 8 experts top-2).",
+)
+
+# --------------------------------------------------------------- 3. specialization
+
+
+def _final_eval(records: Records) -> dict | None:
+    for r in reversed(records):
+        if r.get("kind") == "eval" and r.get("final"):
+            return r
+    return None
+
+
+def gini_by_layer(records: Records) -> list[float] | None:
+    """Gini of expert utilization per MoE layer (depth order) at the final validation eval."""
+    ev = _final_eval(records)
+    if ev is None or not ev.get("layers"):
+        return None
+    return [float(x["gini"]) for x in ev["layers"]]
+
+
+def router_entropy_auc(records: Records) -> float | None:
+    """Mean over the run's validation evals of the router entropy / ln E averaged over MoE
+    layers: the area under the entropy curve per eval (lower = faster decay)."""
+    vals = []
+    for r in records:
+        if r.get("kind") == "eval" and r.get("layers"):
+            hs = [x.get("entropy_normalized") for x in r["layers"]]
+            hs = [h for h in hs if h is not None and math.isfinite(h)]
+            if hs:
+                vals.append(sum(hs) / len(hs))
+    return sum(vals) / len(vals) if vals else None
+
+
+GINI = Metric("gini", "Gini of expert utilization (final eval)", gini_by_layer,
+              higher_is_better=True, per_layer=True)
+ENTROPY_AUC = Metric("entropy_auc", "mean normalised router entropy over training",
+                     router_entropy_auc, higher_is_better=False)
+
+
+def _spec_claims(source: str, pairs: tuple[tuple[str, str], ...]) -> tuple[Claim, ...]:
+    out: list[Claim] = []
+    for arm, base in pairs:
+        out.append(Claim(arm, base, "higher", metric="gini", source=source,
+                         text=f"{arm}: higher Gini than {base} at every depth"))
+        out.append(Claim(arm, base, "lower", metric="entropy_auc", source=source,
+                         text=f"{arm}: router entropy decays faster than {base}"))
+    return tuple(out)
+
+
+SPECIALIZATION = Experiment(
+    name="excitation-specialization",
+    claim="Excitation gives higher expert-utilization Gini at every depth (no mid-depth dip) "
+          "and faster router-entropy decay than the base optimizer.",
+    paper=PAPER + ", specialization analysis (Gini by depth, router entropy)",
+    sources=("excitation-foundation", "excitation-rescue"),
+    claims=_spec_claims("excitation-foundation", (("zero_sum", "base"),
+                                                  ("positive_sum", "base"),
+                                                  ("negative_sum", "base")))
+    + _spec_claims("excitation-rescue", (("sgd+excitation", "sgd"),
+                                        ("adam+excitation", "adam"))),
+    metrics=(GINI, ENTROPY_AUC),
+    profiles={"quick": Profile(cpu_minutes=0.0), "full": Profile(cpu_minutes=0.0)},
+    notes="Trains nothing: reads the runs of excitation-foundation and excitation-rescue "
+          "(running it runs those first if needed), each arm at the lr its source selected.",
+)

@@ -1,0 +1,55 @@
+"""Every config key the experiments machinery writes, in one place.
+
+The experiment definitions build their overrides from these names and the runner sets the
+per-run keys (seed, learning rate, threads, dataset) through them, so a rename of config keys
+touches this file only. Values are dotted ``--set`` keys (``moelab train --set KEY=VALUE``).
+"""
+
+from __future__ import annotations
+
+# set by the runner for every run
+NAME = "name"
+SEED = "train.seed"
+LR = "optim.lr"
+THREADS = "train.threads"
+DATASET = "data.dataset"
+DATA_PATH = "data.path"
+STEPS = "train.steps"
+EVAL_EVERY = "train.eval_every"
+CHECKPOINT_EVERY = "train.checkpoint_every"
+LOG_EVERY = "train.log_every"
+
+# used by the definitions
+MODEL_KIND = "model.kind"
+D_MODEL = "model.d_model"
+N_LAYERS = "model.n_layers"
+MOE_EVERY = "model.moe_every"
+N_EXPERTS = "model.n_experts"
+TOP_K = "model.top_k"
+D_FF = "model.d_ff"
+ACTIVATION = "model.activation"
+AUX_LOSS_COEF = "model.aux_loss_coef"
+SKIP_CONNECTIONS = "model.skip_connections"
+BATCH_SIZE = "data.batch_size"
+EVAL_BATCHES = "data.eval_batches"
+FINAL_EVAL_BATCHES = "data.final_eval_batches"
+OPTIMIZER = "optim.name"
+MOMENTUM = "optim.momentum"
+WEIGHT_DECAY = "optim.weight_decay"
+WARMUP_STEPS = "optim.warmup_steps"
+SCHEDULE = "optim.schedule"
+GRAD_CLIP = "optim.grad_clip"
+EXCITATION_STRATEGY = "optim.excitation.strategy"
+EXCITATION_GAMMA = "optim.excitation.gamma"
+EXCITATION_ABLATION_BASE = "optim.excitation.ablation_base"
+
+
+def kv(key: str, value: object) -> str:
+    """``KEY=VALUE`` override text (strings quoted as TOML strings)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    else:
+        text = repr(value)
+    return f"{key}={text}"

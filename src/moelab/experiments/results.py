@@ -1,0 +1,337 @@
+"""From finished runs to a verdict: lr selection, per-arm summaries, claims, results.md/json.
+
+``aggregate`` works on plain data (the experiment and its run outcomes) and returns a
+JSON-ready dict; ``write_results`` writes ``results.json`` and ``results.md`` from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moelab.experiments.runner import RunOutcome, outcome_dict
+from moelab.experiments.spec import Experiment, Metric
+from moelab.experiments.stats import (
+    VERDICT_RULE,
+    combine_verdicts,
+    escape_fraction,
+    paired_difference,
+    pick_lr,
+    summarize,
+    verdict,
+)
+
+__all__ = ["aggregate", "arm_key", "render_markdown", "write_results"]
+
+
+def arm_key(source: str, arm: str, exp: Experiment) -> str:
+    """How an arm is named in a result: ``arm``, or ``source/arm`` for analysed runs."""
+    return arm if source == exp.name else f"{source}/{arm}"
+
+
+def _records(o: RunOutcome) -> list[dict[str, Any]]:
+    from moelab.train import read_metrics
+
+    return [] if o.status == "failed" else read_metrics(o.spec.run_dir)
+
+
+def _value(metric: Metric, records: list[dict[str, Any]], val: bool = False) -> Any:
+    if not records:
+        return None
+    fn = metric.val if val else metric.test
+    try:
+        return None if fn is None else fn(records)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _summary(values: Mapping[int, Any], per_layer: bool) -> Any:
+    """ArmSummary dict, or a list of them (one per layer) for a per-layer metric."""
+    if not per_layer:
+        return summarize(list(values.values())).as_dict()
+    lists = [v for v in values.values() if v]
+    n_layers = max((len(v) for v in lists), default=0)
+    return [summarize([v[i] for v in lists if len(v) > i]).as_dict() for i in range(n_layers)]
+
+
+def _select(exp: Experiment, outcomes: Sequence[RunOutcome]) -> dict[str, dict[str, Any]]:
+    """Per arm: the lr picked on validation (primary metric) and its runs at that lr."""
+    by_arm: dict[str, dict[Any, list[tuple[RunOutcome, list]]]] = {}
+    for o in outcomes:
+        by_arm.setdefault(o.spec.arm, {}).setdefault(o.spec.lr, []).append((o, _records(o)))
+    out: dict[str, dict[str, Any]] = {}
+    m = exp.metric
+    for arm in exp.arms:
+        grid = by_arm.get(arm.name, {})
+        selection = []
+        val_by_lr = {}
+        for lr, runs in sorted(grid.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            vals = [_value(m, r, val=True) for _, r in runs]
+            val_by_lr[lr] = vals
+            selection.append({"lr": lr, **summarize(vals).as_dict()})
+        chosen = None
+        if len(grid) == 1:
+            chosen = next(iter(grid))
+        elif grid and m.val is not None:
+            try:
+                chosen = pick_lr(val_by_lr, m.higher_is_better)
+            except ValueError:
+                chosen = None
+        runs = grid.get(chosen, []) if (chosen is not None or None in grid) else []
+        out[arm.name] = {"lr": chosen, "lr_selection": selection if len(grid) > 1 else [],
+                         "runs": {o.spec.seed: (o, r) for o, r in runs}}
+    return out
+
+
+def _arm_result(exp: Experiment, source: str, arm: str, sel: dict[str, Any],
+                chance: float | None) -> dict[str, Any]:
+    runs = sel["runs"]
+    res: dict[str, Any] = {"key": arm_key(source, arm, exp), "source": source, "arm": arm,
+                           "lr": sel["lr"], "lr_selection": sel["lr_selection"],
+                           "seeds": sorted(runs), "metrics": {},
+                           "run_dirs": {str(s): o.spec.run_dir for s, (o, _) in
+                                        sorted(runs.items()) if o.ok}}
+    for m in exp.metrics:
+        values = {s: _value(m, r) for s, (_, r) in runs.items()}
+        res["metrics"][m.name] = {"per_seed": {str(s): v for s, v in sorted(values.items())},
+                                  "summary": _summary(values, m.per_layer)}
+    if chance is not None and not exp.metric.per_layer:
+        vals = list(res["metrics"][exp.metric.name]["per_seed"].values())
+        frac, n = escape_fraction(vals, chance)
+        res["escape"] = {"fraction": frac, "n": n, "threshold": chance + 0.10}
+    return res
+
+
+def _per_seed(arm_res: dict[str, Any], metric: str) -> dict[int, Any]:
+    return {int(s): v for s, v in arm_res["metrics"][metric]["per_seed"].items()}
+
+
+def _compare(a: dict[int, Any], b: dict[int, Any], m: Metric, direction: str) -> dict[str, Any]:
+    if not m.per_layer:
+        d = paired_difference(a, b)
+        return {**d.as_dict(), "verdict": verdict(d, direction)}
+    n_layers = min((len(v) for v in list(a.values()) + list(b.values()) if v), default=0)
+    layers = []
+    for i in range(n_layers):
+        d = paired_difference({s: v[i] for s, v in a.items() if v},
+                              {s: v[i] for s, v in b.items() if v})
+        layers.append({"layer": i, **d.as_dict(), "verdict": verdict(d, direction)})
+    return {"per_layer": layers, "verdict": combine_verdicts([x["verdict"] for x in layers])}
+
+
+def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
+              sources: Mapping[str, tuple[Experiment, Sequence[RunOutcome]]] | None = None
+              ) -> dict[str, Any]:
+    """Selection, summaries and claim verdicts of ``exp``.
+
+    For an experiment with ``sources``, ``sources[name] = (experiment, its outcomes)``: each
+    source arm's runs are taken at the lr that source selected.
+    """
+    arms: list[dict[str, Any]] = []
+    if exp.sources:
+        if sources is None or any(s not in sources for s in exp.sources):
+            raise ValueError(f"{exp.name} needs the runs of {exp.sources}")
+        for name in exp.sources:
+            src_exp, src_out = sources[name]
+            for arm, sel in _select(src_exp, src_out).items():
+                arms.append(_arm_result(exp, name, arm, sel, None))
+        all_outcomes = [o for name in exp.sources for o in sources[name][1]]
+    else:
+        for arm, sel in _select(exp, outcomes).items():
+            arms.append(_arm_result(exp, exp.name, arm, sel, exp.chance))
+        all_outcomes = list(outcomes)
+    by_key = {a["key"]: a for a in arms}
+
+    # every arm vs the first arm (same lr grid), on the primary metric
+    m0 = exp.metric
+    if not exp.sources and not m0.per_layer:
+        first = exp.arms[0]
+        for a in arms[1:]:
+            if exp.arm(a["arm"]).lr_grid == first.lr_grid:
+                a["vs_first"] = {"baseline": first.name, **_compare(
+                    _per_seed(a, m0.name), _per_seed(by_key[first.name], m0.name), m0,
+                    "higher" if m0.higher_is_better else "lower")}
+
+    claims = []
+    for c in exp.claims:
+        m = exp.metric_named(c.metric)
+        src = c.source or exp.name
+        ka, kb = arm_key(src, c.arm, exp), arm_key(src, c.baseline, exp)
+        if ka not in by_key or kb not in by_key:
+            raise ValueError(f"{exp.name}: claim {c.arm} vs {c.baseline}: arm not in {src}")
+        cmp = _compare(_per_seed(by_key[ka], m.name), _per_seed(by_key[kb], m.name), m,
+                       c.direction)
+        claims.append({"text": c.text or f"{c.arm} {c.direction} than {c.baseline}",
+                       "arm": ka, "baseline": kb, "metric": m.name, "direction": c.direction,
+                       **cmp})
+    failed = [{"run": o.spec.label, "run_dir": o.spec.run_dir, "error": o.error}
+              for o in all_outcomes if o.status == "failed"]
+    return {"arms": arms, "claims": claims, "failed": failed,
+            "runs": [outcome_dict(o) for o in outcomes],
+            "data_sources": sorted({o.data_source for o in all_outcomes if o.data_source})}
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _f(v: Any, spec: str = ".4f") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return format(v, spec)
+
+
+def _ms(s: Mapping[str, Any], pct: bool) -> str:
+    scale, spec = (100.0, ".2f") if pct else (1.0, ".4f")
+    if not s["n"]:
+        return "– (no finished run)"
+    mean = _f(s["mean"] * scale, spec)
+    std = _f(s["std"] * scale, spec) if s["n"] > 1 else "–"
+    return f"{mean} ± {std}"
+
+
+def _is_pct(name: str) -> bool:
+    return name.endswith("_acc")
+
+
+def _diff(d: Mapping[str, Any], pct: bool) -> tuple[str, str, str]:
+    scale, spec = (100.0, "+.2f") if pct else (1.0, "+.4f")
+    mean = _f(d["mean"] * scale if d.get("mean") is not None else None, spec)
+    lo, hi = d.get("ci_low"), d.get("ci_high")
+    ci = (f"[{_f(lo * scale, spec)}, {_f(hi * scale, spec)}]"
+          if lo is not None and hi is not None and math.isfinite(lo) else "–")
+    return mean, ci, _f(d.get("p_value"), ".3g")
+
+
+def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """results.md text: setting, per-arm table, claims with verdicts, rule, provenance."""
+    L: list[str] = [f"# {exp.name}", "", f"**Claim** ({exp.paper}): {exp.claim}", ""]
+    L += [f"- Profile: `{meta['profile']}`, seeds: {meta['seeds']} (0..{meta['seeds'] - 1})",
+          f"- Dataset actually used: {', '.join(res['data_sources']) or meta.get('data', '–')}",
+          f"- Base config: `{exp.base}` with overrides: "
+          + (", ".join(f"`{o}`" for o in meta.get("overrides", [])) or "none")]
+    if exp.notes:
+        L.append(f"- Notes: {exp.notes}")
+    L.append("")
+    primary = exp.metric
+    if not exp.sources:
+        pct = _is_pct(primary.name)
+        unit = " (%)" if pct else ""
+        L += ["## Results", "",
+              f"{primary.label}{unit}: mean ± std over seeds at each arm's lr (picked on "
+              "validation); Δ = paired same-seed difference vs the first arm with its 95% "
+              "Student-t CI and paired-t p-value.", ""]
+        head = "| arm | overrides | lr | " + primary.label + unit + " | n | Δ vs " \
+            + exp.arms[0].name + " | 95% CI | p |"
+        if exp.chance is not None:
+            head += " escaped |"
+        L += [head, "|" + "---|" * (head.count("|") - 1)]
+        for a in res["arms"]:
+            s = a["metrics"][primary.name]["summary"]
+            ov = " ".join(f"`{o}`" for o in exp.arm(a["arm"]).overrides) or "–"
+            d = a.get("vs_first")
+            mean, ci, p = _diff(d, pct) if d else ("–", "–", "–")
+            row = (f"| {a['arm']} | {ov} | {_f(a['lr'], 'g')} | {_ms(s, pct)} | {s['n']} | "
+                   f"{mean} | {ci} | {p} |")
+            if exp.chance is not None:
+                e = a.get("escape", {})
+                row += f" {_f(e.get('fraction'), '.0%')} of {e.get('n', 0)} |"
+            L.append(row)
+        if exp.chance is not None:
+            L += ["", f"Escaped: share of seeds with test accuracy > chance "
+                  f"({exp.chance:.0%}) + 10 points."]
+        L.append("")
+    else:
+        for m in exp.metrics:
+            L += [f"## {m.label}", ""]
+            if m.per_layer:
+                n = max((len(a["metrics"][m.name]["summary"]) for a in res["arms"]), default=0)
+                head = "| arm | lr | " + " | ".join(f"layer {i}" for i in range(n)) + " |"
+                L += [head, "|" + "---|" * (n + 2)]
+                for a in res["arms"]:
+                    cells = [_ms(s, False) for s in a["metrics"][m.name]["summary"]]
+                    cells += ["–"] * (n - len(cells))
+                    L.append(f"| {a['key']} | {_f(a['lr'], 'g')} | " + " | ".join(cells) + " |")
+            else:
+                L += ["| arm | lr | mean ± std | n |", "|---|---|---|---|"]
+                for a in res["arms"]:
+                    s = a["metrics"][m.name]["summary"]
+                    L.append(f"| {a['key']} | {_f(a['lr'], 'g')} | {_ms(s, False)} | {s['n']} |")
+            L.append("")
+    L += ["## Claims", "", "| claim | metric | Δ (arm − baseline) | 95% CI | p | n | verdict |",
+          "|---|---|---|---|---|---|---|"]
+    for c in res["claims"]:
+        pct = _is_pct(c["metric"])
+        if "per_layer" in c:
+            for x in c["per_layer"]:
+                mean, ci, p = _diff(x, pct)
+                L.append(f"| {c['text']} (layer {x['layer']}) | {c['metric']} | {mean} | {ci} | "
+                         f"{p} | {x['n']} | {x['verdict']} |")
+            L.append(f"| **{c['text']}** (all layers) | {c['metric']} | | | | | "
+                     f"**{c['verdict']}** |")
+        else:
+            mean, ci, p = _diff(c, pct)
+            L.append(f"| {c['text']} | {c['metric']} | {mean} | {ci} | {p} | {c['n']} | "
+                     f"**{c['verdict']}** |")
+    L += ["", VERDICT_RULE + (" Accuracy differences are in percentage points."
+                              if any(_is_pct(c["metric"]) for c in res["claims"]) else ""), ""]
+    sel = [a for a in res["arms"] if a["lr_selection"]]
+    if sel:
+        L += ["## Learning-rate selection (validation)", "",
+              f"Every arm trained at each lr of its grid; the lr with the best mean validation "
+              f"{primary.name.replace('test_', '')} is reported (on test) above.", "",
+              "| arm | lr | validation mean ± std | n |", "|---|---|---|---|"]
+        for a in sel:
+            for x in a["lr_selection"]:
+                mark = " (picked)" if x["lr"] == a["lr"] else ""
+                L.append(f"| {a['key']} | {_f(x['lr'], 'g')}{mark} | "
+                         f"{_ms(x, _is_pct(primary.name))} | {x['n']} |")
+        L.append("")
+    if res["failed"]:
+        L += ["## Failed runs", ""]
+        L += [f"- {f['run']}: {f['error']} (`{f['run_dir']}/reproduce.json`)"
+              for f in res["failed"]]
+        L.append("")
+    if meta.get("plots"):
+        L += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in meta["plots"]]
+        L.append("")
+    L += ["## Provenance", "", f"- Command: `{meta['command']}`",
+          f"- torch {meta['torch']}, Python {meta['python']}, moelab {meta['moelab']}",
+          f"- Machine: {meta['machine']}", f"- Wall time: {meta['wall_s']:.0f} s "
+          f"({meta['n_run']} runs trained or resumed, {meta['n_skipped']} already done, "
+          f"{len(res['failed'])} failed; jobs {meta['jobs']})",
+          f"- Finished: {meta['finished']}", ""]
+    return "\n".join(L)
+
+
+def write_results(out_dir: Path, exp: Experiment, res: Mapping[str, Any],
+                  meta: Mapping[str, Any]) -> Path:
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns results.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"name": exp.name, "claim": exp.claim, "paper": exp.paper, "base": exp.base,
+            "notes": exp.notes, "sources": list(exp.sources),
+            "arms": [{"name": a.name, "overrides": list(a.overrides),
+                      "lr_grid": list(a.lr_grid or exp.lr_grid or [])} for a in exp.arms],
+            "metrics": [{"name": m.name, "label": m.label,
+                         "higher_is_better": m.higher_is_better} for m in exp.metrics],
+            "claims": [{"arm": c.arm, "baseline": c.baseline, "direction": c.direction,
+                        "metric": c.metric or exp.metric.name, "source": c.source,
+                        "text": c.text} for c in exp.claims]}
+    doc = {"experiment": spec, "meta": dict(meta), **res, "verdict_rule": VERDICT_RULE}
+    (out_dir / "results.json").write_text(json.dumps(_clean(doc), indent=1) + "\n",
+                                          encoding="utf-8")
+    md = out_dir / "results.md"
+    md.write_text(render_markdown(exp, res, meta), encoding="utf-8")
+    return md
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x

@@ -1,0 +1,320 @@
+"""Turn experiments into runs and execute them: resumable, parallel, failures recorded.
+
+    specs = plan_runs(exp, "quick", seeds=2, out=Path("repro"), data=choose_image_data(None))
+    outcomes = execute_runs(specs, jobs=1)
+
+Each run is an ordinary moelab run directory ``OUT/<experiment>/runs/<arm>-lr<lr>-s<seed>``
+plus ``reproduce.json`` (status, error, data source, wall time). Before a run:
+
+* its resolved config equals ``config.toml`` there and a ``final`` record exists -> skipped;
+* it equals and ``ckpt.pt`` exists -> resumed from the checkpoint (``Trainer.resume``);
+* ``config.toml`` differs (the definition changed) -> the old directory is moved aside to
+  ``<dir>.stale-N`` and the run starts fresh; anything else unfinished starts fresh.
+
+A run that raises is recorded (``status: failed``, error and traceback in ``reproduce.json``)
+and the others go on; the next invocation retries it. ``train.threads`` is left out of the
+comparison, so the same runs can be resumed with another ``--jobs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from moelab.experiments import keys as K
+from moelab.experiments.keys import kv
+from moelab.experiments.spec import Experiment, final_record
+
+__all__ = ["FASHION_MNIST_DIR", "DataChoice", "RunOutcome", "RunSpec", "choose_image_data",
+           "default_jobs", "execute_run", "execute_runs", "plan_runs", "resolve_config",
+           "run_state"]
+
+#: Where Debian's ``dataset-fashion-mnist`` package installs the original IDX files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+STATUS_FILE = "reproduce.json"
+_CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """The image dataset every image run of this invocation uses: ``dataset``/``path`` config
+    values and a label for results.md."""
+
+    dataset: str
+    path: str | None
+    label: str
+
+    def overrides(self) -> tuple[str, ...]:
+        out = [kv(K.DATASET, self.dataset)]
+        out.append(kv(K.DATA_PATH, self.path) if self.path else f"{K.DATA_PATH}=none")
+        return tuple(out)
+
+
+def choose_image_data(data_dir: str | Path | None,
+                      fashion_dir: str | Path | None = FASHION_MNIST_DIR) -> DataChoice:
+    """CIFAR-10 if ``data_dir`` holds its python batches (the paper's setting); else
+    Fashion-MNIST IDX files at ``fashion_dir`` if present; else the packaged MNIST-5k.
+
+    A ``data_dir`` without CIFAR-10 batches is an error (not a silent fallback).
+    """
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        for folder in (root / "cifar-10-batches-py", root):
+            if all((folder / f).is_file() for f in _CIFAR_FILES):
+                return DataChoice("cifar10", str(folder), f"CIFAR-10 ({folder})")
+        raise FileNotFoundError(f"--data-dir {root}: no CIFAR-10 python batches there "
+                                f"(need {', '.join(_CIFAR_FILES)} in it or in "
+                                "cifar-10-batches-py/); leave --data-dir out to use "
+                                "Fashion-MNIST or MNIST-5k")
+    if fashion_dir is not None:
+        f = Path(fashion_dir)
+        if any((f / n).is_file() for n in ("train-images-idx3-ubyte.gz",
+                                           "train-images-idx3-ubyte")):
+            return DataChoice("idx", str(f), f"Fashion-MNIST ({f})")
+    return DataChoice("mnist5k", None, "MNIST-5k (packaged subset of MNIST)")
+
+
+def default_jobs(cores: int | None = None) -> int:
+    """Worker processes when ``--jobs`` is not given: one per core (measured faster than one
+    process with all cores for these small models; see the README)."""
+    return max(1, cores if cores is not None else (os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of an experiment (picklable: sent to worker processes)."""
+
+    experiment: str
+    arm: str
+    seed: int
+    lr: float | None
+    base: str
+    overrides: tuple[str, ...]
+    run_dir: str
+
+    @property
+    def label(self) -> str:
+        lr = "" if self.lr is None else f" lr={self.lr:g}"
+        return f"{self.experiment} {self.arm}{lr} seed={self.seed}"
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one run: ``status`` "done" (trained now), "resumed" (finished from a
+    checkpoint), "skipped" (already finished), "failed" (``error`` says why)."""
+
+    spec: RunSpec
+    status: str
+    error: str | None = None
+    wall_s: float = 0.0
+    data_source: str | None = None
+    final: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def _lr_tag(lr: float | None) -> str:
+    return "" if lr is None else f"-lr{lr:g}"
+
+
+def plan_runs(exp: Experiment, profile: str, seeds: int, out: Path, data: DataChoice | None,
+              threads: int = 0) -> list[RunSpec]:
+    """Every run of ``exp`` (arms x lr grid x seeds 0..seeds-1), in arm-major order."""
+    if exp.sources:
+        return []
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds} is invalid: need >= 1")
+    prof = exp.profile(profile)
+    shared = list(exp.overrides) + list(prof.overrides)
+    data_ov = list(data.overrides()) if exp.image_data and data is not None else []
+    specs = []
+    for arm in exp.arms:
+        for lr in exp.lr_grid_of(arm, prof):
+            for seed in range(seeds):
+                ov = shared + list(arm.overrides) + data_ov + [
+                    kv(K.NAME, f"{exp.name}-{arm.name}"), kv(K.SEED, seed), kv(K.THREADS, threads)]
+                if lr is not None:
+                    ov.append(kv(K.LR, float(lr)))
+                run_dir = out / exp.name / "runs" / f"{arm.name}{_lr_tag(lr)}-s{seed}"
+                specs.append(RunSpec(exp.name, arm.name, seed, lr, exp.base, tuple(ov),
+                                     str(run_dir)))
+    return specs
+
+
+def resolve_config(spec: RunSpec):
+    """The run's RunConfig (raises ConfigError / ValueError for a bad override)."""
+    from moelab.config import load_config
+
+    return load_config(spec.base, list(spec.overrides))
+
+
+def _comparable(cfg) -> dict[str, Any]:
+    from moelab.config import config_to_dict
+
+    d = config_to_dict(cfg)
+    *parents, leaf = K.THREADS.split(".")
+    node = d
+    for p in parents:
+        node = node.get(p, {})
+    node.pop(leaf, None)
+    return d
+
+
+def run_state(spec: RunSpec, cfg) -> str:
+    """"fresh" | "done" | "resume" | "stale" (config.toml differs) for ``spec``'s directory."""
+    from moelab.config import load_config
+    from moelab.train import read_metrics
+
+    d = Path(spec.run_dir)
+    if not (d / "config.toml").is_file():
+        return "fresh"
+    try:
+        saved = load_config(d / "config.toml")
+    except ValueError:
+        return "stale"
+    if _comparable(saved) != _comparable(cfg):
+        return "stale"
+    if final_record(read_metrics(d)) is not None:
+        return "done"
+    return "resume" if (d / "ckpt.pt").is_file() else "fresh"
+
+
+def _move_aside(d: Path) -> Path:
+    i = 1
+    while (dest := d.with_name(f"{d.name}.stale-{i}")).exists():
+        i += 1
+    d.rename(dest)
+    return dest
+
+
+def _write_status(d: Path, record: dict[str, Any]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, d / STATUS_FILE)
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``reproduce.json`` (empty dict if absent or unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
+    """Run (or skip, or resume) one run; never raises for a failing run (returns "failed")."""
+    from moelab.train import Trainer, read_metrics
+
+    d = Path(spec.run_dir)
+    t0 = time.perf_counter()
+    cmd = command or ["moelab", "reproduce", spec.experiment]
+    try:
+        cfg = resolve_config(spec)
+        state = run_state(spec, cfg)
+        if state == "done":
+            st = read_status(d)
+            return RunOutcome(spec, "skipped", data_source=st.get("data_source"),
+                              final=final_record(read_metrics(d)))
+        if state == "stale":
+            _move_aside(d)
+        elif state == "fresh" and d.exists():
+            shutil.rmtree(d)  # an unfinished run without a checkpoint, or a failure record
+        if state == "resume":
+            trainer = Trainer.resume(d, quiet=True, command=cmd)
+        else:
+            trainer = Trainer(cfg, d, quiet=True, command=cmd)
+        summary = trainer.fit()
+        wall = time.perf_counter() - t0
+        status = "resumed" if state == "resume" else "done"
+        _write_status(d, {"status": status, "run": spec.label, "wall_s": wall,
+                          "data_source": trainer.data_source, "overrides": list(spec.overrides)})
+        return RunOutcome(spec, status, wall_s=wall, data_source=trainer.data_source,
+                          final=summary)
+    except Exception as e:  # noqa: BLE001 - recorded and reported, the suite goes on
+        wall = time.perf_counter() - t0
+        err = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        try:
+            _write_status(d, {"status": "failed", "run": spec.label, "error": err,
+                              "traceback": traceback.format_exc(), "wall_s": wall,
+                              "overrides": list(spec.overrides)})
+        except OSError:
+            pass
+        return RunOutcome(spec, "failed", error=err, wall_s=wall)
+
+
+def _describe(o: RunOutcome) -> str:
+    if o.status == "failed":
+        return f"FAILED ({o.error})"
+    fin = o.final or {}
+    bits = [f"{k} {fin[k]:.4f}" for k in ("test_acc", "test_ppl") if fin.get(k) is not None]
+    return f"{o.status} {' '.join(bits)} ({o.wall_s:.0f} s)"
+
+
+def execute_runs(specs: Iterable[RunSpec], jobs: int = 1,
+                 on_done: Callable[[RunOutcome], None] | None = None,
+                 command: list[str] | None = None, progress: bool = True) -> list[RunOutcome]:
+    """Execute ``specs`` with ``jobs`` worker processes (1: in this process); one overall
+    progress bar on a TTY stderr, else one line per finished run. Returns the outcomes in
+    the order of ``specs``."""
+    specs = list(specs)
+    if jobs < 1:
+        raise ValueError(f"--jobs={jobs} is invalid: need >= 1")
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(specs), unit="run", disable=not (progress and tty),
+               dynamic_ncols=True, desc="reproduce")
+    results: dict[int, RunOutcome] = {}
+    count = 0
+
+    def finished(i: int, o: RunOutcome) -> None:
+        nonlocal count
+        count += 1
+        results[i] = o
+        bar.update(1)
+        if o.status == "failed":
+            bar.write(f"moelab reproduce: {o.spec.label}: {_describe(o)}", file=sys.stderr)
+        elif progress and not tty:
+            print(f"[{count}/{len(specs)}] {o.spec.label}: {_describe(o)}", file=sys.stderr,
+                  flush=True)
+        if on_done is not None:
+            on_done(o)
+
+    try:
+        if jobs == 1 or len(specs) <= 1:
+            for i, s in enumerate(specs):
+                finished(i, execute_run(s, command))
+        else:
+            ctx = get_context("spawn")  # no forked torch thread pools
+            with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=ctx) as ex:
+                futs = {ex.submit(execute_run, s, command): i for i, s in enumerate(specs)}
+                for f in as_completed(futs):
+                    i = futs[f]
+                    try:
+                        o = f.result()
+                    except Exception as e:  # noqa: BLE001 - a worker died (OOM kill, ...)
+                        o = RunOutcome(specs[i], "failed",
+                                       error=f"worker process died: {type(e).__name__}: {e}")
+                    finished(i, o)
+    finally:
+        bar.close()
+    return [results[i] for i in range(len(specs))]
+
+
+def outcome_dict(o: RunOutcome) -> dict[str, Any]:
+    """JSON-ready summary of one outcome (for results.json)."""
+    return {**asdict(o.spec), "status": o.status, "error": o.error, "wall_s": o.wall_s,
+            "data_source": o.data_source}

@@ -1,0 +1,227 @@
+"""What an experiment is: a named claim tested over arms x seeds (x a learning-rate grid).
+
+An :class:`Experiment` is plain data; copy one from ``moelab.experiments.excitation`` and
+register it (``moelab.experiments.register``) to run your own. Every run of an experiment is
+
+    load_config(base, overrides + profile.overrides + arm.overrides
+                + [seed, lr, dataset, threads])          # see keys.py
+
+and writes an ordinary run directory (``moelab report`` works on it). The comparison reads the
+runs' ``metrics.jsonl`` records through :class:`Metric` extractors, so a metric can be a final
+value (``Metric.final("acc")``), something from the learning curve (steps to a target loss) or a
+routing statistic per MoE layer (``per_layer=True``).
+
+An experiment with ``sources`` trains nothing itself: it re-reads the runs of the named
+experiments (at each arm's selected learning rate) and compares them on its own metrics
+(``excitation-specialization`` reads ``excitation-foundation`` and ``excitation-rescue``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from moelab.experiments.stats import DIRECTIONS
+
+__all__ = ["Arm", "Claim", "Experiment", "Metric", "Profile", "Records", "final_record"]
+
+#: The entries of one run's metrics.jsonl, in order.
+Records = Sequence[dict[str, Any]]
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
+
+
+def final_record(records: Records) -> dict[str, Any] | None:
+    """The ``kind == "final"`` entry of a run (None if the run has not finished)."""
+    for r in reversed(records):
+        if r.get("kind") == "final":
+            return r
+    return None
+
+
+def _final_value(key: str) -> Callable[[Records], float | None]:
+    def extract(records: Records) -> float | None:
+        fin = final_record(records)
+        v = None if fin is None else fin.get(key)
+        return None if v is None else float(v)
+
+    extract.__name__ = f"final_{key}"
+    return extract
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The quantity an experiment compares, read from a run's records.
+
+    name: column name (``test_acc``).  label: human-readable name for tables and plots.
+    test: extractor of the reported value (records -> float | None; a list of floats, one per
+        MoE layer, when ``per_layer``).  val: extractor of the validation value used to pick
+        the learning rate (None: the experiment has no lr grid to pick from).
+    higher_is_better: the direction in which the metric improves.
+    per_layer: ``test`` returns one value per MoE layer (compared layer by layer).
+    """
+
+    name: str
+    label: str
+    test: Callable[[Records], Any]
+    val: Callable[[Records], float | None] | None = None
+    higher_is_better: bool = True
+    per_layer: bool = False
+
+    @classmethod
+    def final(cls, what: str, label: str | None = None,
+              higher_is_better: bool | None = None) -> Metric:
+        """``test_<what>`` of the final record, lr picked on ``val_<what>`` (acc, loss, ppl)."""
+        hib = (what == "acc") if higher_is_better is None else higher_is_better
+        return cls(f"test_{what}", label or f"test {what}", _final_value(f"test_{what}"),
+                   _final_value(f"val_{what}"), hib)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of the comparison: a name and config overrides (``KEY=VALUE``).
+
+    lr_grid: this arm's learning-rate grid (None: the experiment's). Arms compared by a claim
+    must share their grid (checked), e.g. an SGD pair and an Adam pair each with its own.
+    """
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    lr_grid: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"arm name {self.name!r} is invalid: use lowercase letters, "
+                             "digits, '_', '-', '.', '+'")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``arm`` beats ``baseline`` on ``metric`` in ``direction`` ("higher" | "lower": the
+    sign of arm − baseline the paper claims). ``source``: for an experiment with sources, the
+    source experiment whose runs hold both arms. ``text``: the claim in words."""
+
+    arm: str
+    baseline: str
+    direction: str
+    metric: str | None = None  # None: the experiment's first metric
+    source: str | None = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"claim direction={self.direction!r} is invalid: choose one of "
+                             f"{DIRECTIONS}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A size of the experiment: overrides applied on top of the base (before the arms'),
+    the default number of seeds, which entries of each arm's lr grid to run (``lr_index``;
+    None: all), and the estimated CPU time on 2 cores in minutes."""
+
+    overrides: tuple[str, ...] = ()
+    seeds: int = 2
+    lr_index: tuple[int, ...] | None = None
+    cpu_minutes: float = 1.0
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named, falsifiable claim from a paper, as runs plus a comparison.
+
+    name: the CLI name (``excitation-foundation``).  claim: the paper's claim in one sentence.
+    paper: citation.  base: shipped config name or TOML path all runs start from.
+    overrides: base overrides shared by every arm.  arms: the configurations compared.
+    claims: the directional claims that get a verdict.  metrics: what is compared (the first is
+    the primary one, used to pick each arm's lr).  lr_grid: learning rates tried for every arm
+    (None: the config's lr).  profiles: "quick" and "full" at least.
+    image_data: the runner picks the dataset (CIFAR-10 / Fashion-MNIST / MNIST-5k, see runner).
+    chance: accuracy of guessing (for the escape fraction), None when not reported.
+    sources: experiments whose runs this one analyses instead of training its own.
+    notes: how the setting was chosen and any change made after results were seen, with why.
+    """
+
+    name: str
+    claim: str
+    paper: str
+    base: str = "mnist_mlp"
+    overrides: tuple[str, ...] = ()
+    arms: tuple[Arm, ...] = ()
+    claims: tuple[Claim, ...] = ()
+    metrics: tuple[Metric, ...] = ()
+    lr_grid: tuple[float, ...] | None = None
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    image_data: bool = True
+    chance: float | None = None
+    sources: tuple[str, ...] = ()
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"experiment name {self.name!r} is invalid")
+        if not self.metrics or not all(isinstance(m, Metric) for m in self.metrics):
+            raise ValueError(f"experiment {self.name!r}: need at least one Metric")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r}: duplicate arm names {names}")
+        if bool(self.arms) == bool(self.sources):
+            raise ValueError(f"experiment {self.name!r}: give arms (it trains) or sources "
+                             "(it analyses other experiments' runs), not both or neither")
+        for p in ("quick", "full"):
+            if p not in self.profiles:
+                raise ValueError(f"experiment {self.name!r}: missing the {p!r} profile")
+        metric_names = {m.name for m in self.metrics}
+        for c in self.claims:
+            if c.metric is not None and c.metric not in metric_names:
+                raise ValueError(f"experiment {self.name!r}: claim metric {c.metric!r} is not "
+                                 f"one of {sorted(metric_names)}")
+            if self.arms:
+                for a in (c.arm, c.baseline):
+                    if a not in names:
+                        raise ValueError(f"experiment {self.name!r}: claim arm {a!r} is not "
+                                         f"one of {names}")
+                if self.arm(c.arm).lr_grid != self.arm(c.baseline).lr_grid:
+                    raise ValueError(f"experiment {self.name!r}: claim {c.arm} vs "
+                                     f"{c.baseline} compares arms with different lr grids")
+            elif c.source not in self.sources:
+                raise ValueError(f"experiment {self.name!r}: claim source {c.source!r} is not "
+                                 f"one of {self.sources}")
+        for grid in [self.lr_grid, *(a.lr_grid for a in self.arms)]:
+            if grid is not None and (not grid or not all(
+                    isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in grid)):
+                raise ValueError(f"experiment {self.name!r}: lr grid {grid!r} is invalid: "
+                                 "need positive numbers")
+
+    @property
+    def metric(self) -> Metric:
+        """The primary metric."""
+        return self.metrics[0]
+
+    def metric_named(self, name: str | None) -> Metric:
+        if name is None:
+            return self.metric
+        return next(m for m in self.metrics if m.name == name)
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(f"experiment {self.name!r} has no arm {name!r}")
+
+    def profile(self, name: str) -> Profile:
+        if name not in self.profiles:
+            raise ValueError(f"profile {name!r} is invalid for {self.name!r}: choose one of "
+                             f"{sorted(self.profiles)}")
+        return self.profiles[name]
+
+    def lr_grid_of(self, arm: Arm, profile: Profile) -> tuple[float | None, ...]:
+        """The learning rates ``arm`` is trained at under ``profile`` ((None,): config lr)."""
+        grid = arm.lr_grid or self.lr_grid
+        if not grid:
+            return (None,)
+        if profile.lr_index is None:
+            return tuple(grid)
+        return tuple(grid[i] for i in profile.lr_index if -len(grid) <= i < len(grid))

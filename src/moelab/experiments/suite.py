@@ -1,0 +1,116 @@
+"""``moelab reproduce``: plan every run of the chosen experiments, execute them under one
+progress bar, then write each experiment's results into ``OUT/NAME/``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moelab.experiments.registry import get_experiment, resolve_names
+from moelab.experiments.results import aggregate, write_results
+from moelab.experiments.runner import (
+    FASHION_MNIST_DIR,
+    choose_image_data,
+    default_jobs,
+    execute_runs,
+    plan_runs,
+)
+from moelab.experiments.spec import Experiment
+
+__all__ = ["machine_description", "reproduce", "with_sources"]
+
+
+def with_sources(exps: Sequence[Experiment]) -> list[Experiment]:
+    """``exps`` with every experiment's sources added before it (each once)."""
+    out: list[Experiment] = []
+
+    def add(e: Experiment) -> None:
+        for s in e.sources:
+            add(get_experiment(s))
+        if e not in out:
+            out.append(e)
+
+    for e in exps:
+        add(e)
+    return out
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical cores"
+
+
+def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None = None,
+              jobs: int | None = None, out: str | Path = "reproduce",
+              data_dir: str | Path | None = None, fashion_dir: str | Path | None =
+              FASHION_MNIST_DIR, command: Sequence[str] | None = None,
+              progress: bool = True) -> list[Path]:
+    """Run the named experiments (or ``["all"]``) and write ``OUT/NAME/results.md`` for each;
+    returns those paths. Runs already finished with the same config are skipped."""
+    import torch
+
+    from moelab import __version__
+
+    t0 = time.perf_counter()
+    exps = with_sources(resolve_names(list(names)))
+    for e in exps:
+        e.profile(profile)  # raises for an unknown profile
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"--jobs={jobs} is invalid: need >= 1")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    out = Path(out)
+    data = choose_image_data(data_dir, fashion_dir) if any(e.image_data for e in exps) \
+        else None
+    plans = {e.name: plan_runs(e, profile, seeds or e.profile(profile).seeds, out, data,
+                               threads) for e in exps}
+    cmd = list(command) if command is not None else ["moelab", *sys.argv[1:]]
+    all_specs = [s for e in exps for s in plans[e.name]]
+    outcomes = execute_runs(all_specs, jobs=jobs, command=cmd, progress=progress)
+    by_exp: dict[str, list] = {e.name: [] for e in exps}
+    for o in outcomes:
+        by_exp[o.spec.experiment].append(o)
+    wall = time.perf_counter() - t0
+    written = []
+    for e in exps:
+        outs = by_exp[e.name]
+        srcs = {s: (get_experiment(s), by_exp[s]) for s in e.sources}
+        res = aggregate(e, outs, srcs)
+        used = [o for o in outs] + [o for s in e.sources for o in by_exp[s]]
+        n_seeds = seeds or e.profile(profile).seeds
+        meta: dict[str, Any] = {
+            "profile": profile, "seeds": n_seeds, "jobs": jobs, "threads_per_job": threads,
+            "command": shlex.join(cmd), "torch": torch.__version__,
+            "python": platform.python_version(), "moelab": __version__,
+            "machine": machine_description(), "data": data.label if data else None,
+            "overrides": list(e.overrides) + list(e.profile(profile).overrides),
+            "wall_s": wall, "runs_wall_s": sum(o.wall_s for o in used),
+            "n_run": sum(o.status in ("done", "resumed") for o in used),
+            "n_skipped": sum(o.status == "skipped" for o in used),
+            "finished": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        }
+        exp_dir = out / e.name
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from moelab.experiments.plots import make_plots
+
+            meta["plots"] = [str(p) for p in make_plots(exp_dir, e, res, srcs)]
+        except ModuleNotFoundError as err:  # matplotlib missing: tables still written
+            print(f"moelab reproduce: no plots: {err}", file=sys.stderr)
+            meta["plots"] = []
+        written.append(write_results(exp_dir, e, res, meta))
+    return written
