@@ -1,0 +1,290 @@
+"""moelab.experiments: spec validation, dataset choice, runner skip/resume/failures,
+aggregation by hand, the quick profile end to end, and the CLI."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from moelab.cli import main
+from moelab.experiments import Arm, Claim, Experiment, Metric, Profile, register
+from moelab.experiments.registry import EXPERIMENTS
+from moelab.experiments.results import aggregate
+from moelab.experiments.runner import (
+    RunOutcome,
+    RunSpec,
+    choose_image_data,
+    execute_run,
+    execute_runs,
+    plan_runs,
+    resolve_config,
+)
+from moelab.experiments.stats import VERDICT_RULE
+from moelab.experiments.suite import reproduce
+from moelab.train import Trainer, read_metrics
+
+TINY = ("model.kind=\"mlp\"", "model.n_layers=2", "model.d_model=16", "model.n_experts=4",
+        "model.top_k=2", "model.d_ff=8", "data.batch_size=32", "train.steps=4",
+        "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2",
+        "data.eval_batches=1", "data.final_eval_batches=2", "optim.warmup_steps=0")
+ZS = ("optim.excitation.strategy=\"zero_sum\"",)
+
+
+def tiny_experiment(name="t-tiny", arms=None, lr_grid=None) -> Experiment:
+    arms = arms or (Arm("base"), Arm("zs", ZS), Arm("broken", ("model.top_k=99",)))
+    claims = (Claim("zs", "base", "higher", text="zs beats base"),) if len(arms) > 1 else ()
+    return Experiment(
+        name=name, claim="zero_sum helps", paper="test", base="mnist_mlp", overrides=TINY,
+        arms=arms, claims=claims,
+        metrics=(Metric.final("acc"),), lr_grid=lr_grid, chance=0.1,
+        profiles={"quick": Profile(seeds=2, cpu_minutes=0.1), "full": Profile(seeds=3)})
+
+
+@pytest.fixture
+def registered():
+    added = []
+
+    def add(exp):
+        register(exp, replace=True)
+        added.append(exp.name)
+        return exp
+
+    yield add
+    for n in added:
+        EXPERIMENTS.pop(n, None)
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+def test_spec_rejects_inconsistent_definitions():
+    with pytest.raises(ValueError, match="claim arm 'nope'"):
+        Experiment(name="x", claim="", paper="", arms=(Arm("a"),),
+                   claims=(Claim("nope", "a", "higher"),), metrics=(Metric.final("acc"),),
+                   profiles={"quick": Profile(), "full": Profile()})
+    with pytest.raises(ValueError, match="different lr grids"):
+        Experiment(name="x", claim="", paper="", arms=(Arm("a", lr_grid=(0.1,)), Arm("b")),
+                   claims=(Claim("b", "a", "higher"),), metrics=(Metric.final("acc"),),
+                   profiles={"quick": Profile(), "full": Profile()})
+    with pytest.raises(ValueError, match="'full' profile"):
+        Experiment(name="x", claim="", paper="", arms=(Arm("a"),),
+                   metrics=(Metric.final("acc"),), profiles={"quick": Profile()})
+    with pytest.raises(ValueError, match="direction"):
+        Claim("a", "b", "better")
+
+
+def test_every_builtin_experiment_resolves_its_configs(tmp_path):
+    data = choose_image_data(None, fashion_dir=None)
+    for exp in EXPERIMENTS.values():
+        for prof in ("quick", "full"):
+            for spec in plan_runs(exp, prof, 1, tmp_path, data):
+                cfg = resolve_config(spec)  # raises for a wrong key or value
+                assert cfg.train.seed == 0 and cfg.data.dataset == "mnist5k"
+    rescue = EXPERIMENTS["excitation-rescue"]
+    specs = plan_runs(rescue, "full", 5, tmp_path, data)
+    assert len(specs) == 4 * 3 * 5  # arms x lr grid x seeds
+    cfg = resolve_config(next(s for s in specs if s.arm == "adam+excitation"))
+    assert cfg.optim.name == "adam" and cfg.optim.excitation.strategy == "positive_sum"
+    assert cfg.model.skip_connections is False
+
+
+def test_choose_image_data(tmp_path):
+    cifar = tmp_path / "c" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (cifar / f).write_bytes(b"")
+    assert choose_image_data(tmp_path / "c").dataset == "cifar10"
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10"):
+        choose_image_data(tmp_path)
+    fm = tmp_path / "fm"
+    fm.mkdir()
+    (fm / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    c = choose_image_data(None, fashion_dir=fm)
+    assert (c.dataset, c.path) == ("idx", str(fm)) and "Fashion-MNIST" in c.label
+    assert choose_image_data(None, fashion_dir=tmp_path / "none").dataset == "mnist5k"
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def test_suite_records_failures_then_skips_everything(tmp_path, registered, capsys):
+    exp = registered(tiny_experiment())
+    kw = dict(out=tmp_path, jobs=1, fashion_dir=None, command=["moelab", "test"])
+    md = reproduce([exp.name], **kw)[0]
+    res = json.loads((md.parent / "results.json").read_text())
+    err = capsys.readouterr().err
+    assert "[1/6]" in err and "FAILED" in err  # a plain line per run off a TTY
+    # the invalid arm failed on both seeds, recorded with its error; the others finished
+    assert [f["run"] for f in res["failed"]] == ["t-tiny broken seed=0", "t-tiny broken seed=1"]
+    assert all("top_k" in f["error"] for f in res["failed"])
+    status = json.loads((Path(res["failed"][0]["run_dir"]) / "reproduce.json").read_text())
+    assert status["status"] == "failed" and "Traceback" in status["traceback"]
+    text = md.read_text()
+    assert "## Failed runs" in text and "top_k" in text and VERDICT_RULE in text
+    assert "MNIST 5k" in text and "moelab test" in text and "torch " in text
+    # aggregation: per-arm mean of the runs' own final records, claim = paired difference
+    arms = {a["arm"]: a for a in res["arms"]}
+    for name in ("base", "zs"):
+        accs = [read_metrics(d)[-1]["test_acc"] for d in arms[name]["run_dirs"].values()]
+        assert arms[name]["metrics"]["test_acc"]["summary"]["n"] == 2
+        assert arms[name]["metrics"]["test_acc"]["summary"]["mean"] == pytest.approx(
+            sum(accs) / 2)
+    assert arms["broken"]["metrics"]["test_acc"]["summary"]["n"] == 0
+    claim = res["claims"][0]
+    diffs = [arms["zs"]["metrics"]["test_acc"]["per_seed"][s]
+             - arms["base"]["metrics"]["test_acc"]["per_seed"][s] for s in ("0", "1")]
+    assert claim["mean"] == pytest.approx(sum(diffs) / 2)
+    assert claim["verdict"] in ("supported", "contradicted", "inconclusive")
+    for png in ("metric.png", "curves.png", "gini_by_depth.png", "router_entropy.png"):
+        assert (md.parent / png).is_file()
+
+    # second invocation: the finished runs are skipped (nothing rewritten), failures retried
+    done = Path(arms["base"]["run_dirs"]["0"]) / "metrics.jsonl"
+    before = done.stat().st_mtime_ns
+    md = reproduce([exp.name], **kw)[0]
+    res = json.loads((md.parent / "results.json").read_text())
+    statuses = {(r["arm"], r["seed"]): r["status"] for r in res["runs"]}
+    assert {statuses[(a, s)] for a in ("base", "zs") for s in (0, 1)} == {"skipped"}
+    assert statuses[("broken", 0)] == "failed"
+    assert done.stat().st_mtime_ns == before
+
+
+def _spec(tmp_path, overrides=()) -> RunSpec:
+    exp = tiny_experiment(arms=(Arm("base"),))
+    s = plan_runs(exp, "quick", 1, tmp_path, choose_image_data(None, fashion_dir=None))[0]
+    return RunSpec(s.experiment, s.arm, s.seed, s.lr, s.base, s.overrides + tuple(overrides),
+                   s.run_dir)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    spec = _spec(tmp_path)
+    straight = _spec(tmp_path / "straight")
+    Trainer(resolve_config(spec), spec.run_dir, quiet=True).fit(max_steps=2)  # "killed" at 2
+    assert (Path(spec.run_dir) / "ckpt.pt").is_file()
+    o = execute_run(spec)
+    assert o.status == "resumed" and o.final["step"] == 4
+    lines = (Path(spec.run_dir) / "command.txt").read_text().splitlines()
+    assert len(lines) == 2  # started once, resumed once: not restarted
+    ref = execute_run(straight)
+    assert ref.status == "done"
+    assert o.final["test_acc"] == ref.final["test_acc"]  # resume is exact
+    assert execute_run(spec).status == "skipped"
+
+
+def test_changed_definition_moves_old_run_aside(tmp_path):
+    spec = _spec(tmp_path)
+    assert execute_run(spec).status == "done"
+    changed = _spec(tmp_path, ("model.d_ff=4",))
+    o = execute_run(changed)
+    assert o.status == "done"
+    assert (Path(spec.run_dir).parent / (Path(spec.run_dir).name + ".stale-1")).is_dir()
+    # threads are not part of the identity: another --jobs still skips
+    again = _spec(tmp_path, ("model.d_ff=4", "train.threads=2"))
+    assert execute_run(again).status == "skipped"
+
+
+def test_two_worker_processes(tmp_path):
+    exp = tiny_experiment(arms=(Arm("base"), Arm("zs", ZS)))
+    specs = plan_runs(exp, "quick", 1, tmp_path, choose_image_data(None, fashion_dir=None),
+                      threads=1)
+    outs = execute_runs(specs, jobs=2, progress=False)
+    assert [o.status for o in outs] == ["done", "done"]
+    assert [o.spec for o in outs] == specs
+
+
+# ------------------------------------------------------------------- aggregation by hand
+
+
+def _fake_run(root: Path, arm: str, seed: int, lr: float, val: float, test: float,
+              gini=None) -> RunOutcome:
+    d = root / f"{arm}-{lr}-{seed}"
+    d.mkdir(parents=True)
+    recs = []
+    if gini is not None:
+        recs.append({"kind": "eval", "step": 5, "final": True, "val_acc": val,
+                     "layers": [{"gini": g, "entropy_normalized": 0.5} for g in gini]})
+    recs.append({"kind": "final", "step": 5, "val_acc": val, "test_acc": test})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    spec = RunSpec("t-agg", arm, seed, lr, "mnist_mlp", (), str(d))
+    return RunOutcome(spec, "done")
+
+
+def test_aggregate_picks_lr_on_validation_and_reports_test(tmp_path):
+    exp = tiny_experiment(name="t-agg", arms=(Arm("base"), Arm("zs", ZS)), lr_grid=(0.1, 0.3))
+    runs = []
+    # base: lr 0.1 best on validation (but worse on test: test is not used to pick)
+    for seed, (v1, t1, v3, t3) in enumerate([(0.6, 0.20, 0.5, 0.90), (0.7, 0.30, 0.5, 0.90),
+                                             (0.8, 0.40, 0.5, 0.90)]):
+        runs += [_fake_run(tmp_path, "base", seed, 0.1, v1, t1),
+                 _fake_run(tmp_path, "base", seed, 0.3, v3, t3)]
+    # zs: lr 0.3 best on validation; test 0.25, 0.45, 0.45 -> diffs vs base .05, .15, .05
+    for seed, t in enumerate([0.25, 0.45, 0.45]):
+        runs += [_fake_run(tmp_path, "zs", seed, 0.1, 0.1, 0.99),
+                 _fake_run(tmp_path, "zs", seed, 0.3, 0.9, t)]
+    res = aggregate(exp, runs)
+    arms = {a["arm"]: a for a in res["arms"]}
+    assert arms["base"]["lr"] == 0.1 and arms["zs"]["lr"] == 0.3
+    assert arms["base"]["metrics"]["test_acc"]["summary"]["mean"] == pytest.approx(0.3)
+    assert arms["zs"]["escape"] == {"fraction": 1.0, "n": 3, "threshold": pytest.approx(0.2)}
+    assert arms["base"]["escape"]["fraction"] == pytest.approx(2 / 3)  # 0.2 is not > 0.2
+    c = res["claims"][0]
+    # diffs .05 .15 .05: mean 1/12, sd 0.057735 -> half = 4.302653 * 0.057735 / sqrt(3)
+    half = 4.302652729911275 * 0.05773502691896258 / 3 ** 0.5
+    assert c["mean"] == pytest.approx(0.25 / 3)
+    assert c["ci_low"] == pytest.approx(0.25 / 3 - half)
+    assert c["verdict"] == "inconclusive"  # 0.0833 - 0.1434 < 0
+    sel = {x["lr"]: x["mean"] for x in arms["base"]["lr_selection"]}
+    assert sel == {0.1: pytest.approx(0.7), 0.3: pytest.approx(0.5)}
+
+
+def test_aggregate_per_layer_claim_needs_every_layer(tmp_path):
+    src = tiny_experiment(name="t-agg", arms=(Arm("base"), Arm("zs", ZS)))
+    from moelab.experiments.excitation import ENTROPY_AUC, GINI
+
+    spec_exp = Experiment(name="t-spec", claim="", paper="", sources=("t-agg",),
+                          claims=(Claim("zs", "base", "higher", metric="gini", source="t-agg"),),
+                          metrics=(GINI, ENTROPY_AUC),
+                          profiles={"quick": Profile(), "full": Profile()})
+    runs = []
+    for seed in range(3):
+        runs.append(_fake_run(tmp_path, "base", seed, 0.1, 0.5, 0.5, gini=[0.2, 0.3]))
+        # layer 0 clearly higher for zs, layer 1 the same on average
+        runs.append(_fake_run(tmp_path, "zs", seed, 0.1, 0.5, 0.5,
+                              gini=[0.5 + 0.01 * seed, 0.3 + 0.01 * (seed - 1)]))
+    res = aggregate(spec_exp, [], {"t-agg": (src, runs)})
+    c = res["claims"][0]
+    assert [x["verdict"] for x in c["per_layer"]] == ["supported", "inconclusive"]
+    assert c["verdict"] == "inconclusive"
+    assert res["arms"][0]["key"] == "t-agg/base"
+
+
+# ------------------------------------------------------------------- quick profile + CLI
+
+
+def test_quick_profile_of_every_experiment_end_to_end(tmp_path):
+    paths = reproduce(["all"], profile="quick", out=tmp_path, jobs=1, fashion_dir=None,
+                      progress=False, command=["moelab", "reproduce", "all"])
+    assert [p.parent.name for p in paths] == list(EXPERIMENTS)
+    for p in paths:
+        res = json.loads((p.parent / "results.json").read_text())
+        assert res["failed"] == [] and res["claims"]
+        assert all(c["verdict"] in ("supported", "contradicted", "inconclusive")
+                   for c in res["claims"])
+    spec = json.loads((tmp_path / "excitation-specialization" / "results.json").read_text())
+    assert {a["source"] for a in spec["arms"]} == {"excitation-foundation", "excitation-rescue"}
+    gini = next(a for a in spec["arms"] if a["key"] == "excitation-rescue/sgd")
+    assert len(gini["metrics"]["gini"]["summary"]) == 12  # one Gini per depth
+
+
+def test_cli_reproduce_list_and_errors(capsys):
+    assert main(["reproduce", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("excitation-foundation", "excitation-rescue", "excitation-specialization"):
+        assert name in out
+    assert "min full" in out and "paper:" in out
+    assert main(["reproduce", "excitation-foundatoin"]) == 2
+    assert "did you mean 'excitation-foundation'" in capsys.readouterr().err
+    assert main(["reproduce", "all", "--jobs", "0"]) == 2
+    assert main(["reproduce", "all", "--data-dir", os.devnull]) == 2
+    assert "no CIFAR-10" in capsys.readouterr().err
