@@ -19,7 +19,8 @@ EVAL_EVERY = "train.eval_every"
 CHECKPOINT_EVERY = "train.checkpoint_every"
 LOG_EVERY = "train.log_every"
 
-# used by the definitions
+# used by the definitions (after the `arch` branch's rename, /work/KEYS.md: N_EXPERTS, TOP_K,
+# D_FF, ACTIVATION and AUX_LOSS_COEF move to model.moe.*; every other key is unchanged)
 MODEL_KIND = "model.kind"
 D_MODEL = "model.d_model"
 N_LAYERS = "model.n_layers"

@@ -23,9 +23,14 @@ __all__ = ["make_plots"]
 
 
 def _plt():
-    from moelab.report import _plt as plt_
+    try:
+        import matplotlib
+    except ImportError:
+        raise ModuleNotFoundError("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
 
-    return plt_()
+    return plt
 
 
 def _save(fig, path: Path) -> Path:
