@@ -103,6 +103,9 @@ def test_choose_image_data(tmp_path):
     c = choose_image_data(None, fashion_dir=fm)
     assert (c.dataset, c.path) == ("idx", str(fm)) and "Fashion-MNIST" in c.label
     assert choose_image_data(None, fashion_dir=tmp_path / "none").dataset == "mnist5k"
+    # an experiment may skip Fashion-MNIST (excitation-rescue: its trap is on MNIST-5k)
+    assert choose_image_data(None, fm, ("cifar10", "mnist5k")).dataset == "mnist5k"
+    assert choose_image_data(tmp_path / "c", fm, ("cifar10", "mnist5k")).dataset == "cifar10"
 
 
 # --------------------------------------------------------------------------- runner

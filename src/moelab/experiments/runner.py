@@ -61,27 +61,41 @@ class DataChoice:
 
 
 def choose_image_data(data_dir: str | Path | None,
-                      fashion_dir: str | Path | None = FASHION_MNIST_DIR) -> DataChoice:
-    """CIFAR-10 if ``data_dir`` holds its python batches (the paper's setting); else
-    Fashion-MNIST IDX files at ``fashion_dir`` if present; else the packaged MNIST-5k.
+                      fashion_dir: str | Path | None = FASHION_MNIST_DIR,
+                      prefer: tuple[str, ...] = ("cifar10", "fashion-mnist", "mnist5k"),
+                      ) -> DataChoice:
+    """The first available dataset of ``prefer``: "cifar10" if ``data_dir`` holds its python
+    batches (the papers' setting), "fashion-mnist" if its IDX files are at ``fashion_dir``,
+    "mnist5k" (packaged, always there).
 
     A ``data_dir`` without CIFAR-10 batches is an error (not a silent fallback).
     """
+    cifar = None
     if data_dir is not None:
         root = Path(data_dir).expanduser()
         for folder in (root / "cifar-10-batches-py", root):
             if all((folder / f).is_file() for f in _CIFAR_FILES):
-                return DataChoice("cifar10", str(folder), f"CIFAR-10 ({folder})")
-        raise FileNotFoundError(f"--data-dir {root}: no CIFAR-10 python batches there "
-                                f"(need {', '.join(_CIFAR_FILES)} in it or in "
-                                "cifar-10-batches-py/); leave --data-dir out to use "
-                                "Fashion-MNIST or MNIST-5k")
+                cifar = folder
+                break
+        else:
+            raise FileNotFoundError(f"--data-dir {root}: no CIFAR-10 python batches there "
+                                    f"(need {', '.join(_CIFAR_FILES)} in it or in "
+                                    "cifar-10-batches-py/); leave --data-dir out to use "
+                                    "Fashion-MNIST or MNIST-5k")
+    fashion = None
     if fashion_dir is not None:
         f = Path(fashion_dir)
         if any((f / n).is_file() for n in ("train-images-idx3-ubyte.gz",
                                            "train-images-idx3-ubyte")):
-            return DataChoice("idx", str(f), f"Fashion-MNIST ({f})")
-    return DataChoice("mnist5k", None, "MNIST-5k (packaged subset of MNIST)")
+            fashion = f
+    for name in prefer:
+        if name == "cifar10" and cifar is not None:
+            return DataChoice("cifar10", str(cifar), f"CIFAR-10 ({cifar})")
+        if name == "fashion-mnist" and fashion is not None:
+            return DataChoice("idx", str(fashion), f"Fashion-MNIST ({fashion})")
+        if name == "mnist5k":
+            return DataChoice("mnist5k", None, "MNIST-5k (packaged subset of MNIST)")
+    raise ValueError(f"none of the datasets {prefer} is available")
 
 
 def default_jobs(cores: int | None = None) -> int:
@@ -129,16 +143,17 @@ def _lr_tag(lr: float | None) -> str:
     return "" if lr is None else f"-lr{lr:g}"
 
 
-def plan_runs(exp: Experiment, profile: str, seeds: int, out: Path, data: DataChoice | None,
-              threads: int = 0) -> list[RunSpec]:
-    """Every run of ``exp`` (arms x lr grid x seeds 0..seeds-1), in arm-major order."""
+def plan_runs(exp: Experiment, profile: str, seeds: int, out: Path,
+              data: DataChoice | None, threads: int = 0) -> list[RunSpec]:
+    """Every run of ``exp`` (arms x lr grid x seeds 0..seeds-1), in arm-major order, on
+    ``data`` (None: the base config's dataset)."""
     if exp.sources:
         return []
     if seeds < 1:
         raise ValueError(f"--seeds={seeds} is invalid: need >= 1")
     prof = exp.profile(profile)
     shared = list(exp.overrides) + list(prof.overrides)
-    data_ov = list(data.overrides()) if exp.image_data and data is not None else []
+    data_ov = list(data.overrides()) if data is not None else []
     specs = []
     for arm in exp.arms:
         for lr in exp.lr_grid_of(arm, prof):

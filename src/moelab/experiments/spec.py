@@ -30,6 +30,7 @@ __all__ = ["Arm", "Claim", "Experiment", "Metric", "Profile", "Records", "final_
 
 #: The entries of one run's metrics.jsonl, in order.
 Records = Sequence[dict[str, Any]]
+IMAGE_CHOICES = ("cifar10", "fashion-mnist", "mnist5k")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
 
 
@@ -138,7 +139,9 @@ class Experiment:
     claims: the directional claims that get a verdict.  metrics: what is compared (the first is
     the primary one, used to pick each arm's lr).  lr_grid: learning rates tried for every arm
     (None: the config's lr).  profiles: "quick" and "full" at least.
-    image_data: the runner picks the dataset (CIFAR-10 / Fashion-MNIST / MNIST-5k, see runner).
+    image_datasets: the image datasets this experiment may use, in order of preference, among
+        "cifar10" (when --data-dir holds it), "fashion-mnist" (when installed) and "mnist5k"
+        (always there); the runner takes the first available. Empty: the base config's data.
     chance: accuracy of guessing (for the escape fraction), None when not reported.
     sources: experiments whose runs this one analyses instead of training its own.
     notes: how the setting was chosen and any change made after results were seen, with why.
@@ -154,7 +157,7 @@ class Experiment:
     metrics: tuple[Metric, ...] = ()
     lr_grid: tuple[float, ...] | None = None
     profiles: dict[str, Profile] = field(default_factory=dict)
-    image_data: bool = True
+    image_datasets: tuple[str, ...] = ("cifar10", "fashion-mnist", "mnist5k")
     chance: float | None = None
     sources: tuple[str, ...] = ()
     notes: str = ""
@@ -170,6 +173,13 @@ class Experiment:
         if bool(self.arms) == bool(self.sources):
             raise ValueError(f"experiment {self.name!r}: give arms (it trains) or sources "
                              "(it analyses other experiments' runs), not both or neither")
+        bad = set(self.image_datasets) - set(IMAGE_CHOICES)
+        if bad:
+            raise ValueError(f"experiment {self.name!r}: image_datasets {sorted(bad)} invalid: "
+                             f"choose from {IMAGE_CHOICES}")
+        if self.image_datasets and self.image_datasets[-1] != "mnist5k":
+            raise ValueError(f"experiment {self.name!r}: image_datasets must end with the "
+                             "always-present 'mnist5k'")
         for p in ("quick", "full"):
             if p not in self.profiles:
                 raise ValueError(f"experiment {self.name!r}: missing the {p!r} profile")

@@ -74,10 +74,13 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
         raise ValueError(f"--jobs={jobs} is invalid: need >= 1")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     out = Path(out)
-    data = choose_image_data(data_dir, fashion_dir) if any(e.image_data for e in exps) \
-        else None
-    plans = {e.name: plan_runs(e, profile, seeds or e.profile(profile).seeds, out, data,
-                               threads) for e in exps}
+    if data_dir is not None and not any("cifar10" in e.image_datasets for e in exps):
+        raise ValueError("--data-dir holds CIFAR-10 for image claims; none of these "
+                         "experiments uses it")
+    data = {e.name: choose_image_data(data_dir, fashion_dir, e.image_datasets)
+            if e.image_datasets else None for e in exps}
+    plans = {e.name: plan_runs(e, profile, seeds or e.profile(profile).seeds, out,
+                               data[e.name], threads) for e in exps}
     cmd = list(command) if command is not None else ["moelab", *sys.argv[1:]]
     all_specs = [s for e in exps for s in plans[e.name]]
     outcomes = execute_runs(all_specs, jobs=jobs, command=cmd, progress=progress)
@@ -96,7 +99,7 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             "profile": profile, "seeds": n_seeds, "jobs": jobs, "threads_per_job": threads,
             "command": shlex.join(cmd), "torch": torch.__version__,
             "python": platform.python_version(), "moelab": __version__,
-            "machine": machine_description(), "data": data.label if data else None,
+            "machine": machine_description(), "data": data[e.name].label if data[e.name] else None,
             "overrides": list(e.overrides) + list(e.profile(profile).overrides),
             "wall_s": wall, "runs_wall_s": sum(o.wall_s for o in used),
             "n_run": sum(o.status in ("done", "resumed") for o in used),
