@@ -58,9 +58,13 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
               jobs: int | None = None, out: str | Path = "reproduce",
               data_dir: str | Path | None = None, fashion_dir: str | Path | None =
               FASHION_MNIST_DIR, command: Sequence[str] | None = None,
-              progress: bool = True) -> list[Path]:
+              progress: bool = True, threads: int | None = None) -> list[Path]:
     """Run the named experiments (or ``["all"]``) and write ``OUT/NAME/results.md`` for each;
-    returns those paths. Runs already finished with the same config are skipped."""
+    returns those paths. Runs already finished with the same config are skipped.
+
+    jobs: worker processes (default: one per core); threads: torch threads per run (default:
+    cores // jobs).
+    """
     import torch
 
     from moelab import __version__
@@ -72,7 +76,10 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"--jobs={jobs} is invalid: need >= 1")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    elif threads < 1:
+        raise ValueError(f"threads={threads} is invalid: need >= 1")
     out = Path(out)
     if data_dir is not None and not any("cifar10" in e.image_datasets for e in exps):
         raise ValueError("--data-dir holds CIFAR-10 for image claims; none of these "
