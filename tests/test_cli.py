@@ -17,9 +17,11 @@ name = "tiny"
 d_model = 32
 n_layers = 2
 n_heads = 2
+max_seq_len = 32
+
+[model.moe]
 n_experts = 4
 d_ff = 32
-max_seq_len = 32
 
 [data]
 seq_len = 32

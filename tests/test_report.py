@@ -13,8 +13,8 @@ from moelab.report import load_run, make_report, markdown_table
 from moelab.train import Trainer
 
 TINY = [
-    "model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.n_experts=4",
-    "model.d_ff=32", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8",
+    "model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.moe.n_experts=4",
+    "model.moe.d_ff=32", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8",
     "data.eval_batches=2", "data.final_eval_batches=2", "train.steps=9", "train.eval_every=3",
     "train.log_every=1", "train.threads=1",
 ]

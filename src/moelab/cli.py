@@ -21,7 +21,7 @@ EXAMPLES = """\
 examples:
   moelab train                                   # built-in default: MoE LM on Shakespeare
   moelab train --config mnist                    # MoE ViT on the packaged MNIST 5k
-  moelab train --set model.n_experts=16 --set optim.excitation.strategy=zero_sum
+  moelab train --set model.moe.n_experts=16 --set optim.excitation.strategy=zero_sum
   moelab train --set model.default_moe.beta=0.95 --out runs/dmoe
   moelab train --resume runs/dmoe                # continue from its ckpt.pt
   moelab train --config runs/dmoe/config.toml    # redo a run from its saved config
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: default)")
     t.add_argument("--set", "-s", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value, e.g. "
-                   "model.n_experts=16, optim.lr=1e-3, model.default_moe=none (repeatable; "
+                   "model.moe.n_experts=16, optim.lr=1e-3, model.default_moe=none (repeatable; "
                    "VALUE is a TOML literal or a plain string)")
     t.add_argument("--out", "-o", default=None, metavar="DIR",
                    help="run directory (default: train.out_dir or runs/<name>-<timestamp>)")

@@ -75,7 +75,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from moelab.moe.config import _require
+from moelab.validation import require
 
 BASE_STRATEGIES = ("zero_sum", "positive_sum", "negative_sum")
 ABLATIONS = ("inverted", "random", "global")
@@ -109,14 +109,14 @@ class ExcitationConfig:
     ablation_base: str = "zero_sum"
 
     def __post_init__(self) -> None:
-        _require(self.strategy in STRATEGIES, "optim.excitation.strategy", self.strategy,
+        require(self.strategy in STRATEGIES, "strategy", self.strategy,
                  f"choose one of {STRATEGIES}")
         gamma_ok = (isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool)
                     and math.isfinite(self.gamma) and self.gamma >= 0)
-        _require(gamma_ok, "optim.excitation.gamma", self.gamma, "need a finite float >= 0")
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
-                 "optim.excitation.seed", self.seed, "need an int")
-        _require(self.ablation_base in BASE_STRATEGIES, "optim.excitation.ablation_base",
+        require(gamma_ok, "gamma", self.gamma, "need a finite float >= 0")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
+                 "seed", self.seed, "need an int")
+        require(self.ablation_base in BASE_STRATEGIES, "ablation_base",
                  self.ablation_base, f"choose one of {BASE_STRATEGIES}")
 
 

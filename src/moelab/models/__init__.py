@@ -13,14 +13,14 @@ import math
 from torch import nn
 
 from moelab.models.blocks import Block, DenseSwiGLU, ModelOutput, MoEModel, RMSNorm
-from moelab.models.config import ModelConfig, MomentumConfig
+from moelab.models.config import ModelConfig
 from moelab.models.lm import MoETransformerLM
 from moelab.models.mlp import MoEMLP
 from moelab.models.vit import MoEViT
 
 __all__ = [
     "Block", "DenseSwiGLU", "MoEMLP", "MoEModel", "MoETransformerLM", "MoEViT", "ModelConfig",
-    "ModelOutput", "MomentumConfig", "RMSNorm", "build_model",
+    "ModelOutput", "RMSNorm", "build_model",
 ]
 
 
