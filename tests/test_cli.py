@@ -6,7 +6,7 @@ import pytest
 
 from moelab.cli import main
 from moelab.config import load_config
-from moelab.train import read_metrics
+from moelab.rundir import read_metrics
 
 TINY_TOML = """\
 # a tiny variation of the default LM for tests

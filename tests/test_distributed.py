@@ -239,7 +239,7 @@ def run_dist(tmp_path: Path, world: int, run_dir: Path, *extra: str,
 
 
 def train_log(run_dir: Path) -> tuple[list[float], list[float], list[dict]]:
-    from moelab.train import read_metrics
+    from moelab.rundir import read_metrics
 
     entries = read_metrics(run_dir)
     train = [e for e in entries if e["kind"] == "train"]
@@ -350,7 +350,8 @@ def test_torchrun_command_line(tmp_path):
     assert done.stdout.count("val ppl") == 1, done.stdout  # rank 0 alone reports
     final = [e for e in train_log(run)[2] if e.get("final")]
     assert len(final) == 1
-    from moelab.train import Trainer, read_metrics
+    from moelab.rundir import read_metrics
+    from moelab.train import Trainer
 
     summary = read_metrics(run)[-1]
     one_process = Trainer(tiny_all(), tmp_path / "unused", quiet=True)

@@ -80,3 +80,15 @@ def test_not_a_run_directory(tmp_path):
         make_report([tmp_path])
     with pytest.raises(ValueError, match="at least one"):
         make_report([])
+
+
+def test_report_reads_runs_without_the_trainer():
+    """``moelab.report`` reads run directories through ``moelab.rundir``, not the trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moelab.report; "
+            "print('moelab.train' in sys.modules, 'moelab.checkpoint' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False False"

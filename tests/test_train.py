@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moelab.config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
-from moelab.train import CHECKPOINT, CONFIG, METRICS, Trainer, read_metrics
+from moelab.rundir import CHECKPOINT, CONFIG, METRICS, read_metrics
+from moelab.train import Trainer
 
 # A model small enough for a few dozen steps in seconds on 2 CPU cores.
 TINY_LM = [
@@ -78,7 +79,7 @@ def test_run_directory_contents(tmp_path):
     assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)
     assert lrs[-1] == pytest.approx(3e-4)
     ckpt = torch.load(run / CHECKPOINT, weights_only=False)
-    assert {"model", "optimizer", "scheduler", "rng", "batcher", "step"} <= set(ckpt)
+    assert {"model", "optimizer", "rng", "batcher", "step"} <= set(ckpt) and "scheduler" not in ckpt
     assert ckpt["step"] == 12 and ckpt["batcher"]["step"] == 12
     assert not list(run.glob("*.tmp"))
     # the trainer restores torch's global settings
@@ -151,7 +152,8 @@ def test_excitation_changes_training(tmp_path):
     Trainer(plain, tmp_path / "plain", quiet=True).fit()
     tr = Trainer(exc, tmp_path / "exc", quiet=True)
     tr.fit()
-    assert type(tr.optimizer).__name__ == "Excitation"
+    assert type(tr.excitation).__name__ == "Excitation"
+    assert tr.excitation.optimizer is tr.optimizer and "excitation" in tr.optimizer.state_dict()
     la, lb = losses(tmp_path / "plain"), losses(tmp_path / "exc")
     assert la[0] == lb[0] and la[1:] != lb[1:]  # same first batch, different updates after
 

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from moelab.config import load_config
-    from moelab.train import Trainer, check_fresh_run_dir
+    from moelab.rundir import check_fresh_run_dir
+    from moelab.train import Trainer
 
     command = ["moelab", *argv]
     try:

@@ -5,7 +5,7 @@
     summary = trainer.fit()                          # trains, evaluates, checkpoints
     trainer = Trainer.resume("runs/try")             # continue bit-for-bit from ckpt.pt
 
-Run directory::
+Run directory (layout and I/O in ``moelab.rundir``; checkpoints in ``moelab.checkpoint``)::
 
     config.toml     the resolved RunConfig; ``moelab train --config RUN/config.toml`` redoes it
     command.txt     the exact command line(s) (one line per start / resume)
@@ -19,7 +19,7 @@ Run directory::
                     final: the last evaluation on the full validation and test splits, params,
                       throughput, training time
     ckpt.pt         written atomically: model (MoE buffers included), optimizer (Excitation
-                    included), schedule, RNG states (torch, numpy, python, cuda), batcher, step,
+                    included), RNG states (torch, numpy, python, cuda), batcher, step,
                     the open log window
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) the Trainer initialises
@@ -37,12 +37,9 @@ restores every piece of state, so N steps straight and N/2 + resume + N/2 log id
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
 import math
 import os
 import random
-import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -54,55 +51,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moelab import checkpoint as ckpt
 from moelab import distributed as mdist
-from moelab.config import RunConfig, dump_toml, load_config
-from moelab.metrics import aggregate_counts, layer_metrics
+from moelab import rundir
+from moelab.config import RunConfig, dump_toml
+from moelab.metrics import LayerAccumulator
 
-__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "Trainer", "check_fresh_run_dir", "default_run_dir",
-           "load_trained", "read_metrics"]
-
-CONFIG = "config.toml"
-METRICS = "metrics.jsonl"
-CHECKPOINT = "ckpt.pt"
-COMMAND = "command.txt"
-CKPT_VERSION = 1
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The entries of ``RUN/metrics.jsonl`` (an empty list if there is none)."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-    return out
-
-
-def default_run_dir(cfg: RunConfig, root: str | Path = "runs") -> Path:
-    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (with a numeric suffix if that exists)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / f"{cfg.name}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
-
-
-def check_fresh_run_dir(run_dir: str | Path) -> Path:
-    """``run_dir`` as a Path; raises FileExistsError if it already holds a run."""
-    d = Path(run_dir)
-    if d.exists() and not d.is_dir():
-        raise FileExistsError(f"run directory {d} is a file")
-    if (d / METRICS).exists() or (d / CHECKPOINT).exists():
-        raise FileExistsError(f"run directory {d} already holds a run; resume it with "
-                              f"`moelab train --resume {d}` or choose another --out")
-    return d
-
+__all__ = ["Trainer", "load_trained"]
 
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -115,81 +70,6 @@ def _resolve_device(name: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"train.device={name!r} is invalid: MPS is not available here")
     return dev
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _json_safe(x: Any) -> Any:
-    """Floats that JSON can hold (NaN/inf become None)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-class _LayerAccumulator:
-    """Routing statistics of one MoE layer summed over the forwards of one evaluation."""
-
-    def __init__(self) -> None:
-        self.counts: list[torch.Tensor] = []
-        self.tokens = 0
-        self.entropy = 0.0
-        self.dropped = 0.0
-        self.mean_prob: torch.Tensor | None = None
-        self.norm_sum: torch.Tensor | None = None
-        self.norm_weight: torch.Tensor | None = None
-        self.load_balance = 0.0
-        self.z_loss = 0.0
-        self.n_forwards = 0
-
-    def add(self, stats: Any, losses: Any) -> None:
-        n = int(stats.n_tokens)
-        counts = stats.tokens_per_expert.detach().double().cpu()
-        self.counts.append(counts)
-        self.tokens += n
-        self.entropy += float(stats.entropy) * n
-        self.dropped += float(stats.dropped_frac) * n
-        mp = stats.mean_prob.detach().double().cpu() * n
-        self.mean_prob = mp if self.mean_prob is None else self.mean_prob + mp
-        if stats.expert_out_norm is not None:
-            norm = stats.expert_out_norm.detach().double().cpu()
-            ok = ~torch.isnan(norm)
-            w = torch.where(ok, counts, torch.zeros_like(counts))
-            s = torch.where(ok, norm, torch.zeros_like(norm)) * w
-            self.norm_sum = s if self.norm_sum is None else self.norm_sum + s
-            self.norm_weight = w if self.norm_weight is None else self.norm_weight + w
-        if losses is not None:
-            self.load_balance += float(losses.load_balance)
-            self.z_loss += float(losses.z_loss)
-        self.n_forwards += 1
-
-    def metrics(self) -> dict[str, Any]:
-        counts = aggregate_counts(self.counts)
-        out_norm = None
-        if self.norm_sum is not None:
-            out_norm = torch.where(self.norm_weight > 0,
-                                   self.norm_sum / self.norm_weight.clamp_min(1e-300),
-                                   torch.full_like(self.norm_sum, float("nan")))
-        m = layer_metrics(
-            counts,
-            mean_prob_E=self.mean_prob / self.tokens,
-            entropy=self.entropy / self.tokens,
-            dropped_frac=min(1.0, max(0.0, self.dropped / self.tokens)),
-            out_norm_E=out_norm,
-            aux_loss=self.load_balance / self.n_forwards,
-            z_loss=self.z_loss / self.n_forwards,
-        )
-        if out_norm is not None:
-            m["out_norm"] = [None if math.isnan(v) else v for v in out_norm.tolist()]
-        m["tokens"] = self.tokens
-        return m
 
 
 class Trainer:
@@ -216,7 +96,7 @@ class Trainer:
         self.ctx = self._setup_distributed()
         self.is_main = self.ctx is None or self.ctx.is_main
         self.run_dir = Path(run_dir) if run_dir is not None else (
-            Path(tcfg.out_dir) if tcfg.out_dir else default_run_dir(cfg))
+            Path(tcfg.out_dir) if tcfg.out_dir else rundir.default_run_dir(cfg))
         if self.ctx is not None:  # one run directory for all ranks: rank 0's
             shared = [str(self.run_dir)]
             dist.broadcast_object_list(shared, src=0)
@@ -247,6 +127,7 @@ class Trainer:
                 mdist.enable_global_stats(self.model)
                 self._expert_params = mdist.expert_parameters(self.model)
                 self._train_model = mdist.wrap_ddp(self.model, self.ctx)
+            self.excitation = None
             self.optimizer = self._build_optimizer()
             self._seed_everything(tcfg.seed)  # the run starts from the same RNG state always
 
@@ -382,8 +263,9 @@ class Trainer:
         if ocfg.excitation is not None:
             from moelab.methods.excitation import Excitation
 
-            opt = Excitation(opt, self.model, config=ocfg.excitation)
-            opt.all_reduce_counts = self.ctx is not None  # the global batch's utilization
+            # hooks onto opt: its step applies Φ, its state_dict carries Excitation's state
+            self.excitation = Excitation(opt, self.model, config=ocfg.excitation)
+            self.excitation.all_reduce_counts = self.ctx is not None  # global utilization
         return opt
 
     # ------------------------------------------------------------------ one step
@@ -470,7 +352,7 @@ class Trainer:
             layers = model.moe_layers() if routing else []
             if routing:
                 model.set_track_out_norm(True)
-            acc = [_LayerAccumulator() for _ in layers]
+            acc = [LayerAccumulator() for _ in layers]
             loss_sum, n_items, correct = 0.0, 0, 0
             try:
                 for x, y in self._eval_batches(split, max_batches):
@@ -503,7 +385,7 @@ class Trainer:
         return res
 
     def _excitation_summary(self) -> dict[str, Any] | None:
-        mult = getattr(self.optimizer, "last_multipliers", None)
+        mult = self.excitation.last_multipliers if self.excitation is not None else None
         if not mult:
             return None
         out = {}
@@ -516,48 +398,25 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run bit-for-bit."""
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-               "python": random.getstate()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        """Everything needed to continue the run bit-for-bit (see ``moelab.checkpoint``)."""
         return {
-            "version": CKPT_VERSION,
+            "version": ckpt.CKPT_VERSION,
             "step": self.step,
             "items_seen": self.items_seen,
             "train_time_s": self.train_time_s,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"step": self.step, "base_lr": self.cfg.optim.lr,
-                          "total_steps": self.cfg.train.steps},
             "batcher": self.batcher.state_dict(),
-            "rng": rng,
+            "rng": ckpt.capture_rng(self.device),
             "window": dict(self._window),
             "config_toml": dump_toml(self.cfg),
             "parallel": {"world_size": self.world_size,
                          "expert_parallel": self.cfg.train.expert_parallel},
         }
 
-    def _check_parallel(self, state: dict[str, Any]) -> None:
-        """Raise if ``state`` comes from an expert-parallel run of another world size."""
-        saved = state.get("parallel", {"world_size": 1, "expert_parallel": 1})
-        if saved["expert_parallel"] > 1 and saved["world_size"] != self.world_size:
-            raise ValueError(
-                f"this checkpoint holds experts sharded over {saved['world_size']} ranks "
-                f"(expert_parallel={saved['expert_parallel']}); load it under torchrun with "
-                f"--nproc_per_node {saved['world_size']} (this process has a world of "
-                f"{self.world_size}); resharding experts to another world size is not "
-                "supported")
-        if self.cfg.train.expert_parallel != saved["expert_parallel"] and \
-                saved["expert_parallel"] > 1:
-            raise ValueError(f"checkpoint expert_parallel={saved['expert_parallel']} != "
-                             f"train.expert_parallel={self.cfg.train.expert_parallel}")
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != CKPT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')!r} is not supported "
-                             f"(need {CKPT_VERSION})")
-        self._check_parallel(state)
+        ckpt.check_version(state)
+        ckpt.check_parallel(state, self.world_size, self.cfg.train.expert_parallel)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.batcher.load_state_dict(state["batcher"])
@@ -565,36 +424,23 @@ class Trainer:
         self.items_seen = int(state["items_seen"])
         self.train_time_s = float(state["train_time_s"])
         self._window = dict(state["window"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        ckpt.restore_rng(state["rng"], self.device)
 
-    def _checkpoint_path(self) -> Path | None:
-        """This rank's checkpoint file: ``ckpt.pt`` (rank 0), ``ckpt.rank<r>.pt`` (rank r > 0
-        of an expert-parallel run), None for ranks > 0 of a data-parallel run (rank 0's
-        holds everything)."""
-        if self.is_main:
-            return self.run_dir / CHECKPOINT
-        if self.cfg.train.expert_parallel > 1:
-            return self.run_dir / f"ckpt.rank{self.ctx.rank}.pt"
-        return None
+    @property
+    def _rank(self) -> int:
+        return 0 if self.ctx is None else self.ctx.rank
 
     def save_checkpoint(self) -> Path:
-        """Write this rank's checkpoint atomically (temporary file + ``os.replace``); returns
-        ``RUN/ckpt.pt``. All ranks take part under torchrun."""
-        path = self._checkpoint_path()
+        """Write this rank's checkpoint atomically; returns ``RUN/ckpt.pt``. All ranks take
+        part under torchrun."""
+        path = ckpt.rank_checkpoint_path(self.run_dir, self._rank,
+                                         self.cfg.train.expert_parallel)
         state = self.state_dict()  # on every rank: a collective-free snapshot
         if path is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            ckpt.save_atomic(state, path)
         if self.ctx is not None:
             dist.barrier()
-        return self.run_dir / CHECKPOINT
+        return self.run_dir / rundir.CHECKPOINT
 
     @classmethod
     def resume(cls, run_dir: str | Path, *, quiet: bool = False,
@@ -602,67 +448,40 @@ class Trainer:
         """A Trainer that continues the run in ``run_dir`` from its ``ckpt.pt``, with the
         run's ``config.toml`` (edit ``train.steps`` there to extend a finished run)."""
         run_dir = Path(run_dir)
-        cfg_path, ckpt_path = run_dir / CONFIG, run_dir / CHECKPOINT
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"cannot {_verb} {run_dir}: not a moelab run directory "
-                                    f"(no {CONFIG})")
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"cannot {_verb} {run_dir}: no {CHECKPOINT} there (the run "
-                                    "stopped before its first checkpoint)")
-        trainer = cls(load_config(cfg_path), run_dir, quiet=quiet, command=command)
-        own = trainer._checkpoint_path() or ckpt_path
-        main_state = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
-        trainer._check_parallel(main_state)
-        state = main_state if own == ckpt_path else torch.load(
-            own, map_location=trainer.device, weights_only=False)
-        if trainer.ctx is not None:  # all ranks must resume from the same step (or all stop)
-            torn = torch.tensor([float(state["step"] != main_state["step"])],
-                                device=trainer.device)
-            dist.all_reduce(torn)
-            if float(torn) > 0:
-                raise ValueError(f"cannot {_verb} {run_dir}: the per-rank checkpoint files are "
-                                 "from different steps (a save was interrupted)")
-        trainer.load_state_dict(state)
+        cfg = rundir.read_config(run_dir, _verb)
+        if not (run_dir / rundir.CHECKPOINT).is_file():
+            raise FileNotFoundError(f"cannot {_verb} {run_dir}: no {rundir.CHECKPOINT} there "
+                                    "(the run stopped before its first checkpoint)")
+        trainer = cls(cfg, run_dir, quiet=quiet, command=command)
+        trainer.load_state_dict(ckpt.load_for_resume(
+            run_dir, trainer._rank, trainer.world_size, cfg.train.expert_parallel,
+            trainer.device, distributed=trainer.ctx is not None, verb=_verb))
         trainer._resumed = True
         return trainer
 
     # ------------------------------------------------------------------ the loop
 
     def _log(self, entry: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_json_safe(entry)) + "\n")
+        if self.is_main:
+            rundir.append_metrics(self.run_dir, entry)
 
     def _start_run_dir(self) -> None:
         d = self.run_dir
         if not self._resumed:
-            check_fresh_run_dir(d)  # on every rank, before rank 0 writes anything
+            rundir.check_fresh_run_dir(d)  # on every rank, before rank 0 writes anything
         if self.ctx is not None:
             dist.barrier()
         if self.is_main:
-            self._write_run_dir_header()
+            if self._resumed:
+                rundir.truncate_metrics(d, self.step)
+            else:
+                rundir.start_run_dir(d, self.cfg)
+            command = self.command
+            if self.ctx is not None and command and command[0] != "torchrun":
+                command = ["torchrun", "--nproc_per_node", str(self.world_size), *command]
+            rundir.append_command(d, command)
         if self.ctx is not None:
             dist.barrier()
-
-    def _write_run_dir_header(self) -> None:
-        d = self.run_dir
-        if self._resumed:
-            # drop what was logged after the checkpoint (and any final summary)
-            kept = [e for e in read_metrics(d)
-                    if e.get("step", 0) <= self.step and e.get("kind") != "final"]
-            _atomic_write_text(d / METRICS, "".join(json.dumps(e) + "\n" for e in kept))
-        else:
-            d.mkdir(parents=True, exist_ok=True)
-            header = (f"moelab run config ({self.cfg.name}), resolved.\n"
-                      f"Reproduce: moelab train --config {d / CONFIG}")
-            _atomic_write_text(d / CONFIG, dump_toml(self.cfg, header=header))
-            (d / METRICS).write_text("", encoding="utf-8")
-        command = self.command
-        if self.ctx is not None and command and command[0] != "torchrun":
-            command = ["torchrun", "--nproc_per_node", str(self.world_size), *command]
-        with open(d / COMMAND, "a", encoding="utf-8") as f:
-            f.write(shlex.join(command) + "\n")
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
