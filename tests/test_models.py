@@ -231,6 +231,9 @@ def test_lm_input_errors():
     model = build_model(lm_cfg(max_seq_len=16), vocab_size=V)
     with pytest.raises(ValueError, match="dtype"):
         model(torch.zeros(2, 4))
+    with pytest.raises(IndexError):  # torch's own embedding check (CPU); see the debug flag
+        model(torch.full((2, 4), V))
+    model.check_token_range = True
     with pytest.raises(ValueError, match="range"):
         model(torch.full((2, 4), V))
     with pytest.raises(ValueError, match="range"):
@@ -280,3 +283,17 @@ def test_activation_checkpointing_on_the_very_first_forward():
     cfg = lm_cfg(d_model=48, n_heads=4, d_ff=40, activation_checkpointing=True)
     model = build_model(cfg, vocab_size=V)
     model(tokens()).logits.sum().backward()
+
+
+def test_token_range_checked_per_split_or_behind_the_debug_flag():
+    from moelab.models.lm import check_token_ids
+
+    check_token_ids(torch.tensor([0, V - 1]), V)
+    with pytest.raises(ValueError, match=r"val split token ids range \[0, 64\] is invalid"):
+        check_token_ids(torch.tensor([0, V]), V, "val split token ids")
+    model = build_model(lm_cfg(), vocab_size=V)
+    bad = torch.tensor([[1, V]])
+    assert not model.check_token_range  # no per-forward device->host sync by default
+    model.check_token_range = True
+    with pytest.raises(ValueError, match=r"token ids range \[1, 64\] is invalid"):
+        model(bad)

@@ -220,7 +220,10 @@ class Trainer:
             self.tokens = {"train": toks.train.to(small), "val": toks.valid.to(small),
                            "test": toks.test.to(small)}
             self.data_source = splits.source
+            from moelab.models.lm import check_token_ids
+
             for split, t in self.tokens.items():
+                check_token_ids(t, self.vocab_size, f"{split} split token ids")  # once per split
                 if t.numel() < dcfg.seq_len + 1:
                     raise ValueError(
                         f"data.seq_len={dcfg.seq_len} is invalid: the {split} split of "
