@@ -1,5 +1,6 @@
 """The core MoE layer against a naive loop reference, router losses, capacity, errors."""
 
+import copy
 import math
 
 import pytest
@@ -81,16 +82,29 @@ def test_gradcheck_fp64(activation):
 
 
 @pytest.mark.skipif(not HAS_GROUPED, reason="this torch has no CPU grouped_mm")
-def test_bf16_grouped_close_to_fp32_reference():
-    layer = make_layer(n_experts=4, top_k=2, d_model=16, d_ff=8, dispatch="grouped_mm")
-    x = torch.randn(12, 16)
-    ref = naive_moe(layer, x.bfloat16().float())
-    layer16 = make_layer(n_experts=4, top_k=2, d_model=16, d_ff=8).bfloat16()
-    layer16.load_state_dict(layer.state_dict())
+def test_bf16_grouped_close_to_fp32_reference(monkeypatch):
+    """The bf16 grouped-GEMM path really runs (the loop is made to fail) and matches the fp32
+    reference on the same bf16-rounded weights and inputs."""
+    import moelab.moe.experts as experts_module
+
+    layer16 = make_layer(n_experts=4, top_k=2, d_model=16, d_ff=8,
+                         dispatch="grouped_mm").bfloat16()
+    try:
+        resolve_backend("grouped_mm", "cpu", torch.bfloat16, layer16.experts.w_in)
+    except RuntimeError as e:
+        pytest.skip(f"no bf16 grouped GEMM on this CPU build: {e}")
+
+    def no_loop(*args, **kwargs):
+        raise AssertionError("the expert loop ran instead of the grouped path")
+
+    monkeypatch.setattr(experts_module, "expert_loop", no_loop)
+    x = torch.randn(12, 16).bfloat16()
+    y = layer16(x).y
+    assert y.dtype == torch.bfloat16
     # same routing: the router runs in fp32 on bf16-rounded inputs and weights
-    ref = naive_moe(layer16.float(), x.bfloat16().float())
-    layer16.bfloat16()
-    torch.testing.assert_close(layer16(x.bfloat16()).y.float(), ref, rtol=5e-2, atol=5e-2)
+    ref = naive_moe(copy.deepcopy(layer16).float(), x.float())
+    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
+    assert (y.float() - ref).abs().max() > 0  # really computed in bf16, not in fp32
 
 
 def test_auto_picks_the_loop_on_cpu_and_grouped_mm_elsewhere(monkeypatch, recwarn):
