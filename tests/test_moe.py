@@ -340,3 +340,48 @@ def test_moe_package_imports_no_method():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_layer_method_seam_gets_weighted_expert_sums(backend, capacity_factor):
+    """A LayerMethod asking for sums with an arbitrary [N] row weight gets
+    sums_ED[e] = sum_{n -> e} w[n] * expert_e(x_n) and weight_E[e] = sum_{n -> e} w[n] over the
+    kept rows (checked against the reference experts), and its forward's output is the
+    layer's; eval forwards ask for nothing."""
+    from reference import expert_forward
+
+    from moelab.moe import LayerMethod
+
+    class Probe(LayerMethod):
+        def row_weight(self, routing, plan):
+            self.plan = plan
+            self.w_N = torch.rand(plan.expert_ids.shape[0])
+            return self.w_N
+
+        def forward(self, y_TD, routing, sums):
+            self.sums = sums
+            return 2.0 * y_TD
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, n_experts=4, top_k=2, d_ff=8, aux_loss_coef=0.0,
+                    dispatch=backend, capacity_factor=capacity_factor)
+    probe = Probe()
+    layer = MoELayer(cfg, method=probe)
+    x = torch.randn(10, 8)
+    y = layer(x).y
+    plain = MoELayer(cfg)
+    plain.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(y, 2.0 * plain(x).y)
+    plan, w_N = probe.plan, probe.w_N
+    want_ED, want_E = torch.zeros(4, 8), torch.zeros(4)
+    with torch.no_grad():
+        for n in range(w_N.shape[0]):
+            e, t = int(plan.expert_ids[n]), int(plan.token_idx[n])
+            want_ED[e] += w_N[n] * expert_forward(layer, e, x[t])
+            want_E[e] += w_N[n]
+    torch.testing.assert_close(probe.sums.sums_ED, want_ED, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probe.sums.weight_E, want_E)
+    layer.eval()
+    layer(x)
+    assert probe.sums is None

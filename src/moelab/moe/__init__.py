@@ -9,6 +9,7 @@ Shape suffixes used in names throughout ``moe/`` (``x_TD``, ``probs_TE``, ``w_in
     F  expert hidden width (d_ff; SwiGLU's fused first projection is 2F wide)
     N  kept token->expert assignments (T*K when dropless), grouped by expert
     C  experts in one chunk of the CPU expert loop (a slice of E)
+    I, O  input / output width of a generic per-expert matmul (D or F, F or D)
 
 Methods plug in through ``LayerMethod`` (see ``moe.layer``).
 """
