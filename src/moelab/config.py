@@ -211,6 +211,9 @@ class TrainConfig:
         (a divisor of the world size and of n_experts; 1: plain data parallel).
     dist_backend: torch.distributed backend under torchrun: "auto" (nccl on cuda, else gloo),
         "gloo" or "nccl".
+    loggers: where metrics go (``moelab.loggers``): "jsonl" (``metrics.jsonl``, always on),
+        "tensorboard", "wandb" (the last two need ``pip install 'moelab[tracking]'``).
+    tracker_group: W&B group of this run (e.g. the experiment of a ``moelab reproduce`` arm).
     """
 
     steps: int = 1000
@@ -225,6 +228,8 @@ class TrainConfig:
     deterministic: bool = True
     expert_parallel: int = 1
     dist_backend: str = "auto"
+    loggers: tuple[str, ...] = ("jsonl",)
+    tracker_group: str | None = None
 
     def __post_init__(self) -> None:
         require(_is_int(self.steps) and self.steps >= 1, "steps", self.steps,
@@ -240,6 +245,13 @@ class TrainConfig:
                "device", self.device, "use cpu, cuda, cuda:N, mps or auto")
         require(self.dist_backend in ("auto", "gloo", "nccl"), "dist_backend",
                  self.dist_backend, "use auto, gloo or nccl")
+        known = ("jsonl", "tensorboard", "wandb")  # moelab.loggers.LOGGERS
+        require(all(x in known for x in self.loggers), "loggers", list(self.loggers),
+                f"choose from {', '.join(known)}")
+        require(len(set(self.loggers)) == len(self.loggers), "loggers", list(self.loggers),
+                "a logger is listed twice")
+        require(self.tracker_group is None or self.tracker_group.strip() != "",
+                "tracker_group", self.tracker_group, "need a non-empty string or none")
 
 
 @dataclass(frozen=True)
@@ -298,7 +310,10 @@ def _type_name(tp: Any) -> str:
     if tp in names:
         return names[tp]
     if typing.get_origin(tp) is tuple:
-        return f"an array of {len(typing.get_args(tp))} values"
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"an array of {getattr(args[0], '__name__', args[0])} values"
+        return f"an array of {len(args)} values"
     return str(tp)
 
 
