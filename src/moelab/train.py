@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from moelab import checkpoint as ckpt
 from moelab import distributed as mdist
+from moelab import loggers as mlog
 from moelab import rundir
 from moelab.config import RunConfig, dump_toml
 from moelab.metrics import LayerAccumulator
@@ -107,6 +108,8 @@ class Trainer:
         self.train_time_s = 0.0
         self._window = self._new_window()
         self._resumed = False
+        mlog.require_backends(tcfg.loggers)  # a missing tracker package fails here, not later
+        self._loggers: mlog.LoggerGroup | None = None  # opened by fit, on rank 0
         with self._runtime():
             self._seed_everything(tcfg.seed)
             self._setup_data()
@@ -466,7 +469,7 @@ class Trainer:
 
     def _log(self, entry: dict[str, Any]) -> None:
         if self.is_main:
-            rundir.append_metrics(self.run_dir, entry)
+            self._loggers.log(entry)  # metrics.jsonl + train.loggers (moelab.loggers)
 
     def _start_run_dir(self) -> None:
         d = self.run_dir
@@ -483,6 +486,8 @@ class Trainer:
             if self.ctx is not None and command and command[0] != "torchrun":
                 command = ["torchrun", "--nproc_per_node", str(self.world_size), *command]
             rundir.append_command(d, command)
+            self._loggers = mlog.open_loggers(self.cfg, d, self.model, quiet=self.quiet,
+                                              resume_step=self.step if self._resumed else None)
         if self.ctx is not None:
             dist.barrier()
 
@@ -495,6 +500,18 @@ class Trainer:
         as if interrupted); evaluate every ``eval_every`` steps; write the run directory.
         Returns the final summary (also the last line of ``metrics.jsonl``), or the state at
         ``max_steps`` (``{"step": ..., "stopped": True}``)."""
+        failed = True
+        try:
+            out = self._fit(max_steps)
+            failed = False
+            return out
+        finally:  # the TensorBoard / W&B runs end with the call, however it ends
+            if self._loggers is not None:
+                self._loggers.close(failed)
+                self._loggers = None
+
+    def _fit(self, max_steps: int | None) -> dict[str, Any]:
+        """The loop of :meth:`fit`."""
         tcfg = self.cfg.train
         total = tcfg.steps
         stop = total if max_steps is None else min(total, max_steps)
@@ -560,6 +577,7 @@ class Trainer:
         exc = self._excitation_summary()
         if exc is not None:
             entry["excitation"] = exc
+        entry.update(mlog.method_summary(self.model))  # Default MoE EMA norms, learnable μ/γ
         self._log(entry)
 
     def _finish(self) -> dict[str, Any]:
