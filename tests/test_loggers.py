@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 import subprocess
@@ -88,13 +89,14 @@ def test_loggers_config_is_checked():
 def test_missing_package_is_one_line_with_pip_install(package, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, package, None)  # `import package` raises ImportError
     cfg = tiny(f"train.loggers=['jsonl', '{package}']")
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'moelab\[tracking\]'") as e:
+    install = f"pip install 'moelab[{package}]'"
+    with pytest.raises(ModuleNotFoundError, match=re.escape(install)) as e:
         Trainer(cfg, tmp_path / "run", quiet=True)
     assert "\n" not in str(e.value) and package in str(e.value)
     assert not (tmp_path / "run").exists()
     rc = main(["train", "--set", f"train.loggers=['{package}']", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "pip install 'moelab[tracking]'" in err
+    assert rc == 2 and err.count("\n") == 1 and install in err
 
 
 def test_core_never_imports_tensorboard_or_wandb(tmp_path):
@@ -293,3 +295,19 @@ def test_wandb_offline_run_has_the_same_scalars_and_resumes_the_same_run(tmp_pat
     assert share[-1]["layer1/expert_share/values"] == pytest.approx(last["layers"][1]["share"])
     assert share[-1]["layer1/expert_share/bins"] == [0, 1, 2, 3, 4]
     assert math.isfinite(got[6]["final/test_ppl"])
+
+
+# ------------------------------------------------------------------ torchrun: rank 0 only
+
+
+def test_only_rank_0_writes_tracker_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from test_distributed import run_dist
+
+    run = tmp_path / "dp"
+    run_dist(tmp_path, 2, run, "train.loggers=['jsonl', 'tensorboard']")
+    files = list(run.glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    ea = _event_accumulator(run)
+    assert _steps(ea, "train/loss") == list(range(1, 7))
+    assert _steps(ea, "layer1/gini") == [3, 6]

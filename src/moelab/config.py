@@ -212,7 +212,7 @@ class TrainConfig:
     dist_backend: torch.distributed backend under torchrun: "auto" (nccl on cuda, else gloo),
         "gloo" or "nccl".
     loggers: where metrics go (``moelab.loggers``): "jsonl" (``metrics.jsonl``, always on),
-        "tensorboard", "wandb" (the last two need ``pip install 'moelab[tracking]'``).
+        "tensorboard", "wandb" (``pip install 'moelab[tracking]'`` for both).
     tracker_group: W&B group of this run (e.g. the experiment of a ``moelab reproduce`` arm).
     """
 

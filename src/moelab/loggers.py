@@ -1,9 +1,9 @@
 """Where the Trainer's metrics go: ``metrics.jsonl`` (always) plus TensorBoard and W&B.
 
 Chosen with ``train.loggers`` (``--set 'train.loggers=["jsonl", "tensorboard", "wandb"]'``).
-``jsonl`` is always on (reports, ``moelab eval`` and resume read it); ``tensorboard`` needs the
-``tensorboard`` package and ``wandb`` the ``wandb`` package (``pip install 'moelab[tracking]'``).
-Neither is imported unless listed.
+``jsonl`` is always on (reports, ``moelab eval`` and resume read it); ``tensorboard`` and
+``wandb`` need their packages (``pip install 'moelab[tensorboard]'``, ``'moelab[wandb]'``, or
+both: ``'moelab[tracking]'``) and neither is imported unless listed.
 
 Every logger receives the Trainer's ``metrics.jsonl`` entries (``kind`` train / eval / final)
 and the trackers map them to these names (``i`` = the i-th MoE layer, the ``layer`` of
@@ -57,8 +57,8 @@ __all__ = [
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")
 WANDB_ID = "wandb_id.txt"
-_INSTALL = {"tensorboard": "pip install 'moelab[tracking]'  (or: pip install tensorboard)",
-            "wandb": "pip install 'moelab[tracking]'  (or: pip install wandb)"}
+_INSTALL = {"tensorboard": "pip install 'moelab[tensorboard]' (or: pip install tensorboard)",
+            "wandb": "pip install 'moelab[wandb]' (or: pip install wandb)"}
 
 
 def require_backends(names: tuple[str, ...] | list[str]) -> None:
