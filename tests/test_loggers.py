@@ -19,8 +19,8 @@ from test_train import tiny
 from moelab.cli import main
 from moelab.config import ConfigError
 from moelab.loggers import WANDB_ID, Histogram, tracker_records
-from moelab.rundir import CHECKPOINT, read_metrics
-from moelab.train import Trainer
+from moelab.rundir import CHECKPOINT, CONFIG, read_metrics
+from moelab.train import Trainer, load_trained
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -91,12 +91,24 @@ def test_missing_package_is_one_line_with_pip_install(package, monkeypatch, tmp_
     cfg = tiny(f"train.loggers=['jsonl', '{package}']")
     install = f"pip install 'moelab[{package}]'"
     with pytest.raises(ModuleNotFoundError, match=re.escape(install)) as e:
-        Trainer(cfg, tmp_path / "run", quiet=True)
+        Trainer(cfg, tmp_path / "run", quiet=True).fit()
     assert "\n" not in str(e.value) and package in str(e.value)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()  # stopped before writing anything
     rc = main(["train", "--set", f"train.loggers=['{package}']", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and install in err
+
+
+def test_evaluating_a_tracked_run_needs_no_tracker_package(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(tiny("train.steps=2", "train.eval_every=0"), run, quiet=True).fit()
+    text = (run / CONFIG).read_text()
+    assert 'loggers = ["jsonl"]' in text
+    (run / CONFIG).write_text(text.replace('loggers = ["jsonl"]', 'loggers = ["jsonl", "wandb"]'))
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    trainer = load_trained(run)
+    assert trainer.cfg.train.loggers == ("jsonl", "wandb")
+    assert trainer.evaluate("val", 1)["val_loss"] > 0
 
 
 def test_core_never_imports_tensorboard_or_wandb(tmp_path):

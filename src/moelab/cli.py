@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from moelab.config import load_config
+    from moelab.loggers import require_backends
     from moelab.rundir import check_fresh_run_dir
     from moelab.train import Trainer
 
@@ -117,6 +118,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 check_fresh_run_dir(out)
             trainer = Trainer(cfg, out, quiet=args.quiet, command=command)
             check_fresh_run_dir(trainer.run_dir)
+        require_backends(trainer.cfg.train.loggers)  # a missing tracker: one line, not in fit
     except USER_ERRORS as e:
         return _fail(_one_line(e))
     try:

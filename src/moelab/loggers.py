@@ -317,12 +317,16 @@ def open_loggers(cfg: RunConfig, run_dir: Path, model: torch.nn.Module, *,
     names = cfg.train.loggers
     require_backends(names)
     layer_of = moe_layer_index(model)
-    out: list[Logger] = [JsonlLogger(run_dir)]
-    if "tensorboard" in names:
-        out.append(TensorBoardLogger(run_dir, layer_of, resume_step=resume_step,
-                                     config_text=None if resume_step is not None
-                                     else dump_toml(cfg)))
-    if "wandb" in names:
-        out.append(WandbLogger(run_dir, layer_of, cfg, resumed=resume_step is not None,
-                               quiet=quiet))
-    return LoggerGroup(out)
+    group = LoggerGroup([JsonlLogger(run_dir)])
+    try:
+        if "tensorboard" in names:
+            group.loggers.append(TensorBoardLogger(
+                run_dir, layer_of, resume_step=resume_step,
+                config_text=None if resume_step is not None else dump_toml(cfg)))
+        if "wandb" in names:
+            group.loggers.append(WandbLogger(run_dir, layer_of, cfg,
+                                             resumed=resume_step is not None, quiet=quiet))
+    except BaseException:
+        group.close(failed=True)  # the ones already open
+        raise
+    return group

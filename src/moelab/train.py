@@ -108,7 +108,6 @@ class Trainer:
         self.train_time_s = 0.0
         self._window = self._new_window()
         self._resumed = False
-        mlog.require_backends(tcfg.loggers)  # a missing tracker package fails here, not later
         self._loggers: mlog.LoggerGroup | None = None  # opened by fit, on rank 0
         with self._runtime():
             self._seed_everything(tcfg.seed)
@@ -473,6 +472,7 @@ class Trainer:
 
     def _start_run_dir(self) -> None:
         d = self.run_dir
+        mlog.require_backends(self.cfg.train.loggers)  # a missing tracker stops before writing
         if not self._resumed:
             rundir.check_fresh_run_dir(d)  # on every rank, before rank 0 writes anything
         if self.ctx is not None:
