@@ -130,6 +130,14 @@ def test_checkpoint_with_nan_is_never_written(tmp_path):
     assert (tmp_path / "run" / CHECKPOINT).read_bytes() == good
 
 
+def test_evaluate_of_non_finite_outputs_is_one_clear_error(tmp_path):
+    tr = Trainer(tiny(), tmp_path / "run", quiet=True)
+    tr.model.tok_emb.register_forward_hook(lambda m, a, out: out * float("nan"))
+    with pytest.raises(NonFiniteError, match="evaluation on the val split at step 0 gave a "
+                       "nan loss"):
+        tr.evaluate("val", 2)  # not the routing metrics' "mean_prob_E must be finite"
+
+
 def test_eval_and_report_of_a_diverged_run(tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(tiny("train.steps=4", "train.eval_every=2"), run, quiet=True).fit()

@@ -410,6 +410,8 @@ class Trainer:
                     x, y = x.to(self.device), y.to(self.device)
                     out = model(x)
                     loss_sum += float(self._task_loss(out.logits, y, reduction="sum"))
+                    if not math.isfinite(loss_sum):  # before the routing metrics see NaNs
+                        break
                     n_items += y.numel()
                     if not self.is_lm:
                         correct += int((out.logits.argmax(-1) == y).sum())
@@ -422,9 +424,12 @@ class Trainer:
                 if routing:
                     model.set_track_out_norm(False)
                 model.train(was_training)
-        if n_items == 0:
+        if not math.isfinite(loss_sum):
+            loss = loss_sum
+        elif n_items == 0:
             raise ValueError(f"the {split} split gave no evaluation batch")
-        loss = loss_sum / n_items
+        else:
+            loss = loss_sum / n_items
         if not math.isfinite(loss):
             raise NonFiniteError(
                 f"evaluation on the {split} split at step {self.step} gave a {loss} loss: the "
