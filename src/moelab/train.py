@@ -743,6 +743,9 @@ class Trainer:
         checkpoint at the last step is written, so a resume redoes just this)."""
         dcfg = self.cfg.data
         self._final_phase = True
+        if self._stop is not None:
+            self._stop.message = ("stopping the final evaluation (ckpt.pt holds the last "
+                                  "step; a resume redoes just the evaluation)")
         try:
             ev = self.evaluate("val", dcfg.final_eval_batches, progress=True)
             test = self.evaluate("test", dcfg.final_eval_batches, routing=False, progress=True)
