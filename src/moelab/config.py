@@ -204,7 +204,8 @@ class TrainConfig:
     log_every: a metrics line every N steps.  checkpoint_every: ``ckpt.pt`` every N steps
         (0: only at the end).  seed: everything random (init, data order, dropout).
     out_dir: run directory (None: ``runs/<name>-<timestamp>``).
-    device: "cpu", "cuda", "cuda:N" or "auto".  threads: torch CPU threads (0: torch default).
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps".
+    threads: torch CPU threads (0: torch default).
     grad_accum: micro-batches per optimizer step.
     deterministic: ``torch.use_deterministic_algorithms`` during the run.
     expert_parallel: under torchrun, shard every MoE layer's experts over this many ranks
@@ -214,6 +215,10 @@ class TrainConfig:
     loggers: where metrics go (``moelab.loggers``): "jsonl" (``metrics.jsonl``, always on),
         "tensorboard", "wandb" (``pip install 'moelab[tracking]'`` for both).
     tracker_group: W&B group of this run (e.g. the experiment of a ``moelab reproduce`` arm).
+    skip_nonfinite_steps: how many steps with a NaN/inf loss or gradient norm the run may
+        skip (no update applied) before it stops; 0: stop at the first.
+    progress_every: a plain progress line every N steps when stderr is not a terminal
+        (0: about 20 lines per run).
     """
 
     steps: int = 1000
@@ -222,7 +227,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     out_dir: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     threads: int = 0
     grad_accum: int = 1
     deterministic: bool = True
@@ -230,11 +235,14 @@ class TrainConfig:
     dist_backend: str = "auto"
     loggers: tuple[str, ...] = ("jsonl",)
     tracker_group: str | None = None
+    skip_nonfinite_steps: int = 0
+    progress_every: int = 0
 
     def __post_init__(self) -> None:
         require(_is_int(self.steps) and self.steps >= 1, "steps", self.steps,
                "need a positive int")
-        for name in ("eval_every", "checkpoint_every", "threads"):
+        for name in ("eval_every", "checkpoint_every", "threads", "skip_nonfinite_steps",
+                     "progress_every"):
             v = getattr(self, name)
             require(_is_int(v) and v >= 0, name, v, "need an int >= 0")
         for name in ("log_every", "grad_accum", "expert_parallel"):

@@ -113,9 +113,10 @@ def start_run_dir(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume: drop what was logged after ``step`` (and any final summary)."""
+    """On resume: drop what was logged after ``step`` (and any final summary or final
+    evaluation, which the resumed run writes again)."""
     kept = [e for e in read_metrics(run_dir)
-            if e.get("step", 0) <= step and e.get("kind") != "final"]
+            if e.get("step", 0) <= step and e.get("kind") != "final" and not e.get("final")]
     atomic_write_text(run_dir / METRICS, "".join(json.dumps(e) + "\n" for e in kept))
 
 
