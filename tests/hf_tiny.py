@@ -39,7 +39,7 @@ SPECS = {
                          norm_topk_prob=True)),
     "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM,
                 dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
-                     head_dim=8, sliding_window=4)),
+                     head_dim=8, sliding_window=128)),
 }
 #: families whose experts moelab can run (all three methods)
 MOELAB_FAMILIES = [f for f in SPECS if f != "gpt_oss"]

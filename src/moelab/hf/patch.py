@@ -170,7 +170,7 @@ class _PatchedDecoderLayer(nn.Module):
                 raise RuntimeError(
                     f"{type(self).__name__}: MomentumSMoE carries a state between decoder "
                     "layers, which reentrant gradient checkpointing does not differentiate: "
-                    "call model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                    "call model.activation_checkpointing_enable(activation_checkpointing_kwargs="
                     "{'use_reentrant': False})")
         hidden_states = args[0] if args else kwargs["hidden_states"]
         if self.__dict__["_moelab_first"] or carrier.state is None:
