@@ -9,6 +9,7 @@ Nothing in ``moelab`` outside this package imports ``transformers``; this packag
 import it either (it recognises HF classes by name), so it only needs a model to act on.
 """
 
+from moelab.hf.excitation import Excitation
 from moelab.hf.patch import DISPATCHES, patch, patched_blocks, unpatch
 
-__all__ = ["DISPATCHES", "patch", "patched_blocks", "unpatch"]
+__all__ = ["DISPATCHES", "Excitation", "patch", "patched_blocks", "unpatch"]
