@@ -104,6 +104,14 @@ def test_default_moe_eval_leaves_ema_and_it_stays_fp32_under_bf16():
                for m, b in zip(methods, before, strict=True))
 
 
+def test_patching_an_eval_model_keeps_it_in_eval():
+    model = tiny_model("mixtral")  # eval mode
+    patch(model, default_moe=DefaultMoEConfig())
+    assert not any(m.training for m in model.modules())
+    model(token_batch())
+    assert all(b.moelab.method.n_updates.sum() == 0 for _, b in patched_blocks(model))
+
+
 def test_default_moe_advances_once_per_step_with_checkpointing():
     model = tiny_model("mixtral").train()
     model.activation_checkpointing_enable(
@@ -235,6 +243,9 @@ def test_greedy_generation_same_with_and_without_kv_cache(family):
     uncached = model.generate(ids, use_cache=False, **kw)
     assert cached.shape[1] == ids.shape[1] + 6
     assert torch.equal(cached, uncached)
+    carriers = {id(m.__dict__["_moelab_carrier"]): m.__dict__["_moelab_carrier"]
+                for m in model.modules() if "_moelab_carrier" in m.__dict__}
+    assert len(carriers) == 1 and next(iter(carriers.values())).state is None  # nothing kept
 
 
 def test_learnable_momentum_is_trained_but_not_in_hf_state_dict():

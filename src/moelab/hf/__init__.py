@@ -11,5 +11,9 @@ import it either (it recognises HF classes by name), so it only needs a model to
 
 from moelab.hf.excitation import Excitation
 from moelab.hf.patch import DISPATCHES, patch, patched_blocks, unpatch
+from moelab.hf.state import changes_function, load_state, save_state
 
-__all__ = ["DISPATCHES", "Excitation", "patch", "patched_blocks", "unpatch"]
+__all__ = [
+    "DISPATCHES", "Excitation", "changes_function", "load_state", "patch", "patched_blocks",
+    "save_state", "unpatch",
+]

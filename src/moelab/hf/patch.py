@@ -182,12 +182,26 @@ class _PatchedDecoderLayer(nn.Module):
         block = self.__dict__["_moelab_block"]
         block.__dict__["_moelab_state_in"] = moelab_state
         out = self._moelab_orig_class.forward(self, *args, **kwargs)
-        self.__dict__["_moelab_carrier"].state = block.__dict__.pop("_moelab_state_out")
+        state = block.__dict__.pop("_moelab_state_out")
+        # the last MoE layer drops the state: nothing keeps this forward's graph alive
+        self.__dict__["_moelab_carrier"].state = None if self.__dict__["_moelab_last"] else state
         return out
 
 
 def _decoder_class(orig: type) -> type:
     return _subclass(orig, (_PatchedDecoderLayer, orig), {"_moelab_orig_class": orig})
+
+
+class _PatchedModel(nn.Module):
+    """Mixin for the patched model's own class: ``save_pretrained`` also writes moelab's
+    state beside the HF checkpoint (``moelab.hf.state``)."""
+
+    _moelab_orig_class: type
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        from moelab.hf.state import save_pretrained_with_state
+
+        return save_pretrained_with_state(self, save_directory, *args, **kwargs)
 
 
 _CLASS_CACHE: dict[tuple[type, ...], type] = {}
@@ -280,6 +294,7 @@ def patch(model: nn.Module, default_moe: DefaultMoEConfig | None = None,
         first_param = next(model.parameters(), None)
         if first_param is not None:
             rule.to(first_param.device)
+        rule.train(model.training)
         model.add_module(MOMENTUM_ATTR, rule)
         model.__dict__["_moelab_handles"] = [
             model.register_state_dict_post_hook(_drop_moelab_keys),
@@ -292,6 +307,8 @@ def patch(model: nn.Module, default_moe: DefaultMoEConfig | None = None,
         if family.moelab_experts and dispatch != "hf":
             layer = _moelab_layer(block, family, default_moe,
                                   "auto" if dispatch == "auto" else dispatch)
+        if layer is not None:
+            layer.train(block.training)  # new modules start in training mode
         block.__class__ = _block_class(orig, family)
         block.add_module(MOELAB_ATTR, layer)
         block.__dict__["_moelab_index"] = idx
@@ -302,9 +319,12 @@ def patch(model: nn.Module, default_moe: DefaultMoEConfig | None = None,
             block.__dict__["_moelab_rule"] = rule
             parent.__class__ = _decoder_class(type(parent))
             parent.__dict__.update(_moelab_carrier=carrier, _moelab_block=block,
-                                   _moelab_first=idx == 0)
+                                   _moelab_first=idx == 0, _moelab_last=idx == len(found) - 1)
     model.__dict__["_moelab_settings"] = {"default_moe": default_moe, "momentum": momentum,
                                           "dispatch": dispatch}
+    if hasattr(model, "save_pretrained"):
+        model.__class__ = _subclass(type(model), (_PatchedModel, type(model)),
+                                    {"_moelab_orig_class": type(model)})
     return model
 
 
@@ -338,7 +358,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         block.__class__ = block._moelab_orig_class
     for module in model.modules():
         if isinstance(module, _PatchedDecoderLayer):
-            for key in ("_moelab_carrier", "_moelab_block", "_moelab_first"):
+            for key in ("_moelab_carrier", "_moelab_block", "_moelab_first", "_moelab_last"):
                 module.__dict__.pop(key, None)
             module.__class__ = module._moelab_orig_class
     if MOMENTUM_ATTR in model._modules:
@@ -346,4 +366,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     for handle in model.__dict__.pop("_moelab_handles", []):
         handle.remove()
     model.__dict__.pop("_moelab_settings", None)
+    if isinstance(model, _PatchedModel):
+        model.__class__ = model._moelab_orig_class
     return model
