@@ -28,7 +28,8 @@ from moelab.methods.momentum import MomentumConfig
 STATE_FILE = "moelab_hf.pt"
 FORMAT = "moelab.hf/1"
 
-__all__ = ["STATE_FILE", "changes_function", "load_state", "save_state"]
+__all__ = ["STATE_FILE", "changes_function", "load_moelab_state_dict", "load_state",
+           "moelab_state_dict", "save_state"]
 
 
 def _settings(model: nn.Module) -> dict[str, Any]:
@@ -53,18 +54,48 @@ def changes_function(model: nn.Module) -> list[str]:
     return active
 
 
+def moelab_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """moelab's tensors of a patched model: ``blocks.<block path>.<key>`` (Default MoE
+    buffers) and ``momentum.<key>`` (the rule's parameters), detached."""
+    from moelab.hf.patch import MOMENTUM_ATTR, patched_blocks
+
+    _settings(model)
+    state = {f"blocks.{name}.{k}": v.detach()
+             for name, block in patched_blocks(model)
+             if block.moelab is not None and block.moelab.method is not None
+             for k, v in block.moelab.method.state_dict().items()}
+    rule = model._modules.get(MOMENTUM_ATTR)
+    if rule is not None:
+        state.update({f"momentum.{k}": v.detach() for k, v in rule.state_dict().items()})
+    return state
+
+
+def load_moelab_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`moelab_state_dict` returned into a model patched the same way
+    (every key must match)."""
+    from moelab.hf.patch import MOMENTUM_ATTR, patched_blocks
+
+    have = moelab_state_dict(model)
+    if set(have) != set(state):
+        missing, extra = sorted(set(have) - set(state)), sorted(set(state) - set(have))
+        raise ValueError(f"moelab state does not match the patched model: missing {missing}, "
+                         f"unexpected {extra}")
+    for name, block in patched_blocks(model):
+        prefix = f"blocks.{name}."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if part:
+            block.moelab.method.load_state_dict(part)
+    rule = model._modules.get(MOMENTUM_ATTR)
+    if rule is not None:
+        rule.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("momentum.")})
+
+
 def save_state(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write moelab's state of a patched model to ``path`` (a directory: ``path/moelab_hf.pt``;
     else the file itself). Returns the file written."""
-    from moelab.hf.patch import MOMENTUM_ATTR, patched_blocks
-
     settings = _settings(model)
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
-    blocks = {name: block.moelab.method.state_dict()
-              for name, block in patched_blocks(model)
-              if block.moelab is not None and block.moelab.method is not None}
-    rule = model._modules.get(MOMENTUM_ATTR)
     torch.save({
         "format": FORMAT,
         "settings": {
@@ -74,8 +105,7 @@ def save_state(model: nn.Module, path: str | os.PathLike) -> Path:
             else dataclasses.asdict(settings["momentum"]),
             "dispatch": settings["dispatch"],
         },
-        "blocks": blocks,
-        "momentum": None if rule is None else rule.state_dict(),
+        "state": moelab_state_dict(model),
     }, file)
     return file
 
@@ -84,7 +114,7 @@ def load_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Restore moelab's state saved by :func:`save_state` (a directory holding
     ``moelab_hf.pt``, or the file). An unpatched model is patched with the saved settings
     first; a patched one must have been patched with the same settings. Returns the model."""
-    from moelab.hf.patch import MOMENTUM_ATTR, patch, patched_blocks
+    from moelab.hf.patch import patch
 
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
@@ -107,15 +137,7 @@ def load_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     elif current != settings:
         raise ValueError(f"{type(model).__name__} is patched with {current}, the state in "
                          f"{file} was saved with {settings}: unpatch(model) first")
-    blocks = dict(patched_blocks(model))
-    if set(saved["blocks"]) != {n for n, b in blocks.items()
-                                if b.moelab is not None and b.moelab.method is not None}:
-        raise ValueError(f"{file}: saved blocks {sorted(saved['blocks'])} do not match the "
-                         f"model's patched blocks {sorted(blocks)}")
-    for name, state in saved["blocks"].items():
-        blocks[name].moelab.method.load_state_dict(state)
-    if saved["momentum"] is not None:
-        model._modules[MOMENTUM_ATTR].load_state_dict(saved["momentum"])
+    load_moelab_state_dict(model, saved["state"])
     return model
 
 
