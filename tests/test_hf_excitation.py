@@ -91,3 +91,11 @@ def test_twenty_step_fine_tune_lowers_the_loss():
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
     assert any((phi != 1).any() for phi in opt.last_multipliers.values())
+
+
+def test_core_excitation_points_to_the_hf_one():
+    from moelab.methods.excitation import Excitation as CoreExcitation
+
+    model = patch(tiny_model("mixtral"))
+    with pytest.raises(ValueError, match="moelab.hf.Excitation"):
+        CoreExcitation(torch.optim.SGD(model.parameters(), lr=0.1), model)

@@ -164,7 +164,8 @@ class _PatchedDecoderLayer(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         carrier: _MomentumCarrier = self.__dict__["_moelab_carrier"]
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if (getattr(self, "gradient_checkpointing", False) and self.training
+                and torch.is_grad_enabled()):
             func = getattr(self, "_gradient_checkpointing_func", None)
             if getattr(func, "keywords", {}).get("use_reentrant", False):
                 raise RuntimeError(
