@@ -13,6 +13,8 @@ pytest.importorskip("transformers")
 from hf_tiny import MOELAB_FAMILIES, SPECS, tiny_model, token_batch  # noqa: E402
 
 from moelab.hf import patch, patched_blocks, unpatch  # noqa: E402
+from moelab.methods.default_moe import DefaultMoEConfig  # noqa: E402
+from moelab.methods.momentum import MomentumConfig  # noqa: E402
 
 IMPLS = ("eager", "grouped_mm", "batched_mm")
 
@@ -97,10 +99,16 @@ def test_unpatch_restores_classes_and_parameters(family):
     model = tiny_model(family)
     classes = {n: type(m) for n, m in model.named_modules()}
     params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
     ids = token_batch()
     before = model(ids).logits
-    patch(model, dispatch=_dispatch(family))
+    dmoe = DefaultMoEConfig() if family in MOELAB_FAMILIES else None
+    patch(model, default_moe=dmoe, momentum=MomentumConfig("heavy_ball"),
+          dispatch=_dispatch(family))
+    assert not torch.equal(model(ids).logits, before)
     unpatch(model)
+    assert list(model.state_dict()) == keys
+    assert not any("moelab" in n for n, _ in model.named_modules())
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert all(p is params[n] for n, p in model.named_parameters())
     assert torch.equal(model(ids).logits, before)
@@ -135,3 +143,18 @@ def test_errors_name_the_class():
     patch(model)
     with pytest.raises(ValueError, match="already patched"):
         patch(model)
+
+
+def test_mixtral_router_jitter_is_reproduced():
+    """Training-mode jitter draws the same noise as HF's block (same RNG calls, same order)."""
+    ref = tiny_model("mixtral", router_jitter_noise=0.1).train()
+    model = patch(copy.deepcopy(ref))
+    ids = token_batch()
+    torch.manual_seed(7)
+    a = ref(ids).logits
+    torch.manual_seed(7)
+    b = model(ids).logits
+    torch.manual_seed(8)
+    c = model(ids).logits
+    assert (a - b).abs().max().item() <= 1e-6
+    assert (b - c).abs().max().item() > 1e-4  # the noise is really on
