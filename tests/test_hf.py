@@ -58,6 +58,16 @@ def test_methods_off_equal_unpatched_fp32(family, impl):
     assert logits <= 1e-6 and aux <= 1e-6 and grad <= 1e-6, (logits, aux, grad)
 
 
+@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("family", MOELAB_FAMILIES)
+def test_each_moelab_dispatch_path_equals_unpatched_fp32(family, dispatch):
+    ref = tiny_model(family).train()
+    model = patch(copy.deepcopy(ref), dispatch=dispatch)
+    assert all(b.moelab.experts.backend == dispatch for _, b in patched_blocks(model))
+    logits, aux, grad = _max_diffs(_run(ref, token_batch()), _run(model, token_batch()))
+    assert logits <= 1e-6 and aux <= 1e-6 and grad <= 1e-6, (logits, aux, grad)
+
+
 @pytest.mark.parametrize("family", list(SPECS))
 def test_methods_off_equal_unpatched_fp64_eager_exactly(family):
     ref = tiny_model(family, dtype=torch.float64)
