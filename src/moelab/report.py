@@ -48,7 +48,7 @@ class RunData:
 
     @property
     def is_lm(self) -> bool:
-        return self.model_kind == "lm"
+        return self.model_kind in ("lm", "hf")
 
     @property
     def last_eval(self) -> dict[str, Any] | None:

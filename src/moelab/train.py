@@ -178,7 +178,7 @@ class Trainer:
 
     @property
     def is_lm(self) -> bool:
-        return self.cfg.model.kind == "lm"
+        return self.cfg.model.kind in ("lm", "hf")
 
     @property
     def unit(self) -> str:
@@ -286,7 +286,9 @@ class Trainer:
             from moelab.methods.excitation import Excitation
 
             # hooks onto opt: its step applies Φ, its state_dict carries Excitation's state
-            self.excitation = Excitation(opt, self.model, config=ocfg.excitation)
+            build = getattr(self.model, "build_excitation", None)  # models finding their own
+            self.excitation = (build(opt, ocfg.excitation) if build is not None  # (moelab.hf)
+                               else Excitation(opt, self.model, config=ocfg.excitation))
             self.excitation.all_reduce_counts = self.ctx is not None  # global utilization
         return opt
 

@@ -389,6 +389,10 @@ class Excitation:
                 continue
             name = path or "moe"
             experts = module.experts  # an expert-parallel layer holds a range of the E experts
+            if not list(experts.parameters()):
+                raise ValueError(f"{name}: its experts hold no parameters of their own (a "
+                                 "Hugging Face model patched by moelab.hf?): use "
+                                 "moelab.hf.Excitation(optimizer, model)")
             self.add_expert_group(batched_params=list(experts.parameters()), name=name,
                                   n_experts=module.cfg.n_experts,
                                   held_experts=getattr(experts, "expert_range", None))

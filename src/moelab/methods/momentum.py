@@ -127,8 +127,15 @@ class CombineRule(nn.Module):
 
     def combine(self, h: Tensor, f: Tensor, state: State,
                 layer_idx: int) -> tuple[Tensor, State]:
-        """``(block output, new state)`` from the block's residual h' and MoE output f."""
-        return h + f, state
+        """``(block output, new state)`` from the block's residual h' and MoE output f:
+        ``h' + update``, with ``update`` from :meth:`update`."""
+        delta, state = self.update(f, state, layer_idx)
+        return h + delta, state
+
+    def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
+        """``(residual update, new state)`` from the MoE output f: what the block adds to its
+        residual h' (for blocks whose own code does the residual add, e.g. ``moelab.hf``)."""
+        return f, state
 
 
 class _MuGamma(CombineRule):
@@ -176,11 +183,10 @@ class HeavyBall(_MuGamma):
     def init_state(self, h: Tensor) -> State:
         return (torch.zeros_like(h),)
 
-    def combine(self, h: Tensor, f: Tensor, state: State,
-                layer_idx: int) -> tuple[Tensor, State]:
+    def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
         (p,) = state
         p = f + self._mu(layer_idx) * p
-        return h + self._gamma(layer_idx) * p, (p,)
+        return self._gamma(layer_idx) * p, (p,)
 
 
 class AdamSMoE(_MuGamma):
@@ -218,12 +224,11 @@ class AdamSMoE(_MuGamma):
     def init_state(self, h: Tensor) -> State:
         return (torch.zeros_like(h), torch.zeros_like(h), torch.zeros_like(h))
 
-    def combine(self, h: Tensor, f: Tensor, state: State,
-                layer_idx: int) -> tuple[Tensor, State]:
+    def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
         m, v, p = state
         p = f + self._mu(layer_idx) * p
         if layer_idx >= self.adam_layers:
-            return h + self._gamma(layer_idx) * p, (m, v, p)
+            return self._gamma(layer_idx) * p, (m, v, p)
         b1, b2 = self.beta1, self.beta2
         m = b1 * m + (1.0 - b1) * f
         v = b2 * v + (1.0 - b2) * (f * f)
@@ -232,7 +237,7 @@ class AdamSMoE(_MuGamma):
             t = layer_idx + 1
             m_hat, v_hat = m / (1.0 - b1**t), v / (1.0 - b2**t)
         step = m_hat / torch.sqrt(v_hat + self.eps)
-        return h + self._gamma(layer_idx) * step, (m, v, p)
+        return self._gamma(layer_idx) * step, (m, v, p)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, beta1={self.beta1}, beta2={self.beta2}, "
@@ -265,11 +270,10 @@ class RobustMomentum(CombineRule):
         (p,) = state
         return x_norm + (self.eps * self.beta) * p
 
-    def combine(self, h: Tensor, f: Tensor, state: State,
-                layer_idx: int) -> tuple[Tensor, State]:
+    def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
         (p,) = state
         p = f + self.alpha * p
-        return h + self.beta * p, (p,)
+        return self.beta * p, (p,)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, eps={self.eps}"

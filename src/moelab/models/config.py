@@ -10,14 +10,18 @@ from moelab.methods.momentum import MomentumConfig
 from moelab.moe.config import MoEConfig
 from moelab.validation import require
 
-MODEL_KINDS = ("lm", "vit", "mlp")
+MODEL_KINDS = ("lm", "vit", "mlp", "hf")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a moelab model.
 
-    kind: "lm" (MoETransformerLM), "vit" (MoEViT) or "mlp" (MoEMLP).
+    kind: "lm" (MoETransformerLM), "vit" (MoEViT), "mlp" (MoEMLP) or "hf" (a Hugging Face
+        MoE causal LM from ``hf_path``, patched by ``moelab.hf``; needs ``moelab[hf]``).
+    hf_path: kind "hf": a checkpoint directory (fine-tune it) or a config.json (random init).
+        The architecture fields above do not apply; default_moe, momentum,
+        activation_checkpointing and moe.dispatch do.
     d_model, n_layers, n_heads: width, number of blocks, attention heads (lm/vit).
     moe_every: every ``moe_every``-th block has an MoE FFN, the others a dense FFN (1 = all;
         2 = every other, the V-MoE layout, counting so that the last block is MoE).
@@ -50,10 +54,13 @@ class ModelConfig:
     dropout: float = 0.0
     activation_checkpointing: bool = False
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    hf_path: str | None = None
 
     def __post_init__(self) -> None:
         require(self.kind in MODEL_KINDS, "kind", self.kind,
                  f"choose one of {MODEL_KINDS}")
+        require((self.kind == "hf") == (self.hf_path is not None), "hf_path", self.hf_path,
+                "set it exactly when model.kind='hf' (a HF checkpoint dir or config.json)")
         for name in ("d_model", "n_layers", "n_heads", "moe_every", "max_seq_len", "patch_size"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, name, value,

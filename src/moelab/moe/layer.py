@@ -103,18 +103,25 @@ class MoELayer(nn.Module):
     method: an optional :class:`LayerMethod` (e.g. ``moelab.methods.default_moe.DefaultMoE``)
     that adds its term to the output; held as ``self.method`` (its buffers are in the layer's
     state_dict under ``method.``).
+    router, experts: optional replacements for the default ``TopKRouter`` / ``Experts`` (how a
+    wrapped model supplies its own router: any module mapping x_TD [T, D] to a ``Routing``, and
+    experts that may view someone else's weights; see ``moelab.hf``).
     """
 
-    def __init__(self, cfg: MoEConfig, method: LayerMethod | None = None) -> None:
+    def __init__(self, cfg: MoEConfig, method: LayerMethod | None = None, *,
+                 router: nn.Module | None = None, experts: Experts | None = None) -> None:
         super().__init__()
         if not isinstance(cfg, MoEConfig) or cfg.d_model is None:
             raise ValueError(f"cfg={cfg!r} is invalid: need a MoEConfig with d_model set")
         if method is not None and not isinstance(method, LayerMethod):
             raise ValueError(f"method={method!r} is invalid: need a moelab.moe.LayerMethod")
         self.cfg = cfg
-        self.router = TopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.normalize_topk)
-        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.activation,
-                               cfg.dispatch)
+        if experts is not None and not isinstance(experts, Experts):
+            raise ValueError(f"experts={experts!r} is invalid: need a moelab.moe.Experts")
+        self.router = router if router is not None else TopKRouter(
+            cfg.d_model, cfg.n_experts, cfg.top_k, cfg.normalize_topk)
+        self.experts = experts if experts is not None else Experts(
+            cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.activation, cfg.dispatch)
         self.method = method
         self.last_stats: RoutingStats | None = None
         #: Record each expert's mean output norm in ``last_stats`` (costs one norm per row).
