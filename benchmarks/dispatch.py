@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import fwd_bwd, saved_tensor_bytes, time_interleaved
-from moelab.moe import DefaultMoEConfig, MoEConfig, MoELayer
+from moelab.methods.default_moe import default_moe_layer
+from moelab.moe import MoEConfig, MoELayer
 
 
 class DenseSwiGLU(nn.Module):
@@ -63,7 +64,7 @@ def run(tokens: int, d_model: int, active_ff: int, reps: int) -> list[dict]:
         base = MoEConfig(d_model=d_model, n_experts=n_experts, top_k=top_k, d_ff=d_ff,
                          aux_loss_coef=0.0)
         moe = MoELayer(base)
-        dmoe = MoELayer(MoEConfig(**{**base.__dict__, "default_moe": DefaultMoEConfig()}))
+        dmoe = default_moe_layer(base)
         dmoe.load_state_dict(moe.state_dict(), strict=False)
         grouped = MoELayer(MoEConfig(**{**base.__dict__, "dispatch": "grouped_mm"}))
         grouped.load_state_dict(moe.state_dict())

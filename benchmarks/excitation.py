@@ -94,12 +94,14 @@ def _layer_loss(m: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return out.y.square().mean() + out.losses.total
 
 
-def make_opt(model: nn.Module, strategy: str | None) -> torch.optim.Optimizer:
+def make_opt(model: nn.Module, strategy: str | None) -> torch.optim.Optimizer | Excitation:
+    """Bare AdamW, or AdamW with Excitation attached (the Excitation object steps it)."""
     base = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     return base if strategy is None else Excitation(base, model, strategy=strategy)
 
 
-def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int, int]:
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer | Excitation
+                ) -> tuple[int, int, int]:
     """(parameter bytes, expert parameter bytes, parameter + grad + optimizer-state bytes)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     experts = sum(p.numel() * p.element_size() for m in model.modules()

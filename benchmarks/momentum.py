@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import saved_tensor_bytes, time_interleaved
-from moelab.methods.momentum import CombineRule
-from moelab.models import ModelConfig, MomentumConfig, build_model
+from moelab.methods.momentum import CombineRule, MomentumConfig
+from moelab.models import ModelConfig, build_model
+from moelab.moe import MoEConfig
 
 RULES = {
     "none": MomentumConfig(),
@@ -65,8 +66,9 @@ def make_models(args) -> dict[str, torch.nn.Module]:
     base_state = None
     for name, momentum in RULES.items():
         cfg = ModelConfig(kind="lm", d_model=args.d_model, n_layers=args.n_layers,
-                          n_heads=args.n_heads, n_experts=args.n_experts, top_k=args.top_k,
-                          d_ff=args.d_ff, max_seq_len=args.seq, momentum=momentum,
+                          n_heads=args.n_heads,
+                          moe=MoEConfig(n_experts=args.n_experts, top_k=args.top_k,
+                                        d_ff=args.d_ff), max_seq_len=args.seq, momentum=momentum,
                           activation_checkpointing=args.checkpointing)
         torch.manual_seed(0)
         model = build_model(cfg, vocab_size=VOCAB)

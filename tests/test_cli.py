@@ -6,7 +6,7 @@ import pytest
 
 from moelab.cli import main
 from moelab.config import load_config
-from moelab.train import read_metrics
+from moelab.rundir import read_metrics
 
 TINY_TOML = """\
 # a tiny variation of the default LM for tests
@@ -17,9 +17,11 @@ name = "tiny"
 d_model = 32
 n_layers = 2
 n_heads = 2
+max_seq_len = 32
+
+[model.moe]
 n_experts = 4
 d_ff = 32
-max_seq_len = 32
 
 [data]
 seq_len = 32

@@ -24,9 +24,11 @@ from moelab.config import (
     resolve_config_path,
     shipped_configs,
 )
+from moelab.methods.default_moe import DefaultMoEConfig
 from moelab.methods.excitation import ExcitationConfig
-from moelab.models.config import ModelConfig, MomentumConfig
-from moelab.moe import DefaultMoEConfig
+from moelab.methods.momentum import MomentumConfig
+from moelab.models.config import ModelConfig
+from moelab.moe import MoEConfig
 
 
 def with_sets(*overrides: str, base: RunConfig | None = None) -> RunConfig:
@@ -38,7 +40,8 @@ def rich_config() -> RunConfig:
     return RunConfig(
         name="rich.run-1",
         model=ModelConfig(d_model=96, n_heads=3, n_layers=3, moe_every=2, d_ff_dense=200,
-                          n_experts=6, top_k=3, capacity_factor=1.25, z_loss_coef=1e-3,
+                          moe=MoEConfig(n_experts=6, top_k=3, capacity_factor=1.25,
+                                        z_loss_coef=1e-3),
                           default_moe=DefaultMoEConfig(beta=0.95, scored=True),
                           momentum=MomentumConfig(rule="heavy_ball", mu=0.3, gamma=0.9),
                           dropout=0.1),
@@ -108,10 +111,10 @@ def test_shipped_presets_are_variations_of_default():
 
 
 def test_overrides_parse_toml_literals_and_build_optional_tables():
-    cfg = with_sets("model.n_experts=16", "optim.lr=1e-3", "optim.betas=[0.9, 0.99]",
+    cfg = with_sets("model.moe.n_experts=16", "optim.lr=1e-3", "optim.betas=[0.9, 0.99]",
                     "model.default_moe.beta=0.95", "optim.excitation.strategy=zero_sum",
                     "train.out_dir=runs/my run", "data.eval_batches=4", "model.first_dense=true")
-    assert cfg.model.n_experts == 16 and cfg.optim.lr == 1e-3
+    assert cfg.model.moe.n_experts == 16 and cfg.optim.lr == 1e-3
     assert cfg.optim.betas == (0.9, 0.99)
     assert cfg.model.default_moe == DefaultMoEConfig(beta=0.95)
     assert cfg.optim.excitation == ExcitationConfig(strategy="zero_sum")
@@ -136,12 +139,12 @@ def test_parse_value():
     (["optim.lr=-1"], r"^optim\.lr=-1\.0 is invalid: need lr > 0"),
     (["optim.name=rmsprop"], r"^optim\.name='rmsprop' is invalid"),
     (["model.n_heads=3"], r"^model\.n_heads=3 is invalid"),
-    (["model.top_k=9"], r"^model\.top_k=9 is invalid"),               # MoEConfig's own check
+    (["model.moe.top_k=9"], r"^model\.moe\.top_k=9 is invalid"),  # MoEConfig's own check
     (["model.default_moe.beta=1.5"], r"^model\.default_moe\.beta=1\.5 is invalid"),
     (["model.momentum.mu=2"], r"^model\.momentum\.mu=2\.0 is invalid"),
     (["optim.excitation.gamma=-1"], r"^optim\.excitation\.gamma=-1\.0 is invalid"),
-    (["model.n_experts=abc"], r"^model\.n_experts='abc' is invalid: need an int"),
-    (["model.n_experts=2.5"], r"^model\.n_experts=2\.5 is invalid: need an int"),
+    (["model.moe.n_experts=abc"], r"^model\.moe\.n_experts='abc' is invalid: need an int"),
+    (["model.moe.n_experts=2.5"], r"^model\.moe\.n_experts=2\.5 is invalid: need an int"),
     (["model.default_moe=true"], r"^model\.default_moe=True is invalid: need a table or none"),
     (["model=3"], r"^model=3 is invalid: need a table"),
     (["train.steps=none"], r"^train\.steps='none' is invalid: need an int"),
@@ -159,7 +162,8 @@ def test_bad_values_name_the_field(overrides, match):
 
 @pytest.mark.parametrize("overrides,match", [
     (["optim.lrr=1"], r"unknown key 'optim\.lrr'; did you mean optim\.lr\?"),
-    (["model.n_expert=4"], r"unknown key 'model\.n_expert'; did you mean model\.n_experts\?"),
+    (["model.moe.n_expert=4"], r"unknown key 'model\.moe\.n_expert'; did you mean "
+                               r"model\.moe\.n_experts\?"),
     (["modle.d_model=4"], r"unknown key 'modle'; did you mean model\?"),
     (["model.default_moe.betta=0.9"], r"'model\.default_moe\.betta'; did you mean "
                                       r"model\.default_moe\.beta\?"),
@@ -171,10 +175,10 @@ def test_unknown_keys_suggest_close_matches(overrides, match):
 
 
 @pytest.mark.parametrize("item,match", [
-    ("model.n_experts", r"bad --set 'model\.n_experts': expected KEY=VALUE"),
+    ("model.moe.n_experts", r"bad --set 'model\.moe\.n_experts': expected KEY=VALUE"),
     ("=3", r"bad --set '=3'"),
     ("model..x=3", r"bad --set"),
-    ("model.n_experts.x=1", r"model\.n_experts is a value \(8\), not a table"),
+    ("model.moe.n_experts.x=1", r"model\.moe\.n_experts is a value \(8\), not a table"),
 ])
 def test_malformed_set(item, match):
     with pytest.raises(ConfigError, match=match):
@@ -182,19 +186,22 @@ def test_malformed_set(item, match):
 
 
 def test_errors_are_one_line():
-    for sets in (["optim.lr=-1"], ["optim.lrr=1"], ["model.top_k=9"]):
+    for sets in (["optim.lr=-1"], ["optim.lrr=1"], ["model.moe.top_k=9"]):
         with pytest.raises(ValueError) as e:
             with_sets(*sets)
         assert "\n" not in str(e.value)
 
 
 def test_direct_construction_validates():
-    with pytest.raises(ValueError, match=r"optim\.lr=-1 is invalid"):
+    # built directly, a dataclass names its bare field (the loader adds the dotted path)
+    with pytest.raises(ValueError, match=r"^lr=-1 is invalid"):
         OptimConfig(lr=-1)
-    with pytest.raises(ValueError, match=r"train\.grad_accum=0 is invalid"):
+    with pytest.raises(ValueError, match=r"^grad_accum=0 is invalid"):
         TrainConfig(grad_accum=0)
-    with pytest.raises(ValueError, match=r"data\.batch_size=0 is invalid"):
+    with pytest.raises(ValueError, match=r"^batch_size=0 is invalid"):
         DataConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"^momentum\.adam_layers=9 is invalid"):
+        ModelConfig(momentum=MomentumConfig(rule="adam", adam_layers=9))
     with pytest.raises(ValueError, match=r"name='a b' is invalid"):
         RunConfig(name="a b")
 
@@ -204,11 +211,11 @@ def test_direct_construction_validates():
 
 def test_load_file_with_base_and_name_from_stem(tmp_path):
     f = tmp_path / "my_exp.toml"
-    f.write_text('base = "default"\n[model]\nn_experts = 4\n[optim]\nlr = 1e-3\n')
+    f.write_text('base = "default"\n[model.moe]\nn_experts = 4\n[optim]\nlr = 1e-3\n')
     cfg = load_config(f, ["train.steps=7"])
     default = load_config("default")
     assert cfg.name == "default"  # inherited from the base file's `name`
-    assert cfg.model.n_experts == 4 and cfg.optim.lr == 1e-3 and cfg.train.steps == 7
+    assert cfg.model.moe.n_experts == 4 and cfg.optim.lr == 1e-3 and cfg.train.steps == 7
     assert cfg.model.d_model == default.model.d_model and cfg.data == default.data
     g = tmp_path / "other.toml"
     g.write_text("[train]\nsteps = 5\n")
@@ -260,3 +267,26 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert OptimConfig(warmup_frac=0.1).warmup(200) == 20
     assert OptimConfig(schedule="constant").lr_factor(50, 100) == 1.0
     assert OptimConfig(schedule="linear", min_lr_ratio=0.0).lr_factor(99, 100) == 0.0
+
+
+@pytest.mark.parametrize("old", ["n_experts", "top_k", "d_ff", "activation", "normalize_topk",
+                                 "capacity_factor", "aux_loss_coef", "z_loss_coef", "dispatch"])
+def test_old_flat_moe_keys_name_the_new_key(old, tmp_path):
+    new = rf"'model\.moe\.{old}'"
+    with pytest.raises(ConfigError, match=rf"^key 'model\.{old}' moved to {new}"):
+        with_sets(f"model.{old}=1")
+    f = tmp_path / "old.toml"
+    f.write_text(f'base = "default"\n[model]\n{old} = 1\n')
+    with pytest.raises(ConfigError, match=rf"moved to {new}"):
+        load_config(f)
+
+
+def test_moe_table_is_the_layer_config_and_nested_errors_carry_the_path():
+    cfg = with_sets("model.moe.n_experts=16", "model.moe.top_k=4", "model.d_model=64",
+                    "model.n_heads=4")
+    assert cfg.model.moe == MoEConfig(n_experts=16, top_k=4)
+    assert cfg.model.moe_config() == MoEConfig(d_model=64, n_experts=16, top_k=4)
+    with pytest.raises(ConfigError, match=r"^model\.moe\.d_model=32 is invalid: leave it unset"):
+        with_sets("model.moe.d_model=32")
+    with pytest.raises(ConfigError, match=r"^model\.momentum\.adam_layers=9 is invalid"):
+        with_sets("model.momentum.rule=adam", "model.momentum.adam_layers=9")

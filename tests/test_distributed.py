@@ -27,7 +27,8 @@ from moelab.distributed import (
     shard_experts,
     sync_expert_grads,
 )
-from moelab.moe import DefaultMoEConfig, MoEConfig, MoELayer
+from moelab.methods.default_moe import DefaultMoE, DefaultMoEConfig
+from moelab.moe import MoEConfig, MoELayer
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -88,9 +89,9 @@ def test_all_to_all_uneven_splits_and_backward(tmp_path, world):
 def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool) -> None:
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=8, n_experts=8, top_k=2, d_ff=8, aux_loss_coef=0.1,
-                    z_loss_coef=0.01,
-                    default_moe=DefaultMoEConfig(beta=0.5, scored=True) if default_moe else None)
-    ref = MoELayer(cfg)
+                    z_loss_coef=0.01)
+    method = DefaultMoE(cfg, DefaultMoEConfig(beta=0.5, scored=True)) if default_moe else None
+    ref = MoELayer(cfg, method=method)
     layer = copy.deepcopy(ref)
     ctx = make_context(ep)
     shard_experts(layer, ctx)
@@ -132,8 +133,8 @@ def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool) -> None:
         close(local.w_in.grad, ref.experts.w_in.grad[experts], f"step {step} w_in grad")
         close(local.w_out.grad, ref.experts.w_out.grad[experts], f"step {step} w_out grad")
         if default_moe:
-            close(layer.default_moe.ema, ref.default_moe.ema, f"step {step} default Ê")
-            assert torch.equal(layer.default_moe.n_updates, ref.default_moe.n_updates)
+            close(layer.method.ema, ref.method.ema, f"step {step} default Ê")
+            assert torch.equal(layer.method.n_updates, ref.method.n_updates)
         stats = layer.last_stats.tokens_per_expert.clone()
         dist.all_reduce(stats)
         assert torch.equal(stats, ref.last_stats.tokens_per_expert)
@@ -203,8 +204,8 @@ def test_expert_parallel_errors(tmp_path):
 
 # tiny LM with every method on (Default MoE, MomentumSMoE, Excitation), clipping, accumulation
 TINY_ALL = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_experts=4",
-    "model.top_k=2", "model.d_ff=32", "model.max_seq_len=32", "model.default_moe.beta=0.9",
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.moe.n_experts=4",
+    "model.moe.top_k=2", "model.moe.d_ff=32", "model.max_seq_len=32", "model.default_moe.beta=0.9",
     "model.momentum.rule=heavy_ball", "optim.excitation.strategy=zero_sum",
     "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2", "data.final_eval_batches=2",
     "optim.lr=3e-3", "optim.warmup_steps=2", "optim.grad_clip=0.5",
@@ -238,7 +239,7 @@ def run_dist(tmp_path: Path, world: int, run_dir: Path, *extra: str,
 
 
 def train_log(run_dir: Path) -> tuple[list[float], list[float], list[dict]]:
-    from moelab.train import read_metrics
+    from moelab.rundir import read_metrics
 
     entries = read_metrics(run_dir)
     train = [e for e in entries if e["kind"] == "train"]
@@ -349,7 +350,8 @@ def test_torchrun_command_line(tmp_path):
     assert done.stdout.count("val ppl") == 1, done.stdout  # rank 0 alone reports
     final = [e for e in train_log(run)[2] if e.get("final")]
     assert len(final) == 1
-    from moelab.train import Trainer, read_metrics
+    from moelab.rundir import read_metrics
+    from moelab.train import Trainer
 
     summary = read_metrics(run)[-1]
     one_process = Trainer(tiny_all(), tmp_path / "unused", quiet=True)

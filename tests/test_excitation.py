@@ -87,7 +87,7 @@ def clone_params(module):
     ("ablation_base", "random"), ("ablation_base", "global"),
 ])
 def test_config_validation_names_field(field, value):
-    with pytest.raises(ValueError, match=f"optim.excitation.{field}="):
+    with pytest.raises(ValueError, match=f"^{field}="):
         ExcitationConfig(**{field: value})
 
 
@@ -95,7 +95,7 @@ def test_config_accepts_every_strategy_and_wrapper_validates():
     for strategy in STRATEGIES:
         assert ExcitationConfig(strategy=strategy, gamma=0.0).strategy == strategy
     layer = make_layer()
-    with pytest.raises(ValueError, match="optim.excitation.gamma"):
+    with pytest.raises(ValueError, match="^gamma="):
         Excitation(torch.optim.SGD(layer.parameters(), lr=0.1), layer, gamma=-1.0)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         Excitation(object(), layer)
@@ -545,21 +545,26 @@ def test_neuron_level_moe_layer():
 
 
 def test_lr_schedulers_attach():
+    """Schedulers attach to the user's own optimizer; stepping it directly or through the
+    Excitation object both apply Φ (the step hooks) without scheduler warnings."""
     model = TinyLM()
-    opt = Excitation(torch.optim.SGD(model.parameters(), lr=1.0), model)
-    lambda_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
-    cos_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    inner = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt = Excitation(inner, model, strategy="zero_sum")
+    lambda_sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 0.5 ** s)
+    cos_sched = torch.optim.lr_scheduler.CosineAnnealingLR(inner, T_max=4)
     lrs = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "optimizer.step() has been overridden"
-        for _ in range(3):
+        for i in range(4):
             opt.zero_grad()
             loss_of(model, torch.randn(2, 3, 8)).backward()
-            opt.step()
+            opt.last_multipliers = {}
+            (inner.step if i % 2 else opt.step)()
+            assert set(opt.last_multipliers) == set(opt.group_names)  # the hooks ran
             lambda_sched.step()
             cos_sched.step()
             lrs.append(opt.param_groups[0]["lr"])
-    assert opt.optimizer.param_groups[0]["lr"] == lrs[-1]
+    assert inner.param_groups[0]["lr"] == lrs[-1]
     assert lrs[0] < 0.5 and lrs[1] < lrs[0] and lrs[2] < lrs[1]
 
 
@@ -567,7 +572,7 @@ def test_optimizer_protocol_delegates():
     model = TinyLM()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt = Excitation(inner, model)
-    assert isinstance(opt, torch.optim.Optimizer)
+    assert not isinstance(opt, torch.optim.Optimizer)  # attached by hooks, not a subclass
     assert opt.param_groups is inner.param_groups and opt.state is inner.state
     assert opt.defaults is inner.defaults
     loss_of(model, torch.randn(2, 3, 8)).backward()
@@ -579,9 +584,14 @@ def test_optimizer_protocol_delegates():
     opt.add_param_group({"params": [extra], "lr": 0.5})
     assert inner.param_groups[-1]["params"][0] is extra
     hook_calls = []
-    opt.register_step_post_hook(lambda *a: hook_calls.append(1))
+    inner.register_step_post_hook(lambda *a: hook_calls.append(1))
     opt.step()
     assert hook_calls == [1]
+    with pytest.raises(ValueError, match="already attached"):
+        Excitation(inner, model)
+    opt.remove_hooks()  # detached: the optimizer is plain again, and may get a new one
+    assert "excitation" not in inner.state_dict()
+    Excitation(inner, model)
 
 
 def _train(model, opt, sched, xs):
@@ -598,7 +608,7 @@ def test_state_dict_round_trip_resumes_exactly(strategy):
         model = TinyLM(n_layers=2)
         opt = Excitation(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
                          strategy=strategy, seed=3)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda s: 1.0 / (1 + s))
         return model, opt, sched
 
     torch.manual_seed(1)
@@ -617,7 +627,8 @@ def test_state_dict_round_trip_resumes_exactly(strategy):
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
-    assert "excitation" in ckpt["opt"] and "excitation" not in opt2.optimizer.state_dict()
+    # the user's optimizer carries Excitation's state itself (state-dict hooks)
+    assert "excitation" in ckpt["opt"] and "excitation" in opt2.optimizer.state_dict()
     _train(model2, opt2, sched2, xs[2:])
     for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(p, q)

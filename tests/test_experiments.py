@@ -22,17 +22,18 @@ from moelab.experiments.runner import (
 )
 from moelab.experiments.stats import VERDICT_RULE
 from moelab.experiments.suite import reproduce
-from moelab.train import Trainer, read_metrics
+from moelab.rundir import read_metrics
+from moelab.train import Trainer
 
-TINY = ("model.kind=\"mlp\"", "model.n_layers=2", "model.d_model=16", "model.n_experts=4",
-        "model.top_k=2", "model.d_ff=8", "data.batch_size=32", "train.steps=4",
+TINY = ("model.kind=\"mlp\"", "model.n_layers=2", "model.d_model=16", "model.moe.n_experts=4",
+        "model.moe.top_k=2", "model.moe.d_ff=8", "data.batch_size=32", "train.steps=4",
         "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2",
         "data.eval_batches=1", "data.final_eval_batches=2", "optim.warmup_steps=0")
 ZS = ("optim.excitation.strategy=\"zero_sum\"",)
 
 
 def tiny_experiment(name="t-tiny", arms=None, lr_grid=None) -> Experiment:
-    arms = arms or (Arm("base"), Arm("zs", ZS), Arm("broken", ("model.top_k=99",)))
+    arms = arms or (Arm("base"), Arm("zs", ZS), Arm("broken", ("model.moe.top_k=99",)))
     claims = (Claim("zs", "base", "higher", text="zs beats base"),) if len(arms) > 1 else ()
     return Experiment(
         name=name, claim="zero_sum helps", paper="test", base="mnist_mlp", overrides=TINY,
@@ -178,12 +179,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
 def test_changed_definition_moves_old_run_aside(tmp_path):
     spec = _spec(tmp_path)
     assert execute_run(spec).status == "done"
-    changed = _spec(tmp_path, ("model.d_ff=4",))
+    changed = _spec(tmp_path, ("model.moe.d_ff=4",))
     o = execute_run(changed)
     assert o.status == "done"
     assert (Path(spec.run_dir).parent / (Path(spec.run_dir).name + ".stale-1")).is_dir()
     # threads are not part of the identity: another --jobs still skips
-    again = _spec(tmp_path, ("model.d_ff=4", "train.threads=2"))
+    again = _spec(tmp_path, ("model.moe.d_ff=4", "train.threads=2"))
     assert execute_run(again).status == "skipped"
 
 

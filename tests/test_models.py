@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import model_config
 
 from moelab.metrics import norm_ordered_share
 from moelab.models import (
@@ -27,18 +28,18 @@ V = 64
 def lm_cfg(**kw) -> ModelConfig:
     base = dict(kind="lm", d_model=32, n_layers=3, n_heads=4, n_experts=4, top_k=2, d_ff=16,
                 max_seq_len=32)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 def vit_cfg(**kw) -> ModelConfig:
     base = dict(kind="vit", d_model=32, n_layers=4, n_heads=4, moe_every=2, n_experts=4,
                 top_k=2, d_ff=16, patch_size=4)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 def mlp_cfg(**kw) -> ModelConfig:
     base = dict(kind="mlp", d_model=32, n_layers=3, n_experts=4, top_k=2, d_ff=16)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 def tokens(b: int = 2, s: int = 12, seed: int = 0) -> torch.Tensor:
@@ -230,6 +231,9 @@ def test_lm_input_errors():
     model = build_model(lm_cfg(max_seq_len=16), vocab_size=V)
     with pytest.raises(ValueError, match="dtype"):
         model(torch.zeros(2, 4))
+    with pytest.raises(IndexError):  # torch's own embedding check (CPU); see the debug flag
+        model(torch.full((2, 4), V))
+    model.check_token_range = True
     with pytest.raises(ValueError, match="range"):
         model(torch.full((2, 4), V))
     with pytest.raises(ValueError, match="range"):
@@ -264,7 +268,7 @@ def test_build_model_errors():
         build_model(mlp_cfg(), image_shape=(4,))
     with pytest.raises(ValueError, match="ModelConfig"):
         build_model({"kind": "lm"}, vocab_size=V)
-    with pytest.raises(ValueError, match="model.skip_connections"):
+    with pytest.raises(ValueError, match="skip_connections"):
         lm_cfg(skip_connections=False)
     with pytest.raises(ValueError, match="head_dim"):
         build_model(lm_cfg(d_model=12, n_heads=4), vocab_size=V)
@@ -279,3 +283,17 @@ def test_activation_checkpointing_on_the_very_first_forward():
     cfg = lm_cfg(d_model=48, n_heads=4, d_ff=40, activation_checkpointing=True)
     model = build_model(cfg, vocab_size=V)
     model(tokens()).logits.sum().backward()
+
+
+def test_token_range_checked_per_split_or_behind_the_debug_flag():
+    from moelab.models.lm import check_token_ids
+
+    check_token_ids(torch.tensor([0, V - 1]), V)
+    with pytest.raises(ValueError, match=r"val split token ids range \[0, 64\] is invalid"):
+        check_token_ids(torch.tensor([0, V]), V, "val split token ids")
+    model = build_model(lm_cfg(), vocab_size=V)
+    bad = torch.tensor([[1, V]])
+    assert not model.check_token_range  # no per-forward device->host sync by default
+    model.check_token_range = True
+    with pytest.raises(ValueError, match=r"token ids range \[1, 64\] is invalid"):
+        model(bad)

@@ -1,5 +1,6 @@
 """The core MoE layer against a naive loop reference, router losses, capacity, errors."""
 
+import copy
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from reference import naive_moe
 
 import moelab.moe.expert_loop as expert_loop_module
+from moelab.methods.default_moe import DefaultMoE, DefaultMoEConfig
 from moelab.moe import (
-    DefaultMoEConfig,
     MoEConfig,
     MoELayer,
     load_balance_loss,
@@ -23,10 +24,11 @@ BACKENDS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
     not HAS_GROUPED, reason="this torch has no CPU grouped_mm"))]
 
 
-def make_layer(seed=0, **kw) -> MoELayer:
+def make_layer(seed=0, default_moe: DefaultMoEConfig | None = None, **kw) -> MoELayer:
     torch.manual_seed(seed)
     base = dict(d_model=8, n_experts=4, top_k=2, d_ff=6, aux_loss_coef=0.0)
-    return MoELayer(MoEConfig(**{**base, **kw}))
+    cfg = MoEConfig(**{**base, **kw})
+    return MoELayer(cfg, method=None if default_moe is None else DefaultMoE(cfg, default_moe))
 
 
 def grads(layer, x, y, g):
@@ -80,16 +82,29 @@ def test_gradcheck_fp64(activation):
 
 
 @pytest.mark.skipif(not HAS_GROUPED, reason="this torch has no CPU grouped_mm")
-def test_bf16_grouped_close_to_fp32_reference():
-    layer = make_layer(n_experts=4, top_k=2, d_model=16, d_ff=8, dispatch="grouped_mm")
-    x = torch.randn(12, 16)
-    ref = naive_moe(layer, x.bfloat16().float())
-    layer16 = make_layer(n_experts=4, top_k=2, d_model=16, d_ff=8).bfloat16()
-    layer16.load_state_dict(layer.state_dict())
+def test_bf16_grouped_close_to_fp32_reference(monkeypatch):
+    """The bf16 grouped-GEMM path really runs (the loop is made to fail) and matches the fp32
+    reference on the same bf16-rounded weights and inputs."""
+    import moelab.moe.experts as experts_module
+
+    layer16 = make_layer(n_experts=4, top_k=2, d_model=16, d_ff=8,
+                         dispatch="grouped_mm").bfloat16()
+    try:
+        resolve_backend("grouped_mm", "cpu", torch.bfloat16, layer16.experts.w_in)
+    except RuntimeError as e:
+        pytest.skip(f"no bf16 grouped GEMM on this CPU build: {e}")
+
+    def no_loop(*args, **kwargs):
+        raise AssertionError("the expert loop ran instead of the grouped path")
+
+    monkeypatch.setattr(experts_module, "expert_loop", no_loop)
+    x = torch.randn(12, 16).bfloat16()
+    y = layer16(x).y
+    assert y.dtype == torch.bfloat16
     # same routing: the router runs in fp32 on bf16-rounded inputs and weights
-    ref = naive_moe(layer16.float(), x.bfloat16().float())
-    layer16.bfloat16()
-    torch.testing.assert_close(layer16(x.bfloat16()).y.float(), ref, rtol=5e-2, atol=5e-2)
+    ref = naive_moe(copy.deepcopy(layer16).float(), x.float())
+    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
+    assert (y.float() - ref).abs().max() > 0  # really computed in bf16, not in fp32
 
 
 def test_auto_picks_the_loop_on_cpu_and_grouped_mm_elsewhere(monkeypatch, recwarn):
@@ -263,7 +278,7 @@ def test_loop_and_grouped_paths_agree_on_everything(monkeypatch, capacity_factor
         x = torch.randn(16, 8, requires_grad=True)
         y = layer(x).y
         results.append((y, *grads(layer, x, y, torch.ones_like(y)),
-                        layer.default_moe.ema.clone(), layer.last_stats.expert_out_norm,
+                        layer.method.ema.clone(), layer.last_stats.expert_out_norm,
                         layer.last_stats.dropped_frac))
     assert results[0][-1].item() == results[1][-1].item()
     if capacity_factor is not None:
@@ -313,3 +328,60 @@ def test_probe_under_no_grad_inference_mode_or_autocast_does_not_disable_grouped
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 probe result would not match
         assert grouped_mm_supported("cpu", torch.float32, 8, 16)
     assert torch.equal(state, torch.random.get_rng_state())  # probing draws no random numbers
+
+
+def test_moe_package_imports_no_method():
+    """``moe/`` is method-free: importing it loads no ``moelab.methods`` module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moelab.moe; "
+            "print(sorted(m for m in sys.modules if m.startswith('moelab.methods')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_layer_method_seam_gets_weighted_expert_sums(backend, capacity_factor):
+    """A LayerMethod asking for sums with an arbitrary [N] row weight gets
+    sums_ED[e] = sum_{n -> e} w[n] * expert_e(x_n) and weight_E[e] = sum_{n -> e} w[n] over the
+    kept rows (checked against the reference experts), and its forward's output is the
+    layer's; eval forwards ask for nothing."""
+    from reference import expert_forward
+
+    from moelab.moe import LayerMethod
+
+    class Probe(LayerMethod):
+        def row_weight(self, routing, plan):
+            self.plan = plan
+            self.w_N = torch.rand(plan.expert_ids.shape[0])
+            return self.w_N
+
+        def forward(self, y_TD, routing, sums):
+            self.sums = sums
+            return 2.0 * y_TD
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, n_experts=4, top_k=2, d_ff=8, aux_loss_coef=0.0,
+                    dispatch=backend, capacity_factor=capacity_factor)
+    probe = Probe()
+    layer = MoELayer(cfg, method=probe)
+    x = torch.randn(10, 8)
+    y = layer(x).y
+    plain = MoELayer(cfg)
+    plain.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(y, 2.0 * plain(x).y)
+    plan, w_N = probe.plan, probe.w_N
+    want_ED, want_E = torch.zeros(4, 8), torch.zeros(4)
+    with torch.no_grad():
+        for n in range(w_N.shape[0]):
+            e, t = int(plan.expert_ids[n]), int(plan.token_idx[n])
+            want_ED[e] += w_N[n] * expert_forward(layer, e, x[t])
+            want_E[e] += w_N[n]
+    torch.testing.assert_close(probe.sums.sums_ED, want_ED, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probe.sums.weight_E, want_E)
+    layer.eval()
+    layer(x)
+    assert probe.sums is None

@@ -13,8 +13,8 @@ from moelab.report import load_run, make_report, markdown_table
 from moelab.train import Trainer
 
 TINY = [
-    "model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.n_experts=4",
-    "model.d_ff=32", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8",
+    "model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.moe.n_experts=4",
+    "model.moe.d_ff=32", "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=8",
     "data.eval_batches=2", "data.final_eval_batches=2", "train.steps=9", "train.eval_every=3",
     "train.log_every=1", "train.threads=1",
 ]
@@ -80,3 +80,15 @@ def test_not_a_run_directory(tmp_path):
         make_report([tmp_path])
     with pytest.raises(ValueError, match="at least one"):
         make_report([])
+
+
+def test_report_reads_runs_without_the_trainer():
+    """``moelab.report`` reads run directories through ``moelab.rundir``, not the trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moelab.report; "
+            "print('moelab.train' in sys.modules, 'moelab.checkpoint' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False False"

@@ -8,20 +8,21 @@ import pytest
 import torch
 
 from moelab.config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
-from moelab.train import CHECKPOINT, CONFIG, METRICS, Trainer, read_metrics
+from moelab.rundir import CHECKPOINT, CONFIG, METRICS, read_metrics
+from moelab.train import Trainer
 
 # A model small enough for a few dozen steps in seconds on 2 CPU cores.
 TINY_LM = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_experts=4",
-    "model.top_k=2", "model.d_ff=32", "model.max_seq_len=32",
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.moe.n_experts=4",
+    "model.moe.top_k=2", "model.moe.d_ff=32", "model.max_seq_len=32",
     "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2", "data.final_eval_batches=2",
     "optim.lr=3e-3", "optim.warmup_steps=2",
     "train.steps=12", "train.eval_every=6", "train.log_every=1", "train.checkpoint_every=0",
     "train.threads=1",
 ]
 TINY_IMG = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_experts=4",
-    "model.top_k=2", "model.d_ff=32", "model.moe_every=1",
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.moe.n_experts=4",
+    "model.moe.top_k=2", "model.moe.d_ff=32", "model.moe_every=1",
     "data.batch_size=32", "data.eval_batches=2", "data.final_eval_batches=2",
     "train.steps=8", "train.eval_every=4", "train.log_every=2", "train.threads=1",
 ]
@@ -78,7 +79,7 @@ def test_run_directory_contents(tmp_path):
     assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)
     assert lrs[-1] == pytest.approx(3e-4)
     ckpt = torch.load(run / CHECKPOINT, weights_only=False)
-    assert {"model", "optimizer", "scheduler", "rng", "batcher", "step"} <= set(ckpt)
+    assert {"model", "optimizer", "rng", "batcher", "step"} <= set(ckpt) and "scheduler" not in ckpt
     assert ckpt["step"] == 12 and ckpt["batcher"]["step"] == 12
     assert not list(run.glob("*.tmp"))
     # the trainer restores torch's global settings
@@ -151,7 +152,8 @@ def test_excitation_changes_training(tmp_path):
     Trainer(plain, tmp_path / "plain", quiet=True).fit()
     tr = Trainer(exc, tmp_path / "exc", quiet=True)
     tr.fit()
-    assert type(tr.optimizer).__name__ == "Excitation"
+    assert type(tr.excitation).__name__ == "Excitation"
+    assert tr.excitation.optimizer is tr.optimizer and "excitation" in tr.optimizer.state_dict()
     la, lb = losses(tmp_path / "plain"), losses(tmp_path / "exc")
     assert la[0] == lb[0] and la[1:] != lb[1:]  # same first batch, different updates after
 
@@ -186,7 +188,7 @@ def test_data_errors_are_clear(tmp_path):
 def test_aux_loss_is_trained_on(tmp_path):
     runs = {}
     for coef in ("0.0", "1.0"):
-        cfg = tiny(f"model.aux_loss_coef={coef}", "train.steps=3", "train.eval_every=0")
+        cfg = tiny(f"model.moe.aux_loss_coef={coef}", "train.steps=3", "train.eval_every=0")
         Trainer(cfg, tmp_path / coef, quiet=True).fit()
         runs[coef] = [e for e in read_metrics(tmp_path / coef) if e["kind"] == "train"]
     assert all(e["aux_loss"] == 0.0 for e in runs["0.0"])

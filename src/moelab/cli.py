@@ -21,7 +21,7 @@ EXAMPLES = """\
 examples:
   moelab train                                   # built-in default: MoE LM on Shakespeare
   moelab train --config mnist                    # MoE ViT on the packaged MNIST 5k
-  moelab train --set model.n_experts=16 --set optim.excitation.strategy=zero_sum
+  moelab train --set model.moe.n_experts=16 --set optim.excitation.strategy=zero_sum
   moelab train --set model.default_moe.beta=0.95 --out runs/dmoe
   moelab train --resume runs/dmoe                # continue from its ckpt.pt
   moelab train --config runs/dmoe/config.toml    # redo a run from its saved config
@@ -57,21 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (writes a run directory)",
                        description="Train a model from a config. Writes config.toml, "
                        "metrics.jsonl, command.txt, ckpt.pt and a report into the run "
-                       "directory.", epilog=EXAMPLES,
+                       "directory (locked while it trains). Ctrl-C or SIGTERM finishes the "
+                       "step, saves ckpt.pt and prints the resume command (twice: abort at "
+                       "once). A NaN/inf loss stops the run, keeping the last good "
+                       "checkpoint (train.skip_nonfinite_steps=N skips up to N bad steps). "
+                       "The device is train.device (default auto: CUDA when available, "
+                       "else CPU), printed in the first line.", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", "-c", default=None, metavar="NAME|PATH",
                    help="a shipped config name (see `moelab configs`) or a TOML file "
                    "(default: default)")
     t.add_argument("--set", "-s", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value, e.g. "
-                   "model.n_experts=16, optim.lr=1e-3, model.default_moe=none (repeatable; "
+                   "model.moe.n_experts=16, optim.lr=1e-3, model.default_moe=none (repeatable; "
                    "VALUE is a TOML literal or a plain string)")
     t.add_argument("--out", "-o", default=None, metavar="DIR",
                    help="run directory (default: train.out_dir or runs/<name>-<timestamp>)")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its checkpoint (uses its config.toml)")
+    t.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where to train: auto (CUDA when available, else CPU; the default, "
+                   "train.device), cpu, cuda, cuda:N or mps; with --resume it moves the run")
     t.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress bar or progress lines (the final results still print)")
+                   help="no progress bar or progress lines (the final results still print); "
+                   "when stderr is not a terminal, progress is a plain line every "
+                   "train.progress_every steps")
     t.add_argument("--no-report", action="store_true", help="do not write the report")
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on validation and test",
@@ -121,9 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 
 
+def _resume_command(run_dir: object) -> str:
+    import shlex
+
+    return f"moelab train --resume {shlex.quote(str(run_dir))}"
+
+
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from moelab.config import load_config
-    from moelab.train import Trainer, check_fresh_run_dir
+    from moelab.guard import NonFiniteError
+    from moelab.loggers import require_backends
+    from moelab.rundir import check_fresh_run_dir
+    from moelab.train import Trainer
 
     command = ["moelab", *argv]
     try:
@@ -131,22 +150,49 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if args.config or args.overrides or args.out:
                 return _fail("--resume uses the run's own config.toml and directory; drop "
                              "--config/--set/--out (edit RUN_DIR/config.toml to change it)")
-            trainer = Trainer.resume(args.resume, quiet=args.quiet, command=command)
+            trainer = Trainer.resume(args.resume, quiet=args.quiet, command=command,
+                                     device=args.device)
         else:
-            cfg = load_config(args.config or "default", args.overrides)
+            overrides = list(args.overrides)
+            if args.device is not None:
+                overrides.append(f"train.device={args.device}")
+            cfg = load_config(args.config or "default", overrides)
             out = args.out or cfg.train.out_dir
             if out is not None:
                 check_fresh_run_dir(out)
             trainer = Trainer(cfg, out, quiet=args.quiet, command=command)
             check_fresh_run_dir(trainer.run_dir)
+        require_backends(trainer.cfg.train.loggers)  # a missing tracker: one line, not in fit
     except USER_ERRORS as e:
         return _fail(_one_line(e))
+    except KeyboardInterrupt:
+        print("\nmoelab: interrupted during start-up; nothing was written", file=sys.stderr)
+        return 130
+    done = trainer.finished_summary
+    if done is not None:
+        trainer.lock.release()
+        if trainer.is_main:
+            print(f"moelab: {trainer.run_dir} already finished at step {trainer.step}; nothing "
+                  "to do, nothing changed (to train longer, raise train.steps in its "
+                  "config.toml and resume)")
+            print(format_summary(done))
+        return 0
     try:
         summary = trainer.fit()
+    except (NonFiniteError, FileExistsError) as e:  # divergence; run directory locked
+        return _fail(_one_line(e))
     except KeyboardInterrupt:
-        print(f"\nmoelab: interrupted at step {trainer.step}; continue from the last "
-              f"checkpoint with: moelab train --resume {trainer.run_dir}", file=sys.stderr)
+        kept = (f"ckpt.pt holds step {trainer.checkpoint_step}; continue from it with: "
+                f"{_resume_command(trainer.run_dir)}" if trainer.checkpoint_step is not None
+                else "no checkpoint was written")
+        print(f"\nmoelab: aborted at step {trainer.step}; {kept}", file=sys.stderr)
         return 130
+    if summary.get("stopped") and summary.get("signal"):
+        if trainer.is_main:
+            print(f"moelab: stopped by {summary['signal']} at step {summary['step']}/"
+                  f"{trainer.cfg.train.steps}; checkpoint saved in {trainer.run_dir}; "
+                  f"continue with: {_resume_command(trainer.run_dir)}", file=sys.stderr)
+        return 143 if summary["signal"] == "SIGTERM" else 130
     if not trainer.is_main:  # under torchrun, rank 0 reports
         return 0
     print(format_summary(summary))
@@ -180,6 +226,7 @@ def format_summary(s: dict) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from moelab.guard import NonFiniteError
     from moelab.train import load_trained
 
     if args.batches is not None and args.batches < 1:
@@ -189,8 +236,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         return _fail(_one_line(e))
     n = args.batches if args.batches is not None else trainer.cfg.data.final_eval_batches
-    val = trainer.evaluate("val", n, routing=True)
-    test = trainer.evaluate("test", n, routing=False)
+    trainer.quiet = not trainer.is_main or args.json
+    try:
+        val = trainer.evaluate("val", n, routing=True, progress=True)
+        test = trainer.evaluate("test", n, routing=False, progress=True)
+    except NonFiniteError as e:
+        return _fail(_one_line(e))
     if not trainer.is_main:
         return 0
     layers = val.pop("layers", [])
@@ -296,15 +347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "train":
-        return _cmd_train(args, argv)
-    if args.command == "eval":
-        return _cmd_eval(args)
-    if args.command == "report":
-        return _cmd_report(args)
-    if args.command == "reproduce":
-        return _cmd_reproduce(args, argv)
-    return _cmd_configs(args)
+    try:
+        if args.command == "train":
+            return _cmd_train(args, argv)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "report":
+            return _cmd_report(args)
+        if args.command == "reproduce":
+            return _cmd_reproduce(args, argv)
+        return _cmd_configs(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop: no traceback
+        print(f"\nmoelab: {args.command} interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,9 +1,11 @@
 """Run configuration: one frozen dataclass tree that describes a whole training run.
 
-``RunConfig`` = ``name`` + ``model: ModelConfig`` + ``data: DataConfig`` + ``optim: OptimConfig``
+``RunConfig`` = ``name`` + ``model: ModelConfig`` (+ ``model.moe: MoEConfig``,
+``model.default_moe``, ``model.momentum``) + ``data: DataConfig`` + ``optim: OptimConfig``
 (+ ``optim.excitation: ExcitationConfig | None``) + ``train: TrainConfig``. Every dataclass
-validates itself in ``__post_init__`` and raises a ``ValueError`` naming the field
-(``optim.lr=-1 is invalid: need lr > 0``).
+validates itself in ``__post_init__`` with ``moelab.validation.require``, naming its bare field;
+the loader adds the dotted path (``optim.lr=-1 is invalid: need lr > 0``). Keys that moved
+(``model.n_experts`` -> ``model.moe.n_experts``) raise an error naming the new key.
 
 TOML <-> dataclasses, generically (works for any nested frozen dataclass tree):
 
@@ -45,7 +47,7 @@ else:  # pragma: no cover - python 3.10
 
 from moelab.methods.excitation import ExcitationConfig
 from moelab.models.config import ModelConfig
-from moelab.moe.config import _require
+from moelab.validation import FieldError, require
 
 __all__ = [
     "ConfigError",
@@ -108,17 +110,17 @@ class DataConfig:
         from moelab.data import IMAGE_DATASETS, TEXT_DATASETS
 
         known = TEXT_DATASETS + IMAGE_DATASETS
-        _require(self.dataset in known, "data.dataset", self.dataset, f"choose one of {known}")
-        _require(self.tokenizer in TOKENIZERS, "data.tokenizer", self.tokenizer,
+        require(self.dataset in known, "dataset", self.dataset, f"choose one of {known}")
+        require(self.tokenizer in TOKENIZERS, "tokenizer", self.tokenizer,
                f"choose one of {TOKENIZERS}")
-        _require(_is_int(self.bpe_vocab_size) and self.bpe_vocab_size >= 257,
-               "data.bpe_vocab_size", self.bpe_vocab_size, "need an int >= 257")
+        require(_is_int(self.bpe_vocab_size) and self.bpe_vocab_size >= 257,
+               "bpe_vocab_size", self.bpe_vocab_size, "need an int >= 257")
         for name in ("seq_len", "batch_size"):
             v = getattr(self, name)
-            _require(_is_int(v) and v >= 1, f"data.{name}", v, "need a positive int")
+            require(_is_int(v) and v >= 1, name, v, "need a positive int")
         for name in ("eval_batches", "final_eval_batches"):
             v = getattr(self, name)
-            _require(v is None or (_is_int(v) and v >= 1), f"data.{name}", v,
+            require(v is None or (_is_int(v) and v >= 1), name, v,
                    "need a positive int (or none for the whole split)")
 
     @property
@@ -155,28 +157,27 @@ class OptimConfig:
     excitation: ExcitationConfig | None = None
 
     def __post_init__(self) -> None:
-        _require(self.name in OPTIMIZERS, "optim.name", self.name, f"choose one of {OPTIMIZERS}")
-        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "need lr > 0")
-        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
-               "optim.betas", self.betas, "need two values in [0, 1)")
-        _require(self.eps > 0, "optim.eps", self.eps, "need eps > 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "need >= 0")
-        _require(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "need 0 <= m < 1")
-        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "optim.warmup_steps",
+        require(self.name in OPTIMIZERS, "name", self.name, f"choose one of {OPTIMIZERS}")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "need lr > 0")
+        require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               "betas", self.betas, "need two values in [0, 1)")
+        require(self.eps > 0, "eps", self.eps, "need eps > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "need >= 0")
+        require(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "need 0 <= m < 1")
+        require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
                self.warmup_steps, "need an int >= 0")
-        _require(0.0 <= self.warmup_frac < 1.0, "optim.warmup_frac", self.warmup_frac,
+        require(0.0 <= self.warmup_frac < 1.0, "warmup_frac", self.warmup_frac,
                "need 0 <= frac < 1")
-        _require(not (self.warmup_steps and self.warmup_frac), "optim.warmup_frac",
+        require(not (self.warmup_steps and self.warmup_frac), "warmup_frac",
                self.warmup_frac, "set warmup_steps or warmup_frac, not both")
-        _require(self.schedule in SCHEDULES, "optim.schedule", self.schedule,
+        require(self.schedule in SCHEDULES, "schedule", self.schedule,
                f"choose one of {SCHEDULES}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio,
                "need 0 <= ratio <= 1")
-        _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
+        require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
                self.grad_clip, "need >= 0 (0 = off)")
-        if self.excitation is not None and not isinstance(self.excitation, ExcitationConfig):
-            raise ValueError(f"optim.excitation={self.excitation!r} is invalid: "
-                             "need an ExcitationConfig or None")
+        require(self.excitation is None or isinstance(self.excitation, ExcitationConfig),
+                "excitation", self.excitation, "need an ExcitationConfig or None")
 
     def warmup(self, total_steps: int) -> int:
         """Number of warmup steps for a run of ``total_steps``."""
@@ -203,13 +204,21 @@ class TrainConfig:
     log_every: a metrics line every N steps.  checkpoint_every: ``ckpt.pt`` every N steps
         (0: only at the end).  seed: everything random (init, data order, dropout).
     out_dir: run directory (None: ``runs/<name>-<timestamp>``).
-    device: "cpu", "cuda", "cuda:N" or "auto".  threads: torch CPU threads (0: torch default).
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps".
+    threads: torch CPU threads (0: torch default).
     grad_accum: micro-batches per optimizer step.
     deterministic: ``torch.use_deterministic_algorithms`` during the run.
     expert_parallel: under torchrun, shard every MoE layer's experts over this many ranks
         (a divisor of the world size and of n_experts; 1: plain data parallel).
     dist_backend: torch.distributed backend under torchrun: "auto" (nccl on cuda, else gloo),
         "gloo" or "nccl".
+    loggers: where metrics go (``moelab.loggers``): "jsonl" (``metrics.jsonl``, always on),
+        "tensorboard", "wandb" (``pip install 'moelab[tracking]'`` for both).
+    tracker_group: W&B group of this run (e.g. the experiment of a ``moelab reproduce`` arm).
+    skip_nonfinite_steps: how many steps with a NaN/inf loss or gradient norm the run may
+        skip (no update applied) before it stops; 0: stop at the first.
+    progress_every: a plain progress line every N steps when stderr is not a terminal
+        (0: about 20 lines per run).
     """
 
     steps: int = 1000
@@ -218,27 +227,39 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     out_dir: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     threads: int = 0
     grad_accum: int = 1
     deterministic: bool = True
     expert_parallel: int = 1
     dist_backend: str = "auto"
+    loggers: tuple[str, ...] = ("jsonl",)
+    tracker_group: str | None = None
+    skip_nonfinite_steps: int = 0
+    progress_every: int = 0
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.steps) and self.steps >= 1, "train.steps", self.steps,
+        require(_is_int(self.steps) and self.steps >= 1, "steps", self.steps,
                "need a positive int")
-        for name in ("eval_every", "checkpoint_every", "threads"):
+        for name in ("eval_every", "checkpoint_every", "threads", "skip_nonfinite_steps",
+                     "progress_every"):
             v = getattr(self, name)
-            _require(_is_int(v) and v >= 0, f"train.{name}", v, "need an int >= 0")
+            require(_is_int(v) and v >= 0, name, v, "need an int >= 0")
         for name in ("log_every", "grad_accum", "expert_parallel"):
             v = getattr(self, name)
-            _require(_is_int(v) and v >= 1, f"train.{name}", v, "need a positive int")
-        _require(_is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "need an int >= 0")
-        _require(re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.device) is not None,
-               "train.device", self.device, "use cpu, cuda, cuda:N, mps or auto")
-        _require(self.dist_backend in ("auto", "gloo", "nccl"), "train.dist_backend",
+            require(_is_int(v) and v >= 1, name, v, "need a positive int")
+        require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "need an int >= 0")
+        require(re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.device) is not None,
+               "device", self.device, "use cpu, cuda, cuda:N, mps or auto")
+        require(self.dist_backend in ("auto", "gloo", "nccl"), "dist_backend",
                  self.dist_backend, "use auto, gloo or nccl")
+        known = ("jsonl", "tensorboard", "wandb")  # moelab.loggers.LOGGERS
+        require(all(x in known for x in self.loggers), "loggers", list(self.loggers),
+                f"choose from {', '.join(known)}")
+        require(len(set(self.loggers)) == len(self.loggers), "loggers", list(self.loggers),
+                "a logger is listed twice")
+        require(self.tracker_group is None or self.tracker_group.strip() != "",
+                "tracker_group", self.tracker_group, "need a non-empty string or none")
 
 
 @dataclass(frozen=True)
@@ -252,19 +273,20 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.name, str) and re.fullmatch(r"[\w.+-]+", self.name) is not None,
+        require(isinstance(self.name, str) and re.fullmatch(r"[\w.+-]+", self.name) is not None,
                "name", self.name, "use letters, digits, '_', '-', '.', '+'")
         kind, ds = self.model.kind, self.data.dataset
         ep = self.train.expert_parallel
-        _require(self.model.n_experts % ep == 0, "train.expert_parallel", ep,
-                 f"need a divisor of model.n_experts={self.model.n_experts}")
-        if kind == "lm":
-            _require(self.data.is_text, "data.dataset", ds,
-                   "model.kind='lm' needs a text dataset, not an image dataset")
-            _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+        n_experts = self.model.moe.n_experts
+        require(n_experts % ep == 0, "train.expert_parallel", ep,
+                f"need a divisor of model.moe.n_experts={n_experts}")
+        if kind in ("lm", "hf"):
+            require(self.data.is_text, "data.dataset", ds,
+                   f"model.kind={kind!r} needs a text dataset, not an image dataset")
+            require(kind == "hf" or self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                    self.data.seq_len, f"need <= model.max_seq_len={self.model.max_seq_len}")
         else:
-            _require(not self.data.is_text, "data.dataset", ds,
+            require(not self.data.is_text, "data.dataset", ds,
                    f"model.kind={kind!r} needs an image dataset, not a text dataset")
 
 
@@ -296,7 +318,10 @@ def _type_name(tp: Any) -> str:
     if tp in names:
         return names[tp]
     if typing.get_origin(tp) is tuple:
-        return f"an array of {len(typing.get_args(tp))} values"
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"an array of {getattr(args[0], '__name__', args[0])} values"
+        return f"an array of {len(args)} values"
     return str(tp)
 
 
@@ -360,32 +385,24 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
     return value
 
 
+#: Keys that moved (old dotted key -> new one): the MoE layer options now live in
+#: ``[model.moe]`` (``moelab.moe.MoEConfig``) instead of being copied into ``[model]``.
+MOVED_KEYS = {f"model.{k}": f"model.moe.{k}" for k in (
+    "n_experts", "top_k", "d_ff", "activation", "normalize_topk", "capacity_factor",
+    "aux_loss_coef", "z_loss_coef", "dispatch")}
+
+
 def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
     full = f"{path}.{key}" if path else key
+    if full in MOVED_KEYS:
+        new = MOVED_KEYS[full]
+        table, leaf = new.rsplit(".", 1)
+        return ConfigError(f"key {full!r} moved to {new!r} (TOML: `{leaf} = ...` under "
+                           f"[{table}]; CLI: --set {new}=...)")
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = (f"; did you mean {path + '.' if path else ''}{close[0]}?" if close
             else f"; known keys: {', '.join(known)}")
     return ConfigError(f"unknown key {full!r}{hint}")
-
-
-def _qualify(message: str, path: str, cls: type) -> str:
-    """Make a dataclass's own validation message name the full dotted key."""
-    if not path:
-        return message
-    head = path.rsplit(".", 1)[-1]
-    parent = path[: -len(head)]  # "model." for "model.default_moe", "" for "model"
-    m = re.match(r"([A-Za-z_][\w.]*)=", message)
-    if m is None:
-        return f"{path}: {message}"
-    key = m.group(1)
-    if key.startswith(path + ".") or (parent and key.startswith(parent)):
-        return message
-    if key.startswith(head + "."):
-        return parent + message
-    names = {f.name for f in dataclasses.fields(cls)}
-    if key.split(".")[0] in names:
-        return f"{path}.{message}"
-    return f"{path}: {message}"
 
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
@@ -404,8 +421,10 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
         return cls(**kwargs)
     except ConfigError:
         raise
+    except FieldError as e:
+        raise ConfigError(str(e.at(path))) from None
     except (ValueError, TypeError) as e:
-        raise ConfigError(_qualify(str(e), path, cls)) from None
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def config_from_dict(data: dict[str, Any], cls: type = RunConfig) -> Any:
@@ -530,7 +549,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         key = key.strip()
         if not sep or not key or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
             raise ConfigError(f"bad --set {item!r}: expected KEY=VALUE, e.g. "
-                              "--set model.n_experts=16")
+                              "--set model.moe.n_experts=16")
         value = parse_value(raw.strip())
         parts = key.split(".")
         node = data

@@ -176,7 +176,7 @@ class ExpertParallelExperts(nn.Module):
         #: rows sent to each rank of the group by the last forward (index = group rank)
         self.last_send_splits: list[int] = []
 
-    def forward(self, x_TD: Tensor, plan: DispatchPlan, sum_weight_N: Tensor | None = None,
+    def forward(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None = None,
                 track_out_norm: bool = False) -> ExpertsOutput:
         n_local, n_ranks = self.local.n_experts, self.group_size
         send_PE = plan.kept_counts.view(n_ranks, n_local).contiguous()
@@ -204,9 +204,9 @@ class ExpertParallelExperts(nn.Module):
             if track_out_norm:
                 norm_sums_E = add_per_expert_(rows.new_zeros(self.n_experts), rows.norm(dim=1),
                                               plan.expert_ids)
-            if sum_weight_N is not None:
+            if row_weight_N is not None:
                 sums_ED = add_per_expert_(rows.new_zeros(self.n_experts, rows.shape[1]), rows,
-                                          plan.expert_ids, sum_weight_N.float())
+                                          plan.expert_ids, row_weight_N.float())
         return ExpertsOutput(y_TD, sums_ED, norm_sums_E)
 
 

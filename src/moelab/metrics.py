@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 __all__ = [
+    "LayerAccumulator",
     "aggregate_counts",
     "dead_experts",
     "expert_share",
@@ -364,3 +366,65 @@ def layer_metrics(
     if z_loss is not None:
         out["z_loss"] = _scalar("z_loss", z_loss)
     return out
+
+
+class LayerAccumulator:
+    """Routing statistics of one MoE layer summed over the forwards of one evaluation.
+
+    ``add(layer.last_stats, losses)`` after each forward; ``metrics()`` gives the
+    :func:`layer_metrics` dict of the whole evaluation (plus ``out_norm`` and ``tokens``).
+    """
+
+    def __init__(self) -> None:
+        self.counts: list[torch.Tensor] = []
+        self.tokens = 0
+        self.entropy = 0.0
+        self.dropped = 0.0
+        self.mean_prob: torch.Tensor | None = None
+        self.norm_sum: torch.Tensor | None = None
+        self.norm_weight: torch.Tensor | None = None
+        self.load_balance = 0.0
+        self.z_loss = 0.0
+        self.n_forwards = 0
+
+    def add(self, stats: Any, losses: Any | None) -> None:
+        n = int(stats.n_tokens)
+        counts = stats.tokens_per_expert.detach().double().cpu()
+        self.counts.append(counts)
+        self.tokens += n
+        self.entropy += float(stats.entropy) * n
+        self.dropped += float(stats.dropped_frac) * n
+        mp = stats.mean_prob.detach().double().cpu() * n
+        self.mean_prob = mp if self.mean_prob is None else self.mean_prob + mp
+        if stats.expert_out_norm is not None:
+            norm = stats.expert_out_norm.detach().double().cpu()
+            ok = ~torch.isnan(norm)
+            w = torch.where(ok, counts, torch.zeros_like(counts))
+            s = torch.where(ok, norm, torch.zeros_like(norm)) * w
+            self.norm_sum = s if self.norm_sum is None else self.norm_sum + s
+            self.norm_weight = w if self.norm_weight is None else self.norm_weight + w
+        if losses is not None:
+            self.load_balance += float(losses.load_balance)
+            self.z_loss += float(losses.z_loss)
+        self.n_forwards += 1
+
+    def metrics(self) -> dict[str, Any]:
+        counts = aggregate_counts(self.counts)
+        out_norm = None
+        if self.norm_sum is not None:
+            out_norm = torch.where(self.norm_weight > 0,
+                                   self.norm_sum / self.norm_weight.clamp_min(1e-300),
+                                   torch.full_like(self.norm_sum, float("nan")))
+        m = layer_metrics(
+            counts,
+            mean_prob_E=self.mean_prob / self.tokens,
+            entropy=self.entropy / self.tokens,
+            dropped_frac=min(1.0, max(0.0, self.dropped / self.tokens)),
+            out_norm_E=out_norm,
+            aux_loss=self.load_balance / self.n_forwards,
+            z_loss=self.z_loss / self.n_forwards,
+        )
+        if out_norm is not None:
+            m["out_norm"] = [None if math.isnan(v) else v for v in out_norm.tolist()]
+        m["tokens"] = self.tokens
+        return m

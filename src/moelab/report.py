@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.config import tomllib
-from moelab.train import CONFIG, METRICS, read_metrics
+from moelab.rundir import CONFIG, METRICS, read_metrics
 
 __all__ = ["RunData", "load_run", "make_report"]
 
@@ -48,7 +48,7 @@ class RunData:
 
     @property
     def is_lm(self) -> bool:
-        return self.model_kind == "lm"
+        return self.model_kind in ("lm", "hf")
 
     @property
     def last_eval(self) -> dict[str, Any] | None:
@@ -139,15 +139,51 @@ def _layer_grid(plt, n_layers: int, title: str, height: float = 3.0):
     return fig, flat[:n_layers]
 
 
+def _finite(v: Any) -> bool:
+    """A number that is not NaN/inf (metrics.jsonl writes non-finite values as null)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def run_notes(r: RunData) -> list[str]:
+    """What the figures and table of run ``r`` leave out, in words (non-finite values, no
+    final evaluation)."""
+    notes = []
+    bad = [e["step"] for e in r.train if not _finite(e.get("loss"))]
+    if bad:
+        notes.append(f"`{r.name}`: {len(bad)} of {len(r.train)} logged training losses are "
+                     f"NaN/inf (null in metrics.jsonl), first at step {bad[0]}: the run "
+                     "diverged there; they are left out of the plots")
+    key = "val_ppl" if r.is_lm else "val_acc"
+    bad_ev = [e["step"] for e in r.evals if not _finite(e.get(key))]
+    if bad_ev:
+        notes.append(f"`{r.name}`: {len(bad_ev)} evaluations have a non-finite {key}, first "
+                     f"at step {bad_ev[0]}; left out of the plots")
+    skipped = max((e.get("skipped_steps", 0) for e in r.train), default=0)
+    if skipped:
+        notes.append(f"`{r.name}`: {skipped} steps with a NaN/inf loss or gradient were "
+                     "skipped (train.skip_nonfinite_steps)")
+    if r.final is None:
+        notes.append(f"`{r.name}`: no final evaluation (still running, stopped or diverged); "
+                     "the table shows its last logged values")
+    return notes
+
+
 def plot_loss(plt, runs: list[RunData], out: Path) -> Path:
     fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    missing = []
     for r in runs:
-        if r.train:
-            ax_l.plot([e["step"] for e in r.train], [e["loss"] for e in r.train], label=r.name)
+        pts = [(e["step"], e["loss"]) for e in r.train if _finite(e.get("loss"))]
+        if pts:
+            ax_l.plot(*zip(*pts, strict=True), label=r.name)
+        elif r.train:
+            missing.append(r.name)
         key = "val_ppl" if r.is_lm else "val_acc"
-        pts = [(e["step"], e[key]) for e in r.evals if e.get(key) is not None]
+        pts = [(e["step"], e[key]) for e in r.evals if _finite(e.get(key))]
         if pts:
             ax_v.plot(*zip(*pts, strict=True), marker="o", ms=3, label=r.name)
+    if missing:
+        ax_l.text(0.5, 0.5, "no finite training loss logged:\n" + ", ".join(missing),
+                  transform=ax_l.transAxes, ha="center", va="center", color="tab:red")
     ax_l.set(title="training loss", xlabel="step", ylabel="cross-entropy (nats)")
     lm = all(r.is_lm for r in runs)
     if lm:
@@ -169,8 +205,9 @@ def plot_gini(plt, runs: list[RunData], out: Path) -> Path | None:
     for r in runs:
         ev = r.last_eval
         layers = (ev or {}).get("layers") or []
-        if layers:
-            ax.plot(range(len(layers)), [x["gini"] for x in layers], marker="o", label=r.name)
+        pts = [(i, x["gini"]) for i, x in enumerate(layers) if _finite(x.get("gini"))]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=r.name)
             any_line = True
     if not any_line:
         plt.close(fig)
@@ -279,6 +316,7 @@ def summary_row(r: RunData) -> dict[str, Any]:
     layers = ev.get("layers") or []
     last_train = r.train[-1] if r.train else {}
     unit = "tokens_per_s" if r.is_lm else "images_per_s"
+    ginis = [x["gini"] for x in layers if _finite(x.get("gini"))]
     row = {
         "run": r.name,
         "model": r.model_kind,
@@ -288,8 +326,8 @@ def summary_row(r: RunData) -> dict[str, Any]:
                      ev.get("val_ppl" if r.is_lm else "val_acc")),
         "test": f.get("test_ppl" if r.is_lm else "test_acc"),
         "throughput": f.get(unit, last_train.get(unit)),
-        "gini": (sum(x["gini"] for x in layers) / len(layers)) if layers else None,
-        "dead": sum(x["dead"] for x in layers) if layers else None,
+        "gini": (sum(ginis) / len(ginis)) if ginis else None,
+        "dead": sum(x["dead"] for x in layers if _finite(x.get("dead"))) if layers else None,
         "train_time_s": f.get("train_time_s", last_train.get("elapsed_s")),
     }
     return row
@@ -336,6 +374,9 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = Non
                     plot_norm_share(plt, runs, out)))
     lines = ["# moelab report", "", markdown_table(runs), "Runs:", ""]
     lines += [f"- `{r.name}`: {r.path}" for r in runs]
+    notes = [n for r in runs for n in run_notes(r)]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     for title, path in figures:
         if path is not None:
             lines += ["", f"## {title}", "", f"![{title}]({path.name})"]

@@ -5,7 +5,7 @@
     summary = trainer.fit()                          # trains, evaluates, checkpoints
     trainer = Trainer.resume("runs/try")             # continue bit-for-bit from ckpt.pt
 
-Run directory::
+Run directory (layout and I/O in ``moelab.rundir``; checkpoints in ``moelab.checkpoint``)::
 
     config.toml     the resolved RunConfig; ``moelab train --config RUN/config.toml`` redoes it
     command.txt     the exact command line(s) (one line per start / resume)
@@ -19,7 +19,7 @@ Run directory::
                     final: the last evaluation on the full validation and test splits, params,
                       throughput, training time
     ckpt.pt         written atomically: model (MoE buffers included), optimizer (Excitation
-                    included), schedule, RNG states (torch, numpy, python, cuda), batcher, step,
+                    included), RNG states (torch, numpy, python, cuda), batcher, step,
                     the open log window
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) the Trainer initialises
@@ -37,12 +37,9 @@ restores every piece of state, so N steps straight and N/2 + resume + N/2 log id
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
 import math
 import os
 import random
-import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -54,54 +51,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moelab import checkpoint as ckpt
 from moelab import distributed as mdist
-from moelab.config import RunConfig, dump_toml, load_config
-from moelab.metrics import aggregate_counts, layer_metrics
+from moelab import loggers as mlog
+from moelab import rundir
+from moelab.config import RunConfig, dump_toml
+from moelab.guard import NonFiniteError, NonFiniteGuard
+from moelab.interrupt import StopOnSignal
+from moelab.metrics import LayerAccumulator
+from moelab.progress import EvalProgress, StepProgress, auto_every
+from moelab.runlock import RunLock
 
-__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "Trainer", "check_fresh_run_dir", "default_run_dir",
-           "load_trained", "read_metrics"]
-
-CONFIG = "config.toml"
-METRICS = "metrics.jsonl"
-CHECKPOINT = "ckpt.pt"
-COMMAND = "command.txt"
-CKPT_VERSION = 1
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The entries of ``RUN/metrics.jsonl`` (an empty list if there is none)."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-    return out
+__all__ = ["Trainer", "load_trained"]
 
 
-def default_run_dir(cfg: RunConfig, root: str | Path = "runs") -> Path:
-    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (with a numeric suffix if that exists)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / f"{cfg.name}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
-
-
-def check_fresh_run_dir(run_dir: str | Path) -> Path:
-    """``run_dir`` as a Path; raises FileExistsError if it already holds a run."""
-    d = Path(run_dir)
-    if d.exists() and not d.is_dir():
-        raise FileExistsError(f"run directory {d} is a file")
-    if (d / METRICS).exists() or (d / CHECKPOINT).exists():
-        raise FileExistsError(f"run directory {d} already holds a run; resume it with "
-                              f"`moelab train --resume {d}` or choose another --out")
-    return d
+class _Interrupted(Exception):
+    """A stop was requested during the final evaluation (internal)."""
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -115,81 +80,6 @@ def _resolve_device(name: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"train.device={name!r} is invalid: MPS is not available here")
     return dev
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _json_safe(x: Any) -> Any:
-    """Floats that JSON can hold (NaN/inf become None)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-class _LayerAccumulator:
-    """Routing statistics of one MoE layer summed over the forwards of one evaluation."""
-
-    def __init__(self) -> None:
-        self.counts: list[torch.Tensor] = []
-        self.tokens = 0
-        self.entropy = 0.0
-        self.dropped = 0.0
-        self.mean_prob: torch.Tensor | None = None
-        self.norm_sum: torch.Tensor | None = None
-        self.norm_weight: torch.Tensor | None = None
-        self.load_balance = 0.0
-        self.z_loss = 0.0
-        self.n_forwards = 0
-
-    def add(self, stats: Any, losses: Any) -> None:
-        n = int(stats.n_tokens)
-        counts = stats.tokens_per_expert.detach().double().cpu()
-        self.counts.append(counts)
-        self.tokens += n
-        self.entropy += float(stats.entropy) * n
-        self.dropped += float(stats.dropped_frac) * n
-        mp = stats.mean_prob.detach().double().cpu() * n
-        self.mean_prob = mp if self.mean_prob is None else self.mean_prob + mp
-        if stats.expert_out_norm is not None:
-            norm = stats.expert_out_norm.detach().double().cpu()
-            ok = ~torch.isnan(norm)
-            w = torch.where(ok, counts, torch.zeros_like(counts))
-            s = torch.where(ok, norm, torch.zeros_like(norm)) * w
-            self.norm_sum = s if self.norm_sum is None else self.norm_sum + s
-            self.norm_weight = w if self.norm_weight is None else self.norm_weight + w
-        if losses is not None:
-            self.load_balance += float(losses.load_balance)
-            self.z_loss += float(losses.z_loss)
-        self.n_forwards += 1
-
-    def metrics(self) -> dict[str, Any]:
-        counts = aggregate_counts(self.counts)
-        out_norm = None
-        if self.norm_sum is not None:
-            out_norm = torch.where(self.norm_weight > 0,
-                                   self.norm_sum / self.norm_weight.clamp_min(1e-300),
-                                   torch.full_like(self.norm_sum, float("nan")))
-        m = layer_metrics(
-            counts,
-            mean_prob_E=self.mean_prob / self.tokens,
-            entropy=self.entropy / self.tokens,
-            dropped_frac=min(1.0, max(0.0, self.dropped / self.tokens)),
-            out_norm_E=out_norm,
-            aux_loss=self.load_balance / self.n_forwards,
-            z_loss=self.z_loss / self.n_forwards,
-        )
-        if out_norm is not None:
-            m["out_norm"] = [None if math.isnan(v) else v for v in out_norm.tolist()]
-        m["tokens"] = self.tokens
-        return m
 
 
 class Trainer:
@@ -216,7 +106,7 @@ class Trainer:
         self.ctx = self._setup_distributed()
         self.is_main = self.ctx is None or self.ctx.is_main
         self.run_dir = Path(run_dir) if run_dir is not None else (
-            Path(tcfg.out_dir) if tcfg.out_dir else default_run_dir(cfg))
+            Path(tcfg.out_dir) if tcfg.out_dir else rundir.default_run_dir(cfg))
         if self.ctx is not None:  # one run directory for all ranks: rank 0's
             shared = [str(self.run_dir)]
             dist.broadcast_object_list(shared, src=0)
@@ -227,6 +117,15 @@ class Trainer:
         self.train_time_s = 0.0
         self._window = self._new_window()
         self._resumed = False
+        self._loggers: mlog.LoggerGroup | None = None  # opened by fit, on rank 0
+        self._restarted = False  # --resume of a run that never wrote a checkpoint
+        self.guard = NonFiniteGuard(max_skips=tcfg.skip_nonfinite_steps)
+        self.checkpoint_step: int | None = None  # the step ckpt.pt holds (None: none yet)
+        self.lock = RunLock(self.run_dir)
+        self.stop_signal: str | None = None  # "SIGINT" / "SIGTERM" once one stopped fit()
+        self._stop: StopOnSignal | None = None
+        self._final_phase = False
+        self._started = False  # fit() has set up the run directory
         with self._runtime():
             self._seed_everything(tcfg.seed)
             self._setup_data()
@@ -247,6 +146,7 @@ class Trainer:
                 mdist.enable_global_stats(self.model)
                 self._expert_params = mdist.expert_parameters(self.model)
                 self._train_model = mdist.wrap_ddp(self.model, self.ctx)
+            self.excitation = None
             self.optimizer = self._build_optimizer()
             self._seed_everything(tcfg.seed)  # the run starts from the same RNG state always
 
@@ -278,7 +178,7 @@ class Trainer:
 
     @property
     def is_lm(self) -> bool:
-        return self.cfg.model.kind == "lm"
+        return self.cfg.model.kind in ("lm", "hf")
 
     @property
     def unit(self) -> str:
@@ -339,7 +239,10 @@ class Trainer:
             self.tokens = {"train": toks.train.to(small), "val": toks.valid.to(small),
                            "test": toks.test.to(small)}
             self.data_source = splits.source
+            from moelab.models.lm import check_token_ids
+
             for split, t in self.tokens.items():
+                check_token_ids(t, self.vocab_size, f"{split} split token ids")  # once per split
                 if t.numel() < dcfg.seq_len + 1:
                     raise ValueError(
                         f"data.seq_len={dcfg.seq_len} is invalid: the {split} split of "
@@ -382,8 +285,11 @@ class Trainer:
         if ocfg.excitation is not None:
             from moelab.methods.excitation import Excitation
 
-            opt = Excitation(opt, self.model, config=ocfg.excitation)
-            opt.all_reduce_counts = self.ctx is not None  # the global batch's utilization
+            # hooks onto opt: its step applies Φ, its state_dict carries Excitation's state
+            build = getattr(self.model, "build_excitation", None)  # models finding their own
+            self.excitation = (build(opt, ocfg.excitation) if build is not None  # (moelab.hf)
+                               else Excitation(opt, self.model, config=ocfg.excitation))
+            self.excitation.all_reduce_counts = self.ctx is not None  # global utilization
         return opt
 
     # ------------------------------------------------------------------ one step
@@ -406,13 +312,18 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (``grad_accum`` micro-batches); returns its loss, aux loss, lr,
-        grad norm and item count."""
+        grad norm and item count. A NaN/inf loss or grad norm applies no update: the step is
+        skipped (``"skipped": True``) while ``train.skip_nonfinite_steps`` allows, else
+        NonFiniteError (one line: step, loss, lr, the last good checkpoint, what to try)."""
         tcfg, ocfg = self.cfg.train, self.cfg.optim
         self.model.train()
         lr = self._set_lr()
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         items = 0
+        # a skipped step must leave the model as it was: keep the buffers (small) it may update
+        buffers = ([b.detach().clone() for b in self.model.buffers()]
+                   if self.guard.max_skips > self.guard.skipped else [])
         for i in range(tcfg.grad_accum):
             x, y = self.batcher.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -433,12 +344,22 @@ class Trainer:
             items *= self.ctx.world_size
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = mdist.clip_grad_norm_(params, ocfg.grad_clip, self.ctx, self._expert_params)
+        res = {"loss": float(loss_sum) / tcfg.grad_accum, "aux_loss": float(aux_sum)
+               / tcfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm), "items": items}
+        if not self.guard.ok(res["loss"], res["aux_loss"], res["grad_norm"]):
+            # the same decision on every rank: loss sums and the grad norm are global
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.skip(self.step + 1, res["loss"], res["grad_norm"], lr,
+                            self._checkpoint_note())
+            for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                b.copy_(saved)  # undo what the bad forward did to EMA buffers etc.
+            self.step += 1
+            return {**res, "skipped": True}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.items_seen += items
-        return {"loss": float(loss_sum) / tcfg.grad_accum, "aux_loss": float(aux_sum)
-                / tcfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm), "items": items}
+        return res
 
     # ------------------------------------------------------------------ evaluation
 
@@ -456,13 +377,27 @@ class Trainer:
                 break
             yield batch
 
+    def _n_eval_batches(self, split: str, max_batches: int | None) -> int:
+        bs = self.cfg.data.batch_size
+        if self.is_lm:
+            from moelab.data import EvalWindows
+
+            n = len(EvalWindows(self.tokens[split], bs, self.cfg.data.seq_len))
+        else:
+            n = -(-self.images[split].x.shape[0] // bs)
+        return n if max_batches is None else min(n, max_batches)
+
     @torch.no_grad()
     def evaluate(self, split: str = "val", max_batches: int | None = None,
-                 routing: bool = True) -> dict[str, Any]:
+                 routing: bool = True, progress: bool = False) -> dict[str, Any]:
         """Loss and perplexity (LM) or accuracy on ``split`` ("val" | "test") over the first
-        ``max_batches`` batches (None: all), plus per-MoE-layer routing metrics (``layers``)."""
+        ``max_batches`` batches (None: all), plus per-MoE-layer routing metrics (``layers``).
+        ``progress``: show progress (a bar, or plain lines when stderr is not a terminal).
+        Raises NonFiniteError if the loss is NaN or infinite."""
         if split not in ("val", "test"):
             raise ValueError(f"split={split!r} is invalid: choose 'val' or 'test'")
+        bar = EvalProgress(split, self._n_eval_batches(split, max_batches),
+                           enabled=progress and not self.quiet)
         with self._runtime():
             model = self.model
             was_training = model.training
@@ -470,26 +405,40 @@ class Trainer:
             layers = model.moe_layers() if routing else []
             if routing:
                 model.set_track_out_norm(True)
-            acc = [_LayerAccumulator() for _ in layers]
+            acc = [LayerAccumulator() for _ in layers]
             loss_sum, n_items, correct = 0.0, 0, 0
             try:
-                for x, y in self._eval_batches(split, max_batches):
+                for b, (x, y) in enumerate(self._eval_batches(split, max_batches)):
+                    if self._final_phase and self._stop_requested():
+                        raise _Interrupted
                     x, y = x.to(self.device), y.to(self.device)
                     out = model(x)
                     loss_sum += float(self._task_loss(out.logits, y, reduction="sum"))
+                    if not math.isfinite(loss_sum):  # before the routing metrics see NaNs
+                        break
                     n_items += y.numel()
                     if not self.is_lm:
                         correct += int((out.logits.argmax(-1) == y).sum())
                     for i, layer in enumerate(layers):
                         losses = out.moe_losses[i] if i < len(out.moe_losses) else None
                         acc[i].add(layer.last_stats, losses)
+                    bar.update(b + 1)
             finally:
+                bar.close()
                 if routing:
                     model.set_track_out_norm(False)
                 model.train(was_training)
-        if n_items == 0:
+        if not math.isfinite(loss_sum):
+            loss = loss_sum
+        elif n_items == 0:
             raise ValueError(f"the {split} split gave no evaluation batch")
-        loss = loss_sum / n_items
+        else:
+            loss = loss_sum / n_items
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"evaluation on the {split} split at step {self.step} gave a {loss} loss: the "
+                f"model in {self.run_dir} has diverged or overflows; train it again with a "
+                "smaller optim.lr (routing metrics need finite outputs)")
         res: dict[str, Any] = {f"{split}_loss": loss}
         if self.is_lm:
             res[f"{split}_ppl"] = math.exp(min(loss, 700.0))
@@ -503,7 +452,7 @@ class Trainer:
         return res
 
     def _excitation_summary(self) -> dict[str, Any] | None:
-        mult = getattr(self.optimizer, "last_multipliers", None)
+        mult = self.excitation.last_multipliers if self.excitation is not None else None
         if not mult:
             return None
         out = {}
@@ -516,48 +465,26 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run bit-for-bit."""
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-               "python": random.getstate()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        """Everything needed to continue the run bit-for-bit (see ``moelab.checkpoint``)."""
         return {
-            "version": CKPT_VERSION,
+            "version": ckpt.CKPT_VERSION,
             "step": self.step,
             "items_seen": self.items_seen,
             "train_time_s": self.train_time_s,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"step": self.step, "base_lr": self.cfg.optim.lr,
-                          "total_steps": self.cfg.train.steps},
             "batcher": self.batcher.state_dict(),
-            "rng": rng,
+            "rng": ckpt.capture_rng(self.device),
             "window": dict(self._window),
+            "nonfinite_skipped": self.guard.skipped,
             "config_toml": dump_toml(self.cfg),
             "parallel": {"world_size": self.world_size,
                          "expert_parallel": self.cfg.train.expert_parallel},
         }
 
-    def _check_parallel(self, state: dict[str, Any]) -> None:
-        """Raise if ``state`` comes from an expert-parallel run of another world size."""
-        saved = state.get("parallel", {"world_size": 1, "expert_parallel": 1})
-        if saved["expert_parallel"] > 1 and saved["world_size"] != self.world_size:
-            raise ValueError(
-                f"this checkpoint holds experts sharded over {saved['world_size']} ranks "
-                f"(expert_parallel={saved['expert_parallel']}); load it under torchrun with "
-                f"--nproc_per_node {saved['world_size']} (this process has a world of "
-                f"{self.world_size}); resharding experts to another world size is not "
-                "supported")
-        if self.cfg.train.expert_parallel != saved["expert_parallel"] and \
-                saved["expert_parallel"] > 1:
-            raise ValueError(f"checkpoint expert_parallel={saved['expert_parallel']} != "
-                             f"train.expert_parallel={self.cfg.train.expert_parallel}")
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != CKPT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')!r} is not supported "
-                             f"(need {CKPT_VERSION})")
-        self._check_parallel(state)
+        ckpt.check_version(state)
+        ckpt.check_parallel(state, self.world_size, self.cfg.train.expert_parallel)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.batcher.load_state_dict(state["batcher"])
@@ -565,104 +492,130 @@ class Trainer:
         self.items_seen = int(state["items_seen"])
         self.train_time_s = float(state["train_time_s"])
         self._window = dict(state["window"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.guard.skipped = int(state.get("nonfinite_skipped", 0))
+        self.checkpoint_step = self.step
+        ckpt.restore_rng(state["rng"], self.device)
 
-    def _checkpoint_path(self) -> Path | None:
-        """This rank's checkpoint file: ``ckpt.pt`` (rank 0), ``ckpt.rank<r>.pt`` (rank r > 0
-        of an expert-parallel run), None for ranks > 0 of a data-parallel run (rank 0's
-        holds everything)."""
-        if self.is_main:
-            return self.run_dir / CHECKPOINT
-        if self.cfg.train.expert_parallel > 1:
-            return self.run_dir / f"ckpt.rank{self.ctx.rank}.pt"
-        return None
+    @property
+    def _rank(self) -> int:
+        return 0 if self.ctx is None else self.ctx.rank
 
     def save_checkpoint(self) -> Path:
-        """Write this rank's checkpoint atomically (temporary file + ``os.replace``); returns
-        ``RUN/ckpt.pt``. All ranks take part under torchrun."""
-        path = self._checkpoint_path()
+        """Write this rank's checkpoint atomically; returns ``RUN/ckpt.pt``. All ranks take
+        part under torchrun."""
+        path = ckpt.rank_checkpoint_path(self.run_dir, self._rank,
+                                         self.cfg.train.expert_parallel)
         state = self.state_dict()  # on every rank: a collective-free snapshot
+        bad = ckpt.check_finite(state)
+        if self.ctx is not None:  # every rank refuses, or none
+            flag = torch.tensor([float(bool(bad))], device=self.device)
+            dist.all_reduce(flag)
+            bad = bad or (["another rank's experts"] if float(flag) > 0 else [])
+        if bad:
+            raise NonFiniteError(
+                f"not writing a checkpoint at step {self.step}: the model holds NaN/inf values "
+                f"({', '.join(bad[:3])}); {self._checkpoint_note()}; try a smaller optim.lr")
         if path is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            ckpt.save_atomic(state, path)
         if self.ctx is not None:
             dist.barrier()
-        return self.run_dir / CHECKPOINT
+        self.checkpoint_step = self.step
+        return self.run_dir / rundir.CHECKPOINT
+
+    def _checkpoint_note(self) -> str:
+        if self.checkpoint_step is None:
+            return f"no checkpoint was written to {self.run_dir}"
+        return (f"{self.run_dir / rundir.CHECKPOINT} keeps the last good state (step "
+                f"{self.checkpoint_step})")
 
     @classmethod
     def resume(cls, run_dir: str | Path, *, quiet: bool = False,
-               command: Sequence[str] | None = None, _verb: str = "resume") -> Trainer:
+               command: Sequence[str] | None = None, device: str | None = None,
+               _verb: str = "resume") -> Trainer:
         """A Trainer that continues the run in ``run_dir`` from its ``ckpt.pt``, with the
-        run's ``config.toml`` (edit ``train.steps`` there to extend a finished run)."""
+        run's ``config.toml`` (edit ``train.steps`` there to extend a finished run).
+
+        Takes the run directory's lock (RunDirLockedError if another process writes it),
+        held until :meth:`fit` returns. A run that stopped before its first checkpoint starts
+        again from step 0. ``device`` overrides ``train.device``. CheckpointError for an
+        unreadable, foreign or untrusted ``ckpt.pt``."""
         run_dir = Path(run_dir)
-        cfg_path, ckpt_path = run_dir / CONFIG, run_dir / CHECKPOINT
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"cannot {_verb} {run_dir}: not a moelab run directory "
-                                    f"(no {CONFIG})")
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"cannot {_verb} {run_dir}: no {CHECKPOINT} there (the run "
-                                    "stopped before its first checkpoint)")
-        trainer = cls(load_config(cfg_path), run_dir, quiet=quiet, command=command)
-        own = trainer._checkpoint_path() or ckpt_path
-        main_state = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
-        trainer._check_parallel(main_state)
-        state = main_state if own == ckpt_path else torch.load(
-            own, map_location=trainer.device, weights_only=False)
-        if trainer.ctx is not None:  # all ranks must resume from the same step (or all stop)
-            torn = torch.tensor([float(state["step"] != main_state["step"])],
-                                device=trainer.device)
-            dist.all_reduce(torn)
-            if float(torn) > 0:
-                raise ValueError(f"cannot {_verb} {run_dir}: the per-rank checkpoint files are "
-                                 "from different steps (a save was interrupted)")
-        trainer.load_state_dict(state)
-        trainer._resumed = True
+        cfg = rundir.read_config(run_dir, _verb)
+        if device is not None:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+        has_ckpt = (run_dir / rundir.CHECKPOINT).is_file()
+        if not has_ckpt and _verb != "resume":
+            raise FileNotFoundError(f"cannot {_verb} {run_dir}: no {rundir.CHECKPOINT} there "
+                                    "(the run stopped before its first checkpoint)")
+        trainer = cls(cfg, run_dir, quiet=quiet, command=command)
+        if _verb == "resume":  # held until fit() ends: nobody else may write the run meanwhile
+            trainer._acquire_lock()
+        try:
+            if not has_ckpt:  # stopped before its first checkpoint: start it again, same config
+                trainer._restarted = True
+            else:
+                trainer.load_state_dict(ckpt.load_for_resume(
+                    run_dir, trainer._rank, trainer.world_size, cfg.train.expert_parallel,
+                    trainer.device, distributed=trainer.ctx is not None, verb=_verb))
+                trainer._resumed = True
+        except BaseException:
+            trainer.lock.release()
+            raise
         return trainer
+
+    @property
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The ``final`` record of a resumed run that already reached ``train.steps``."""
+        if not self._resumed or self.step < self.cfg.train.steps:
+            return None
+        finals = [e for e in rundir.read_metrics(self.run_dir) if e.get("kind") == "final"]
+        return finals[-1] if finals and finals[-1].get("step") == self.step else None
+
+    def _acquire_lock(self) -> None:
+        """Rank 0 locks the run directory; under torchrun every rank learns the outcome."""
+        error = None
+        if self.is_main and not self.lock.held:
+            try:
+                self.lock.acquire()
+            except FileExistsError as e:
+                error = str(e)
+        if self.ctx is not None:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            from moelab.runlock import RunDirLockedError
+
+            raise RunDirLockedError(error)
+        if self.lock.stale:
+            print(f"moelab: note: {self.run_dir} was left locked by a process that ended "
+                  f"without unlocking ({self.lock.stale}); taking it over", file=sys.stderr)
 
     # ------------------------------------------------------------------ the loop
 
     def _log(self, entry: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_json_safe(entry)) + "\n")
+        if self.is_main:
+            self._loggers.log(entry)  # metrics.jsonl + train.loggers (moelab.loggers)
 
     def _start_run_dir(self) -> None:
         d = self.run_dir
-        if not self._resumed:
-            check_fresh_run_dir(d)  # on every rank, before rank 0 writes anything
+        if not self._resumed and not self._restarted:
+            rundir.check_fresh_run_dir(d)  # on every rank, before rank 0 writes anything
         if self.ctx is not None:
             dist.barrier()
         if self.is_main:
-            self._write_run_dir_header()
+            if self._resumed or self._restarted:
+                rundir.truncate_metrics(d, self.step)
+            else:
+                rundir.start_run_dir(d, self.cfg)
+            command = self.command
+            if self.ctx is not None and command and command[0] != "torchrun":
+                command = ["torchrun", "--nproc_per_node", str(self.world_size), *command]
+            rundir.append_command(d, command)
         if self.ctx is not None:
             dist.barrier()
-
-    def _write_run_dir_header(self) -> None:
-        d = self.run_dir
-        if self._resumed:
-            # drop what was logged after the checkpoint (and any final summary)
-            kept = [e for e in read_metrics(d)
-                    if e.get("step", 0) <= self.step and e.get("kind") != "final"]
-            _atomic_write_text(d / METRICS, "".join(json.dumps(e) + "\n" for e in kept))
-        else:
-            d.mkdir(parents=True, exist_ok=True)
-            header = (f"moelab run config ({self.cfg.name}), resolved.\n"
-                      f"Reproduce: moelab train --config {d / CONFIG}")
-            _atomic_write_text(d / CONFIG, dump_toml(self.cfg, header=header))
-            (d / METRICS).write_text("", encoding="utf-8")
-        command = self.command
-        if self.ctx is not None and command and command[0] != "torchrun":
-            command = ["torchrun", "--nproc_per_node", str(self.world_size), *command]
-        with open(d / COMMAND, "a", encoding="utf-8") as f:
-            f.write(shlex.join(command) + "\n")
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
@@ -672,22 +625,65 @@ class Trainer:
         """Train until ``train.steps`` (or until step ``max_steps``, then checkpoint and return,
         as if interrupted); evaluate every ``eval_every`` steps; write the run directory.
         Returns the final summary (also the last line of ``metrics.jsonl``), or the state at
-        ``max_steps`` (``{"step": ..., "stopped": True}``)."""
+        ``max_steps`` (``{"step": ..., "stopped": True}``) or at a SIGINT/SIGTERM (plus
+        ``"signal"``; the step in progress is finished and checkpointed first; a second signal
+        raises KeyboardInterrupt at once). A resumed run that had already finished returns its
+        final summary and writes nothing. Holds the run directory's lock throughout; the
+        TensorBoard / W&B runs end with the call, however it ends."""
+        done = self.finished_summary
+        if done is not None:
+            self.lock.release()
+            return done
+        mlog.require_backends(self.cfg.train.loggers)  # a missing tracker: before any write
+        failed = True
+        try:
+            with StopOnSignal() as self._stop:
+                self._acquire_lock()
+                continuing = self._started or self._resumed or self._restarted
+                if not self._started:  # a later fit() continues the same run
+                    self._start_run_dir()
+                    self._started = True
+                if self.is_main and self._loggers is None:  # closed at the end of each fit()
+                    self._loggers = mlog.open_loggers(
+                        self.cfg, self.run_dir, self.model, quiet=self.quiet,
+                        resume_step=self.step if continuing else None)
+                out = self._fit(max_steps)
+                failed = False
+                return out
+        finally:
+            self._stop = None
+            self.lock.release()
+            if self._loggers is not None:
+                self._loggers.close(failed)
+                self._loggers = None
+
+    def _stop_requested(self) -> bool:
+        """Whether a SIGINT/SIGTERM asked to stop (agreed over ranks under torchrun)."""
+        name = self._stop.requested if self._stop is not None else None
+        if self.ctx is not None:
+            flag = torch.tensor([float(name is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if float(flag) > 0 and name is None:
+                name = "SIGTERM"  # another rank's signal
+        if name is not None and self.stop_signal is None:
+            self.stop_signal = name
+        return name is not None
+
+    def _fit(self, max_steps: int | None) -> dict[str, Any]:
+        """The loop of :meth:`fit`."""
         tcfg = self.cfg.train
         total = tcfg.steps
         stop = total if max_steps is None else min(total, max_steps)
-        self._start_run_dir()
-        if not self._resumed:
-            self._say(f"moelab: run {self.run_dir} | {self.cfg.model.kind} model, "
-                      f"{self.n_params / 1e6:.2f}M params | data: {self.cfg.data.dataset} | "
-                      f"{total} steps on {self.device}")
+        where = f"{self.device} (train.device=auto)" if tcfg.device == "auto" else self.device
+        if self._resumed:
+            self._say(f"moelab: resuming {self.run_dir} at step {self.step}/{total} on {where}")
         else:
-            self._say(f"moelab: resuming {self.run_dir} at step {self.step}/{total}")
-        show = not self.quiet and sys.stderr.isatty()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=self.step, disable=not show, unit="step",
-                   dynamic_ncols=True, leave=False)
+            again = " (again: it stopped before its first checkpoint)" if self._restarted else ""
+            self._say(f"moelab: run {self.run_dir}{again} | {self.cfg.model.kind} model, "
+                      f"{self.n_params / 1e6:.2f}M params | data: {self.cfg.data.dataset} | "
+                      f"{total} steps on {where}")
+        progress = StepProgress(total, self.step, self.unit, enabled=not self.quiet,
+                                every=tcfg.progress_every or auto_every(total, tcfg.log_every))
         try:
             with self._runtime():
                 while self.step < stop:
@@ -696,35 +692,55 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     self.train_time_s += dt
                     w = self._window
-                    w["loss"] += r["loss"]
-                    w["aux"] += r["aux_loss"]
-                    w["steps"] += 1
-                    w["items"] += r["items"]
+                    skipped = bool(r.get("skipped"))
+                    if not skipped:
+                        w["loss"] += r["loss"]
+                        w["aux"] += r["aux_loss"]
+                        w["steps"] += 1
+                        w["items"] += r["items"]
                     w["time"] += dt
-                    bar.update(1)
                     step = self.step
+                    progress.update(step, None if skipped else r["loss"], r["items"])
                     if step % tcfg.log_every == 0 or step == total:
-                        rate = w["items"] / max(w["time"], 1e-9)
-                        entry = {"kind": "train", "step": step,
-                                 "loss": w["loss"] / w["steps"], "aux_loss": w["aux"] / w["steps"],
-                                 "lr": r["lr"], "grad_norm": r["grad_norm"],
-                                 f"{self.unit}_per_s": rate, "elapsed_s": self.train_time_s}
-                        self._log(entry)
-                        bar.set_postfix(loss=f"{entry['loss']:.3f}",
-                                        **{f"{self.unit[:3]}/s": f"{rate:,.0f}"})
-                        self._window = self._new_window()
+                        self._log_train(r)
                     if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total:
                         ev = self.evaluate("val", self.cfg.data.eval_batches)
                         self._log_eval(ev)
-                        bar.set_postfix(**self._metric_postfix(ev))
-                    if ((tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
-                            or step == stop):
+                        progress.note(step, **self._metric_postfix(ev))
+                    if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
                         self.save_checkpoint()
+                    if self._stop_requested():
+                        break
+                if self.checkpoint_step != self.step:
+                    self.save_checkpoint()
         finally:
-            bar.close()
+            progress.close()
         if self.step < total:
-            return {"step": self.step, "stopped": True}
-        return self._finish()
+            return self._stopped()
+        try:
+            return self._finish()
+        except _Interrupted:
+            return self._stopped()
+
+    def _stopped(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step": self.step, "stopped": True}
+        if self.stop_signal is not None:
+            out["signal"] = self.stop_signal
+        return out
+
+    def _log_train(self, r: dict[str, Any]) -> None:
+        w = self._window
+        n = w["steps"]
+        rate = w["items"] / max(w["time"], 1e-9)
+        entry = {"kind": "train", "step": self.step,
+                 "loss": w["loss"] / n if n else float("nan"),
+                 "aux_loss": w["aux"] / n if n else float("nan"),
+                 "lr": r["lr"], "grad_norm": r["grad_norm"],
+                 f"{self.unit}_per_s": rate, "elapsed_s": self.train_time_s}
+        if self.guard.skipped:
+            entry["skipped_steps"] = self.guard.skipped  # NaN/inf steps skipped so far
+        self._log(entry)
+        self._window = self._new_window()
 
     def _metric_postfix(self, ev: dict[str, Any]) -> dict[str, str]:
         if self.is_lm:
@@ -738,13 +754,23 @@ class Trainer:
         exc = self._excitation_summary()
         if exc is not None:
             entry["excitation"] = exc
+        entry.update(mlog.method_summary(self.model))  # Default MoE EMA norms, learnable μ/γ
         self._log(entry)
 
     def _finish(self) -> dict[str, Any]:
+        """The final evaluation (interruptible: raises _Interrupted on a stop request; the
+        checkpoint at the last step is written, so a resume redoes just this)."""
         dcfg = self.cfg.data
-        ev = self.evaluate("val", dcfg.final_eval_batches)
+        self._final_phase = True
+        if self._stop is not None:
+            self._stop.message = ("stopping the final evaluation (ckpt.pt holds the last "
+                                  "step; a resume redoes just the evaluation)")
+        try:
+            ev = self.evaluate("val", dcfg.final_eval_batches, progress=True)
+            test = self.evaluate("test", dcfg.final_eval_batches, routing=False, progress=True)
+        finally:
+            self._final_phase = False
         self._log_eval(ev, final=True)
-        test = self.evaluate("test", dcfg.final_eval_batches, routing=False)
         summary = {"kind": "final", "step": self.step, "name": self.cfg.name,
                    "model_kind": self.cfg.model.kind, "dataset": dcfg.dataset,
                    "params": self.n_params, **{k: v for k, v in ev.items() if k != "layers"},
@@ -759,5 +785,13 @@ class Trainer:
 
 
 def load_trained(run_dir: str | Path, *, quiet: bool = True) -> Trainer:
-    """A Trainer holding the checkpointed model of ``run_dir`` (for evaluation)."""
-    return Trainer.resume(run_dir, quiet=quiet, command=[], _verb="evaluate")
+    """A Trainer holding the checkpointed model of ``run_dir`` (for evaluation). Raises
+    NonFiniteError if the checkpoint holds NaN/inf parameters (a run that diverged before
+    moelab refused to checkpoint such a state)."""
+    trainer = Trainer.resume(run_dir, quiet=quiet, command=[], _verb="evaluate")
+    bad = ckpt.check_finite({"model": trainer.model.state_dict()})
+    if bad:
+        raise NonFiniteError(
+            f"the checkpoint in {run_dir} holds NaN/inf values ({', '.join(bad[:3])}): that "
+            "run diverged; train it again with a smaller optim.lr")
+    return trainer

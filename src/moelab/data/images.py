@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -167,9 +169,10 @@ def load_mnist5k(path: str | Path | None = None) -> ImageSplits:
         f = Path(path).expanduser()
     require_file(f, "mnist5k", how)
     try:
-        with gzip.open(f, "rb") as fh:
+        with gzip.open(f, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": below
             table = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zlib.error) as e:
         raise ValueError(f"mnist5k: {f} is not a gzipped CSV of integers ({e})") from None
     if table.shape[1] != 785 or table.min() < 0 or table[:, :784].max() > 255:
         raise ValueError(
@@ -228,7 +231,11 @@ def _read_cifar_batch(f: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(f, "rb") as fh:
             d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a corrupted pickle stream makes load()
+        # raise (UnpicklingError, EOFError, LookupError for a bad codec name, MemoryError,
+        # ...) means the same thing: the file is not a CIFAR batch
         raise ValueError(f"cifar10: {f} is not a CIFAR-10 python pickle batch ({e})") from None
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__
@@ -404,7 +411,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"idx: {f} is a broken gzip file ({e})") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"idx: {f} is not an IDX file (bad magic number {raw[:4].hex()})")

@@ -1,7 +1,7 @@
 """The Excitation paper's claims (Shaier, "Excitation: Momentum For Experts", arXiv 2602.21798).
 
 Plain Python definitions: copy one, change it, and ``register`` it to run your own. Keys come
-from :mod:`moelab.experiments.keys` (``kv(K.N_EXPERTS, 256)`` is ``"model.n_experts=256"``);
+from :mod:`moelab.experiments.keys` (``kv(K.N_EXPERTS, 256)`` is ``"model.moe.n_experts=256"``);
 literal ``"KEY=VALUE"`` strings work the same.
 
 Definitions are fixed before their test results are read; any later change is written in the
@@ -78,7 +78,8 @@ FOUNDATION = Experiment(
                         seeds=5, cpu_minutes=30.0),
     },
     notes="How the regime was chosen: the full-profile settings are taken verbatim from the "
-          "regime search in /work/explore/FINDINGS.md (2026-12-01, picked on the base arm's "
+          "regime search in docs/results/reproduce/excitation-regime-search.md (2026-12-01, "
+          "picked on the base arm's "
           "validation accuracy only, Fashion-MNIST): 4 neuron-level MoE layers (d_model 64, "
           "128 one-neuron experts, top-8), SGD with the mnist_mlp defaults (momentum 0.9, "
           "grad clip 1.0, 20 warm-up steps, cosine), weight decay 0 (the config's coupled L2 "
@@ -127,7 +128,8 @@ RESCUE = Experiment(
     image_datasets=("cifar10", "mnist5k"),
     chance=0.1,
     notes="How the regime was chosen: the full-profile settings are taken verbatim from the "
-          "regime search in /work/explore/FINDINGS.md (2026-12-01, baselines' validation "
+          "regime search in docs/results/reproduce/excitation-regime-search.md (2026-12-01, "
+          "baselines' validation "
           "accuracy only): a depth sweep without skip connections on MNIST-5k (300 steps) "
           "learned at depth 4 (89-90%), escaped with Adam at 8 (55%), sat on the edge at 12 "
           "(17-19%, still rising) and stayed at chance at 16 (8-13%); at depth 16 all 12 "

@@ -42,7 +42,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _records(arm: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
-    from moelab.train import read_metrics
+    from moelab.rundir import read_metrics
 
     return [read_metrics(d) for _, d in sorted(arm.get("run_dirs", {}).items())]
 

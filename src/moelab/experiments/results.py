@@ -33,7 +33,7 @@ def arm_key(source: str, arm: str, exp: Experiment) -> str:
 
 
 def _records(o: RunOutcome) -> list[dict[str, Any]]:
-    from moelab.train import read_metrics
+    from moelab.rundir import read_metrics
 
     return [] if o.status == "failed" else read_metrics(o.spec.run_dir)
 

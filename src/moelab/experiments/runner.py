@@ -159,7 +159,8 @@ def plan_runs(exp: Experiment, profile: str, seeds: int, out: Path,
         for lr in exp.lr_grid_of(arm, prof):
             for seed in range(seeds):
                 ov = shared + list(arm.overrides) + data_ov + [
-                    kv(K.NAME, f"{exp.name}-{arm.name}"), kv(K.SEED, seed), kv(K.THREADS, threads)]
+                    kv(K.NAME, f"{exp.name}-{arm.name}"), kv(K.SEED, seed), kv(K.THREADS, threads),
+                    kv(K.TRACKER_GROUP, exp.name)]
                 if lr is not None:
                     ov.append(kv(K.LR, float(lr)))
                 run_dir = out / exp.name / "runs" / f"{arm.name}{_lr_tag(lr)}-s{seed}"
@@ -190,7 +191,7 @@ def _comparable(cfg) -> dict[str, Any]:
 def run_state(spec: RunSpec, cfg) -> str:
     """"fresh" | "done" | "resume" | "stale" (config.toml differs) for ``spec``'s directory."""
     from moelab.config import load_config
-    from moelab.train import read_metrics
+    from moelab.rundir import read_metrics
 
     d = Path(spec.run_dir)
     if not (d / "config.toml").is_file():
@@ -231,7 +232,8 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
 
 def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
     """Run (or skip, or resume) one run; never raises for a failing run (returns "failed")."""
-    from moelab.train import Trainer, read_metrics
+    from moelab.rundir import read_metrics
+    from moelab.train import Trainer
 
     d = Path(spec.run_dir)
     t0 = time.perf_counter()
@@ -253,6 +255,8 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
             trainer = Trainer(cfg, d, quiet=True, command=cmd)
         summary = trainer.fit()
         wall = time.perf_counter() - t0
+        if summary.get("stopped"):  # SIGINT/SIGTERM: checkpointed; the next invocation resumes
+            return RunOutcome(spec, "interrupted", wall_s=wall)
         status = "resumed" if state == "resume" else "done"
         _write_status(d, {"status": status, "run": spec.label, "wall_s": wall,
                           "data_source": trainer.data_source, "overrides": list(spec.overrides)})
@@ -311,7 +315,10 @@ def execute_runs(specs: Iterable[RunSpec], jobs: int = 1,
     try:
         if jobs == 1 or len(specs) <= 1:
             for i, s in enumerate(specs):
-                finished(i, execute_run(s, command))
+                o = execute_run(s, command)
+                if o.status == "interrupted":
+                    raise KeyboardInterrupt
+                finished(i, o)
         else:
             ctx = get_context("spawn")  # no forked torch thread pools
             with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=ctx) as ex:
@@ -323,6 +330,9 @@ def execute_runs(specs: Iterable[RunSpec], jobs: int = 1,
                     except Exception as e:  # noqa: BLE001 - a worker died (OOM kill, ...)
                         o = RunOutcome(specs[i], "failed",
                                        error=f"worker process died: {type(e).__name__}: {e}")
+                    if o.status == "interrupted":
+                        ex.shutdown(wait=True, cancel_futures=True)
+                        raise KeyboardInterrupt
                     finished(i, o)
     finally:
         bar.close()

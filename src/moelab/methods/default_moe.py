@@ -5,22 +5,50 @@ Every expert i keeps a default output Ê_i [D], an EMA of its own recent outputs
 ``sum_{i not in TopK} probs[t, i] * Ê_i`` to its sparse output, so the router gets a gradient for
 all E probabilities while each expert still only sees its own tokens. Ê is a constant for
 autograd.
+
+Plugged into the method-free layer through its seam (``moelab.moe.LayerMethod``)::
+
+    layer = MoELayer(moe_cfg, method=DefaultMoE(moe_cfg, DefaultMoEConfig(beta=0.9)))
+
+Models built from a ``ModelConfig`` do this for every MoE layer when ``default_moe`` is set.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-if TYPE_CHECKING:  # imported lazily: moelab.moe imports this module
-    from moelab.moe.config import DefaultMoEConfig
-    from moelab.moe.dispatch import DispatchPlan
+from moelab.moe import DispatchPlan, ExpertSums, LayerMethod, MoEConfig, MoELayer, Routing
+from moelab.validation import require
+
+__all__ = ["DefaultMoE", "DefaultMoEConfig", "default_moe_layer"]
 
 
-class DefaultExpertOutputs(nn.Module):
-    """Holds Ê ([E, D] fp32 buffer ``ema``) and computes the default term.
+@dataclass(frozen=True)
+class DefaultMoEConfig:
+    """Default MoE settings (``[model.default_moe]``; absent = off).
+
+    beta: EMA decay of the per-expert default output, 0 < beta < 1.
+    scored: weight each routed token's output by its router probability in the EMA's batch mean.
+    bias_correction: divide the EMA by 1 - beta**n (n = updates seen by that expert).
+    straight_through: the default term carries the router gradient but adds nothing to the
+        forward value (``y + d - d.detach()``).
+    """
+
+    beta: float = 0.9
+    scored: bool = False
+    bias_correction: bool = False
+    straight_through: bool = False
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.beta, (int, float)) and 0.0 < self.beta < 1.0, "beta",
+                self.beta, "need 0 < beta < 1")
+
+
+class DefaultMoE(LayerMethod):
+    """Holds Ê ([E, D] fp32 buffer ``ema``) and adds the default term to the layer output.
 
     EMA update, per expert i that received tokens this forward (others keep their Ê_i):
         plain:  m_i = mean_{t -> i} E_i(x_t)
@@ -29,11 +57,13 @@ class DefaultExpertOutputs(nn.Module):
     With ``bias_correction`` the value used is Ê_i / (1 - beta**n_i), n_i = updates of expert i.
     """
 
-    def __init__(self, n_experts: int, d_model: int, cfg: DefaultMoEConfig) -> None:
+    def __init__(self, layer_cfg: MoEConfig, cfg: DefaultMoEConfig) -> None:
         super().__init__()
+        if layer_cfg.d_model is None:
+            raise ValueError("layer_cfg.d_model=None is invalid: need the layer's width")
         self.cfg = cfg
-        self.register_buffer("ema", torch.zeros(n_experts, d_model))
-        self.register_buffer("n_updates", torch.zeros(n_experts, dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(layer_cfg.n_experts, layer_cfg.d_model))
+        self.register_buffer("n_updates", torch.zeros(layer_cfg.n_experts, dtype=torch.long))
 
     def _apply(self, fn, recurse=True):
         """Module casts (``.bfloat16()``, ``.half()``) keep Ê in fp32: an EMA with beta near 1
@@ -43,19 +73,18 @@ class DefaultExpertOutputs(nn.Module):
             self.ema = self.ema.float()
         return self
 
-    def row_weights(self, probs_TE: Tensor, plan: DispatchPlan) -> Tensor:
-        """Weight of each dispatched row [N] in the batch mean: its router probability
-        (scored), or an empty tensor meaning "all ones" (plain)."""
+    def row_weight(self, routing: Routing, plan: DispatchPlan) -> Tensor:
+        """Weight [N] of each kept row in the batch mean: its router probability (scored) or
+        1 (plain)."""
         if not self.cfg.scored:
-            return probs_TE.new_zeros(0)
-        return probs_TE.detach()[plan.token_idx, plan.expert_ids]
+            return plan.weights.new_ones(plan.expert_ids.shape[0], dtype=torch.float)
+        return routing.probs.detach()[plan.token_idx, plan.expert_ids].float()
 
-    def row_mass(self, row_weights_N: Tensor, plan: DispatchPlan) -> Tensor:
-        """Total weight per expert [E] fp32: the denominators of the batch means."""
-        if row_weights_N.numel() == 0:
-            return plan.kept_counts.float()
-        mass_E = torch.zeros(self.ema.shape[0], device=row_weights_N.device)
-        return mass_E.index_add_(0, plan.expert_ids, row_weights_N.float())
+    def forward(self, y_TD: Tensor, routing: Routing, sums: ExpertSums | None) -> Tensor:
+        """One EMA step from ``sums`` (training forwards), then ``y_TD`` + the default term."""
+        if sums is not None:
+            self.update(sums.sums_ED, sums.weight_E)
+        return y_TD + self.term(routing.probs, routing.topk_ids, y_TD.dtype)
 
     @torch.no_grad()
     def update(self, sums_ED: Tensor, mass_E: Tensor) -> None:
@@ -87,3 +116,8 @@ class DefaultExpertOutputs(nn.Module):
         if self.cfg.straight_through:
             return default_TD - default_TD.detach()
         return default_TD
+
+
+def default_moe_layer(layer_cfg: MoEConfig, cfg: DefaultMoEConfig | None = None) -> MoELayer:
+    """``MoELayer(layer_cfg)`` with Default MoE plugged in (``cfg`` None: the defaults)."""
+    return MoELayer(layer_cfg, method=DefaultMoE(layer_cfg, cfg or DefaultMoEConfig()))

@@ -9,7 +9,8 @@ No per-parameter state is kept between steps.
 Utilization, per MoE layer and optimizer step: ``u_k = n_k / (T·K) = n_k / sum_j n_j``, n_k the
 number of top-K assignments (chosen by the router, before any capacity drop) to expert k over
 every training-mode forward since the previous step (all micro-batches of gradient accumulation,
-all data-parallel ranks once ``_reduce_counts`` is wired). Strategies (γ >= 0):
+all data-parallel ranks when ``all_reduce_counts`` is set, as the Trainer does under torchrun).
+Strategies (γ >= 0):
 
     zero_sum      Φ_k = u_k^γ / mean_j(u_j^γ)            (mean Φ = 1 per layer)
     positive_sum  Φ_k = max(1, Φ_ZS,k)                     (never suppresses)
@@ -30,14 +31,14 @@ step (or zero assignments in total) gets Φ ≡ 1: its experts take the plain ba
 
 Example — a moelab model (every ``moelab.moe.MoELayer`` inside ``model`` is found)::
 
-    opt = Excitation(torch.optim.AdamW(model.parameters(), lr=3e-4), model,
-                     strategy="positive_sum", gamma=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    exc = Excitation(opt, model, strategy="positive_sum", gamma=1.0)  # hooks onto opt
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
     for batch in loader:
         loss = model(batch).loss
         loss.backward()
-        opt.step(); opt.zero_grad(); sched.step()
-    opt.last_multipliers    # {layer name: Φ [E]} of the last step, for logging
+        opt.step(); opt.zero_grad(); sched.step()     # or exc.step() / exc.zero_grad()
+    exc.last_multipliers    # {layer name: Φ [E]} of the last step, for logging
 
 Example — your own MoE, experts as an ``nn.ModuleList`` (or batched ``[E, ...]`` weights)::
 
@@ -49,15 +50,15 @@ Example — your own MoE, experts as an ``nn.ModuleList`` (or batched ``[E, ...]
             self.counts = torch.zeros(n_experts)   # you fill it: assignments since last step
 
     moe = MyMoE(16, 4)
-    opt = Excitation(torch.optim.SGD(moe.parameters(), lr=0.1), strategy="zero_sum")
-    opt.add_expert_group(params_per_expert=[list(e.parameters()) for e in moe.experts],
+    exc = Excitation(torch.optim.SGD(moe.parameters(), lr=0.1), strategy="zero_sum")
+    exc.add_expert_group(params_per_expert=[list(e.parameters()) for e in moe.experts],
                          token_counts=lambda: moe.counts, name="my_moe")
-    # or: opt.add_expert_group(batched_params=[w_EDF, w_EFD], token_counts=...)
+    # or: exc.add_expert_group(batched_params=[w_EDF, w_EFD], token_counts=...)
 
 ``token_counts`` is called once per ``step()`` (before the base step) and returns the [E]
 assignment counts since the previous step, or None for "no forward" (Φ ≡ 1); resetting your
 counter after the step is up to you. Or leave ``token_counts`` out and report each forward's
-counts with ``opt.record_counts("my_moe", counts_E)``: they are summed until the next step and
+counts with ``exc.record_counts("my_moe", counts_E)``: they are summed until the next step and
 then reset, as for moelab's own layers.
 """
 
@@ -65,7 +66,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -75,7 +75,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from moelab.moe.config import _require
+from moelab.moe.layer import MoELayer, in_backward_pass
+from moelab.validation import require
 
 BASE_STRATEGIES = ("zero_sum", "positive_sum", "negative_sum")
 ABLATIONS = ("inverted", "random", "global")
@@ -109,14 +110,14 @@ class ExcitationConfig:
     ablation_base: str = "zero_sum"
 
     def __post_init__(self) -> None:
-        _require(self.strategy in STRATEGIES, "optim.excitation.strategy", self.strategy,
+        require(self.strategy in STRATEGIES, "strategy", self.strategy,
                  f"choose one of {STRATEGIES}")
         gamma_ok = (isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool)
                     and math.isfinite(self.gamma) and self.gamma >= 0)
-        _require(gamma_ok, "optim.excitation.gamma", self.gamma, "need a finite float >= 0")
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
-                 "optim.excitation.seed", self.seed, "need an int")
-        _require(self.ablation_base in BASE_STRATEGIES, "optim.excitation.ablation_base",
+        require(gamma_ok, "gamma", self.gamma, "need a finite float >= 0")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
+                 "seed", self.seed, "need an int")
+        require(self.ablation_base in BASE_STRATEGIES, "ablation_base",
                  self.ablation_base, f"choose one of {BASE_STRATEGIES}")
 
 
@@ -182,32 +183,61 @@ class _ExpertGroup:
     held: range                      # the experts these parameters are (all E, or an EP shard)
 
 
-class Excitation(Optimizer):
-    """Wraps ``optimizer`` so each expert's update is scaled by its multiplier Φ_k.
+#: Optimizers an Excitation is attached to (one Excitation per optimizer).
+_ATTACHED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
+
+
+def _optimizer_hook(owner: Excitation, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A hook for ``owner.optimizer`` that calls ``fn(owner, *args)``. It holds ``owner`` weakly
+    and ignores any other optimizer: a deep copy of the optimizer shares this (plain) function
+    but not the Excitation, and steps as the bare optimizer."""
+    ref = weakref.ref(owner)
+
+    def hook(optimizer: Optimizer, *args: Any) -> Any:
+        exc = ref()
+        if exc is None or optimizer is not exc.optimizer:
+            return None
+        return fn(exc, *args)
+
+    return hook
+
+
+class Excitation:
+    """Attaches Excitation to ``optimizer``: each expert's update is scaled by its multiplier Φ_k.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters — yours, unchanged
+            in type: keep stepping it, hang LR schedulers on it, save its ``state_dict``.
         model: a module; every ``moelab.moe.MoELayer`` inside becomes an expert group named by
             its module path (its ``experts`` parameters, counts from ``last_stats``). None:
             only groups added with ``add_expert_group``.
         strategy, gamma, seed, ablation_base: see ``ExcitationConfig``; or pass ``config``.
 
-    Behaves as an optimizer: ``param_groups``, ``state``, ``defaults``, ``zero_grad`` and
-    ``add_param_group`` are the wrapped optimizer's, LR schedulers attach to it, and
-    ``state_dict`` is the wrapped one's plus an ``"excitation"`` entry (the random generator's
-    state). ``step(closure)`` evaluates the closure once, then takes the base step without it
-    (fine for first-order optimizers; not for LBFGS).
+    How it attaches: only through torch's public optimizer hooks. A step pre-hook computes Φ
+    and snapshots the expert parameters that will move; a step post-hook rescales their update
+    (``θ_k <- θ_k,old + Φ_k (θ_k,base - θ_k,old)``) and resets the counts; a state-dict
+    post-hook adds an ``"excitation"`` entry (the random generator's state, the config) to
+    ``optimizer.state_dict()`` and a load pre-hook restores it, so checkpoints of the plain
+    optimizer carry everything. ``remove_hooks()`` detaches it (the optimizer is plain again).
+    One Excitation per optimizer; a deep copy of the optimizer is a plain optimizer.
+
+    The Excitation object also behaves like the optimizer for a one-line integration
+    (``opt = Excitation(AdamW(...), model)`` then ``opt.step()``, ``opt.zero_grad()``,
+    ``opt.param_groups``, ``opt.state_dict()`` all reach the wrapped optimizer). It is not an
+    ``Optimizer``: attach LR schedulers to ``opt.optimizer`` (or to your optimizer variable).
+    ``step(closure)`` evaluates the closure first, so its forward is counted, then steps the
+    optimizer without it (fine for first-order optimizers; not for LBFGS).
 
     Counting: a forward hook on each MoELayer adds ``last_stats.tokens_per_expert`` to a per-layer
     accumulator after every forward in training mode (``layer.training``), skipping
     activation-checkpoint recomputes (forwards run inside backward); the accumulators are reset
-    by ``step()``. Eval-mode forwards are not counted.
+    by each optimizer step. Eval-mode forwards are not counted.
 
     Attributes: ``last_multipliers`` {group name: Φ [E] float32} and ``last_utilization``
     {group name: u [E] float32, NaN for a layer without assignments} and ``last_counts``
     {group name: n [E], summed over the step's forwards (and ranks)} of the last step;
     ``last_snapshot_bytes``: size of the transient copy of the expert parameters made by the
-    last step (the wrapper's only extra memory; on CPU experts with Φ = 1 are not copied).
+    last step (the only extra memory; on CPU experts with Φ = 1 are not copied).
     """
 
     def __init__(self, optimizer: Optimizer, model: nn.Module | None = None,
@@ -217,16 +247,11 @@ class Excitation(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer={type(optimizer).__name__} is invalid: need a "
                             "torch.optim.Optimizer")
-        # Not Optimizer.__init__: param_groups/state/defaults are the wrapped optimizer's.
+        if optimizer in _ATTACHED:
+            raise ValueError("optimizer is invalid: an Excitation is already attached to it "
+                             "(call remove_hooks() on that one first)")
         self.optimizer = optimizer
         self.config = config or ExcitationConfig(strategy, gamma, seed, ablation_base)
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self.generator = torch.Generator().manual_seed(self.config.seed)
         #: Data parallelism: set True (and optionally a process group) to sum the counts over
         #: ranks in ``_reduce_counts``.
@@ -235,38 +260,37 @@ class Excitation(Optimizer):
         self._groups: list[_ExpertGroup] = []
         self._pending: dict[str, Tensor] = {}
         self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
+        #: (params, snapshots, lerp weights) between the step pre- and post-hook
+        self._in_step: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
         self.last_multipliers: dict[str, Tensor] = {}
         self.last_utilization: dict[str, Tensor] = {}
         self.last_counts: dict[str, Tensor] = {}
         self.last_snapshot_bytes = 0
+        self._hook_handles += [
+            optimizer.register_step_pre_hook(_optimizer_hook(self, Excitation._before_step)),
+            optimizer.register_step_post_hook(_optimizer_hook(self, Excitation._after_step)),
+            optimizer.register_state_dict_post_hook(
+                _optimizer_hook(self, Excitation._add_state)),
+            optimizer.register_load_state_dict_pre_hook(
+                _optimizer_hook(self, Excitation._load_state)),
+        ]
+        _ATTACHED.add(optimizer)
         if model is not None:
             self._add_moe_layers(model)
 
-    # ------------------------------------------------------------------ optimizer protocol
+    # ------------------------------------------------------------------ optimizer-like use
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
     @property
     def state(self) -> Any:
         return self.optimizer.state
 
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
     @property
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -274,31 +298,38 @@ class Excitation(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
 
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Evaluate ``closure`` (if any), then ``optimizer.step()`` (the hooks apply Φ).
+        Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.optimizer.step()
+        return loss
+
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus ``"excitation"``: generator state, config."""
-        sd = self.optimizer.state_dict()
-        sd["excitation"] = {"generator_state": self.generator.get_state(),
-                            "config": asdict(self.config)}
-        return sd
+        """``optimizer.state_dict()``: the wrapped state plus ``"excitation"``."""
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the wrapped optimizer and the random generator (the config is not changed)."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("excitation", None)
+        """``optimizer.load_state_dict(...)``: restores the generator too (the config is not
+        changed)."""
         self.optimizer.load_state_dict(state_dict)
+
+    def _add_state(self, state_dict: dict[str, Any]) -> None:
+        state_dict["excitation"] = {"generator_state": self.generator.get_state(),
+                                    "config": asdict(self.config)}
+
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.pop("excitation", None)  # a shallow copy: the caller's dict is kept
         if extra is not None:
             self.generator.set_state(extra["generator_state"])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         cfg = self.config
         return (f"Excitation(strategy={cfg.strategy!r}, gamma={cfg.gamma}, "
-                f"groups={[g.name for g in self._groups]}) over {self.optimizer!r}")
+                f"groups={[g.name for g in self._groups]}) on {self.optimizer!r}")
 
     # ------------------------------------------------------------------ expert groups
 
@@ -353,13 +384,15 @@ class Excitation(Optimizer):
         return name
 
     def _add_moe_layers(self, model: nn.Module) -> None:
-        from moelab.moe.layer import MoELayer  # lazy: moelab.moe imports moelab.methods
-
         for path, module in model.named_modules():
             if not isinstance(module, MoELayer):
                 continue
             name = path or "moe"
             experts = module.experts  # an expert-parallel layer holds a range of the E experts
+            if not list(experts.parameters()):
+                raise ValueError(f"{name}: its experts hold no parameters of their own (a "
+                                 "Hugging Face model patched by moelab.hf?): use "
+                                 "moelab.hf.Excitation(optimizer, model)")
             self.add_expert_group(batched_params=list(experts.parameters()), name=name,
                                   n_experts=module.cfg.n_experts,
                                   held_experts=getattr(experts, "expert_range", None))
@@ -381,8 +414,6 @@ class Excitation(Optimizer):
             acc.add_(counts_E.to(acc.device))
 
     def _count_hook(self, name: str) -> Callable[..., None]:
-        from moelab.moe.layer import in_backward_pass
-
         ref = weakref.ref(self)
 
         def hook(module: nn.Module, _args: Any, _output: Any) -> None:
@@ -394,10 +425,12 @@ class Excitation(Optimizer):
         return hook
 
     def remove_hooks(self) -> None:
-        """Detach the counting hooks from the model's MoE layers."""
+        """Detach from the optimizer and the model's MoE layers: the optimizer steps, saves
+        and loads as the bare optimizer again."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        _ATTACHED.discard(self.optimizer)
 
     @staticmethod
     def _group_params(group: _ExpertGroup) -> list[Tensor]:
@@ -520,23 +553,20 @@ class Excitation(Optimizer):
         self.last_snapshot_bytes = sum(s.numel() * s.element_size() for s in snaps)
         return snaps
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Evaluate ``closure`` (if any), take the base step, rescale each expert's update:
-        ``θ_k <- θ_k,old + Φ_k (θ_k,base - θ_k,old)``. Returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        phis = self._compute_multipliers()
-        params, weights = self._plan(phis)
-        snaps = self._snapshot(params)
-        self.optimizer.step()
-        if params:
-            with torch.no_grad():
-                # lerp(θ_base, θ_old, 1 - Φ) = θ_base + (1 - Φ)(θ_old - θ_base)
-                #                            = θ_old + Φ (θ_base - θ_old);
-                # exact at the ends: Φ = 1 keeps θ_base, Φ = 0 restores θ_old bit for bit.
-                torch._foreach_lerp_(params, snaps, weights)
-        del snaps
+    def _before_step(self, _args: Any, _kwargs: Any) -> None:
+        """Step pre-hook: Φ from the counts, snapshot of the expert parameters that move."""
+        params, weights = self._plan(self._compute_multipliers())
+        self._in_step = (params, self._snapshot(params), weights)
+
+    def _after_step(self, _args: Any, _kwargs: Any) -> None:
+        """Step post-hook: ``θ_k <- θ_k,old + Φ_k (θ_k,base - θ_k,old)``; counts reset."""
+        if self._in_step is not None:
+            params, snaps, weights = self._in_step
+            self._in_step = None
+            if params:
+                with torch.no_grad():
+                    # lerp(θ_base, θ_old, 1 - Φ) = θ_base + (1 - Φ)(θ_old - θ_base)
+                    #                            = θ_old + Φ (θ_base - θ_old);
+                    # exact at the ends: Φ = 1 keeps θ_base, Φ = 0 restores θ_old bit for bit.
+                    torch._foreach_lerp_(params, snaps, weights)
         self._pending.clear()
-        return loss

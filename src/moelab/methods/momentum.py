@@ -30,23 +30,63 @@ every rule computes exactly the baseline ``h' + f``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from moelab.moe.config import _require
+from moelab.validation import require
 
-if TYPE_CHECKING:  # runtime import would be circular (moelab.models imports this module)
-    from moelab.models.config import MomentumConfig
+MOMENTUM_RULES = ("none", "heavy_ball", "adam", "robust")
 
 #: The per-token state carried across MoE layers: a tuple of [B, S, D] (or [T, D]) tensors.
 State = tuple[Tensor, ...]
 
 __all__ = [
-    "AdamSMoE", "CombineRule", "HeavyBall", "RobustMomentum", "State", "build_combine_rule",
-    "robust_coefficients",
+    "AdamSMoE", "CombineRule", "HeavyBall", "MomentumConfig", "RobustMomentum", "State",
+    "build_combine_rule", "robust_coefficients",
 ]
+
+
+@dataclass(frozen=True)
+class MomentumConfig:
+    """MomentumSMoE family: how each MoE block turns its MoE output into the residual update.
+
+    rule: "none" (baseline), "heavy_ball" (MomentumSMoE), "adam" (AdamSMoE), "robust".
+    mu, gamma: heavy-ball momentum and step size.  beta1, beta2, eps: AdamSMoE moments
+    (eps inside the square root); adam_layers: how many leading MoE layers use Adam before the
+    heavy-ball hand-off; adam_bias_correction: Adam bias correction (off in the official code).
+    kappa, rho: robust momentum (Cyrus et al. 2018) condition number and rate.
+    learnable: mu and gamma become per-layer scalar parameters initialised to the values above.
+    """
+
+    rule: str = "none"
+    mu: float = 0.7
+    gamma: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    adam_layers: int = 1
+    adam_bias_correction: bool = False
+    kappa: float = 1.25
+    rho: float = 0.2
+    learnable: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.rule in MOMENTUM_RULES, "rule", self.rule,
+                 f"choose one of {MOMENTUM_RULES}")
+        require(0.0 <= self.mu < 1.0, "mu", self.mu, "need 0 <= mu < 1")
+        require(self.gamma > 0.0, "gamma", self.gamma, "need gamma > 0")
+        require(0.0 < self.beta1 < 1.0, "beta1", self.beta1, "need 0 < beta1 < 1")
+        require(0.0 < self.beta2 < 1.0, "beta2", self.beta2, "need 0 < beta2 < 1")
+        require(self.eps > 0.0, "eps", self.eps, "need eps > 0")
+        require(self.adam_layers >= 1, "adam_layers", self.adam_layers, "need >= 1")
+        require(self.kappa > 1.0, "kappa", self.kappa, "need kappa > 1")
+        require(0.0 < self.rho <= 1.0 - 1.0 / self.kappa + 1e-12, "rho", self.rho,
+                 f"need 0 < rho <= 1 - 1/kappa = {1.0 - 1.0 / self.kappa:.6g}")
+        require(not self.learnable or self.rule in ("heavy_ball", "adam"),
+                 "learnable", self.learnable,
+                 f"only the heavy_ball and adam rules have mu/gamma to learn (rule={self.rule!r})")
 
 
 
@@ -57,8 +97,8 @@ def robust_coefficients(kappa: float, rho: float) -> tuple[float, float, float]:
     ``eps_r = rho^3/((kappa-1)*(1-rho)^2*(1+rho))``; needs kappa > 1 and
     0 < rho <= 1 - 1/kappa. kappa=1.25, rho=0.2 gives (0.04, 0.96, 0.041666...).
     """
-    _require(kappa > 1.0, "momentum.kappa", kappa, "need kappa > 1")
-    _require(0.0 < rho <= 1.0 - 1.0 / kappa + 1e-12, "momentum.rho", rho,
+    require(kappa > 1.0, "kappa", kappa, "need kappa > 1")
+    require(0.0 < rho <= 1.0 - 1.0 / kappa + 1e-12, "rho", rho,
            f"need 0 < rho <= 1 - 1/kappa = {1.0 - 1.0 / kappa:.6g}")
     alpha = kappa * rho**3 / (kappa - 1.0)
     beta = kappa * (1.0 - rho) ** 2 * (1.0 + rho)
@@ -87,8 +127,15 @@ class CombineRule(nn.Module):
 
     def combine(self, h: Tensor, f: Tensor, state: State,
                 layer_idx: int) -> tuple[Tensor, State]:
-        """``(block output, new state)`` from the block's residual h' and MoE output f."""
-        return h + f, state
+        """``(block output, new state)`` from the block's residual h' and MoE output f:
+        ``h' + update``, with ``update`` from :meth:`update`."""
+        delta, state = self.update(f, state, layer_idx)
+        return h + delta, state
+
+    def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
+        """``(residual update, new state)`` from the MoE output f: what the block adds to its
+        residual h' (for blocks whose own code does the residual add, e.g. ``moelab.hf``)."""
+        return f, state
 
 
 class _MuGamma(CombineRule):
@@ -99,7 +146,7 @@ class _MuGamma(CombineRule):
         super().__init__()
         self.learnable = learnable
         if learnable:
-            _require(n_layers is not None and n_layers >= 1, "n_layers", n_layers,
+            require(n_layers is not None and n_layers >= 1, "n_layers", n_layers,
                    "a learnable rule needs the number of MoE layers (>= 1)")
             self.mu = nn.Parameter(torch.full((n_layers,), float(mu)))
             self.gamma = nn.Parameter(torch.full((n_layers,), float(gamma)))
@@ -136,11 +183,10 @@ class HeavyBall(_MuGamma):
     def init_state(self, h: Tensor) -> State:
         return (torch.zeros_like(h),)
 
-    def combine(self, h: Tensor, f: Tensor, state: State,
-                layer_idx: int) -> tuple[Tensor, State]:
+    def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
         (p,) = state
         p = f + self._mu(layer_idx) * p
-        return h + self._gamma(layer_idx) * p, (p,)
+        return self._gamma(layer_idx) * p, (p,)
 
 
 class AdamSMoE(_MuGamma):
@@ -167,9 +213,9 @@ class AdamSMoE(_MuGamma):
                  bias_correction: bool = False, *, n_layers: int | None = None,
                  learnable: bool = False) -> None:
         super().__init__(mu, gamma, n_layers, learnable)
-        _require(adam_layers >= 1, "momentum.adam_layers", adam_layers, "need >= 1")
+        require(adam_layers >= 1, "adam_layers", adam_layers, "need >= 1")
         if n_layers is not None:
-            _require(adam_layers <= n_layers, "momentum.adam_layers", adam_layers,
+            require(adam_layers <= n_layers, "adam_layers", adam_layers,
                    f"need <= number of MoE layers ({n_layers})")
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.adam_layers = adam_layers
@@ -178,12 +224,11 @@ class AdamSMoE(_MuGamma):
     def init_state(self, h: Tensor) -> State:
         return (torch.zeros_like(h), torch.zeros_like(h), torch.zeros_like(h))
 
-    def combine(self, h: Tensor, f: Tensor, state: State,
-                layer_idx: int) -> tuple[Tensor, State]:
+    def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
         m, v, p = state
         p = f + self._mu(layer_idx) * p
         if layer_idx >= self.adam_layers:
-            return h + self._gamma(layer_idx) * p, (m, v, p)
+            return self._gamma(layer_idx) * p, (m, v, p)
         b1, b2 = self.beta1, self.beta2
         m = b1 * m + (1.0 - b1) * f
         v = b2 * v + (1.0 - b2) * (f * f)
@@ -192,7 +237,7 @@ class AdamSMoE(_MuGamma):
             t = layer_idx + 1
             m_hat, v_hat = m / (1.0 - b1**t), v / (1.0 - b2**t)
         step = m_hat / torch.sqrt(v_hat + self.eps)
-        return h + self._gamma(layer_idx) * step, (m, v, p)
+        return self._gamma(layer_idx) * step, (m, v, p)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, beta1={self.beta1}, beta2={self.beta2}, "
@@ -225,11 +270,10 @@ class RobustMomentum(CombineRule):
         (p,) = state
         return x_norm + (self.eps * self.beta) * p
 
-    def combine(self, h: Tensor, f: Tensor, state: State,
-                layer_idx: int) -> tuple[Tensor, State]:
+    def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
         (p,) = state
         p = f + self.alpha * p
-        return h + self.beta * p, (p,)
+        return self.beta * p, (p,)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, eps={self.eps}"
@@ -237,10 +281,10 @@ class RobustMomentum(CombineRule):
 
 def build_combine_rule(cfg: MomentumConfig, n_moe_layers: int) -> CombineRule:
     """The CombineRule a ``MomentumConfig`` describes, for a model with ``n_moe_layers``."""
-    _require(isinstance(n_moe_layers, int) and n_moe_layers >= 1, "n_moe_layers", n_moe_layers,
+    require(isinstance(n_moe_layers, int) and n_moe_layers >= 1, "n_moe_layers", n_moe_layers,
            "need a positive int")
     if cfg.learnable:
-        _require(cfg.rule in ("heavy_ball", "adam"), "momentum.learnable", cfg.learnable,
+        require(cfg.rule in ("heavy_ball", "adam"), "learnable", cfg.learnable,
                f"only the heavy_ball and adam rules have mu/gamma to learn (rule={cfg.rule!r})")
     if cfg.rule == "none":
         return CombineRule()

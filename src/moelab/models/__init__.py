@@ -13,14 +13,14 @@ import math
 from torch import nn
 
 from moelab.models.blocks import Block, DenseSwiGLU, ModelOutput, MoEModel, RMSNorm
-from moelab.models.config import ModelConfig, MomentumConfig
+from moelab.models.config import ModelConfig
 from moelab.models.lm import MoETransformerLM
 from moelab.models.mlp import MoEMLP
 from moelab.models.vit import MoEViT
 
 __all__ = [
     "Block", "DenseSwiGLU", "MoEMLP", "MoEModel", "MoETransformerLM", "MoEViT", "ModelConfig",
-    "ModelOutput", "MomentumConfig", "RMSNorm", "build_model",
+    "ModelOutput", "RMSNorm", "build_model",
 ]
 
 
@@ -29,7 +29,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None,
                 n_classes: int | None = None) -> nn.Module:
     """The model ``cfg.kind`` names.
 
-    "lm" needs ``vocab_size``; "vit" needs ``image_shape=(C, H, W)`` and ``n_classes``;
+    "lm" and "hf" need ``vocab_size``; "vit" needs ``image_shape=(C, H, W)`` and ``n_classes``;
     "mlp" needs ``image_shape`` (any input shape; d_input = its product) and ``n_classes``.
     """
     if not isinstance(cfg, ModelConfig):
@@ -43,6 +43,11 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None,
     if cfg.kind == "lm":
         need("vocab_size", vocab_size)
         return MoETransformerLM(cfg, vocab_size)
+    if cfg.kind == "hf":
+        need("vocab_size", vocab_size)
+        from moelab.hf.model import build_hf_lm  # imports transformers only here
+
+        return build_hf_lm(cfg, vocab_size)
     need("image_shape", image_shape)
     need("n_classes", n_classes)
     if cfg.kind == "vit":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moelab.methods.default_moe import DefaultMoE
 from moelab.methods.momentum import CombineRule, State, build_combine_rule
 from moelab.models.config import ModelConfig
 from moelab.moe import MoELayer, MoELosses
@@ -175,7 +176,7 @@ class MoEModel(nn.Module):
         blocks = []
         for i in range(cfg.n_layers):
             if i in moe_idx:
-                ffn: nn.Module = MoELayer(cfg.moe_config())
+                ffn: nn.Module = self._moe_layer()
             else:
                 ffn = DenseSwiGLU(cfg.d_model, cfg.d_ff_dense or 4 * cfg.d_model, out_std)
             blocks.append(Block(cfg.d_model, ffn, attn=make_attn(),
@@ -183,6 +184,13 @@ class MoEModel(nn.Module):
                                 residual=residual, dropout=cfg.dropout))
         self.blocks = nn.ModuleList(blocks)
         self.combine_rule = build_combine_rule(cfg.momentum, len(moe_idx))
+
+    def _moe_layer(self) -> MoELayer:
+        """One MoE FFN: the layer of ``cfg.moe`` with the methods of ``cfg`` plugged in."""
+        layer_cfg = self.cfg.moe_config()
+        method = (DefaultMoE(layer_cfg, self.cfg.default_moe)
+                  if self.cfg.default_moe is not None else None)
+        return MoELayer(layer_cfg, method=method)
 
     def _run_blocks(self, h: Tensor) -> tuple[Tensor, Tensor, list[MoELosses]]:
         """Run every block; returns ``(h, aux_loss, moe_losses)``."""

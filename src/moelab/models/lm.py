@@ -9,6 +9,16 @@ from moelab.models.blocks import INIT_STD, ModelOutput, MoEModel, RMSNorm, Rotar
 from moelab.models.config import ModelConfig
 
 
+def check_token_ids(ids: Tensor, vocab_size: int, what: str = "token ids") -> None:
+    """Raise ValueError unless every id in ``ids`` is in [0, vocab_size) (syncs with the host
+    once: call it per data split, not per step)."""
+    if not ids.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids.long()))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} range [{lo}, {hi}] is invalid: need ids in [0, {vocab_size})")
+
+
 class MoETransformerLM(MoEModel):
     """Pre-norm (RMSNorm) decoder-only transformer with causal attention and RoPE.
 
@@ -41,6 +51,11 @@ class MoETransformerLM(MoEModel):
         else:
             nn.init.normal_(self.head.weight, std=INIT_STD)
 
+    #: Check every forward's token ids against the vocabulary (a debug aid: one device->host
+    #: sync per forward on a GPU). Off by default: the Trainer checks each data split once
+    #: with :func:`check_token_ids`.
+    check_token_range: bool = False
+
     def _check_input(self, idx: Tensor) -> None:
         if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32):
             dtype = getattr(idx, "dtype", type(idx).__name__)
@@ -50,9 +65,8 @@ class MoETransformerLM(MoEModel):
         if idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} is invalid: longer than "
                              f"max_seq_len={self.cfg.max_seq_len}")
-        if idx.numel() and bool(((idx < 0) | (idx >= self.vocab_size)).any()):
-            raise ValueError(f"token ids range [{int(idx.min())}, {int(idx.max())}] is "
-                             f"invalid: need ids in [0, {self.vocab_size})")
+        if self.check_token_range:
+            check_token_ids(idx, self.vocab_size)
 
     def forward(self, idx: Tensor) -> ModelOutput:
         self._check_input(idx)

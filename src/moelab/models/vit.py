@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -36,8 +38,11 @@ class MoEViT(MoEModel):
         c, height, width = image_shape
         p = cfg.patch_size
         if height % p or width % p:
-            raise ValueError(f"image_shape={tuple(image_shape)!r} is invalid: H and W must be "
-                             f"multiples of patch_size={p}")
+            g = math.gcd(height, width)
+            fits = ", ".join(str(d) for d in range(1, g + 1) if g % d == 0)
+            raise ValueError(f"model.patch_size={p} is invalid for {height}x{width} images "
+                             f"(C, H, W = {tuple(image_shape)}): it must divide H and W; "
+                             f"choose one of {fits}")
         if not isinstance(n_classes, int) or n_classes < 1:
             raise ValueError(f"n_classes={n_classes!r} is invalid: need a positive int")
         self.image_shape = tuple(image_shape)

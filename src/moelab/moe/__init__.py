@@ -1,13 +1,27 @@
-"""The sparse MoE layer, method-free apart from the Default MoE option."""
+"""The sparse MoE layer, method-free (nothing here imports ``moelab.methods``).
 
-from moelab.moe.config import DefaultMoEConfig, MoEConfig
+Shape suffixes used in names throughout ``moe/`` (``x_TD``, ``probs_TE``, ``w_in`` [E, D, 2F]):
+
+    T  tokens in the forward (batch * sequence, flattened)
+    D  model width (d_model)
+    E  experts (n_experts)
+    K  experts chosen per token (top_k)
+    F  expert hidden width (d_ff; SwiGLU's fused first projection is 2F wide)
+    N  kept token->expert assignments (T*K when dropless), grouped by expert
+    C  experts in one chunk of the CPU expert loop (a slice of E)
+    I, O  input / output width of a generic per-expert matmul (D or F, F or D)
+
+Methods plug in through ``LayerMethod`` (see ``moe.layer``).
+"""
+
+from moelab.moe.config import MoEConfig
 from moelab.moe.dispatch import DispatchPlan, expert_capacity, plan_dispatch
 from moelab.moe.experts import Experts, ExpertsOutput
-from moelab.moe.layer import MoELayer, MoELosses, MoEOutput, RoutingStats
+from moelab.moe.layer import ExpertSums, LayerMethod, MoELayer, MoELosses, MoEOutput, RoutingStats
 from moelab.moe.router import Routing, TopKRouter, load_balance_loss, router_z_loss
 
 __all__ = [
-    "DefaultMoEConfig", "DispatchPlan", "Experts", "ExpertsOutput", "MoEConfig", "MoELayer",
-    "MoELosses", "MoEOutput", "Routing", "RoutingStats", "TopKRouter", "expert_capacity",
-    "load_balance_loss", "plan_dispatch", "router_z_loss",
+    "DispatchPlan", "ExpertSums", "Experts", "ExpertsOutput", "LayerMethod", "MoEConfig",
+    "MoELayer", "MoELosses", "MoEOutput", "Routing", "RoutingStats", "TopKRouter",
+    "expert_capacity", "load_balance_loss", "plan_dispatch", "router_z_loss",
 ]

@@ -4,40 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACTIVATIONS = ("swiglu", "gelu")
+from moelab.moe.activations import ACTIVATIONS
+from moelab.validation import require
+
 DISPATCH_BACKENDS = ("auto", "grouped_mm", "loop")
 
 
-def _require(cond: bool, field: str, value: object, what: str) -> None:
-    if not cond:
-        raise ValueError(f"{field}={value!r} is invalid: {what}")
-
-
-@dataclass(frozen=True)
-class DefaultMoEConfig:
-    """Default MoE (Panda et al. 2025): EMA "default" outputs for the experts a token skipped.
-
-    beta: EMA decay of the per-expert default output, 0 < beta < 1.
-    scored: weight each routed token's output by its router probability in the EMA's batch mean.
-    bias_correction: divide the EMA by 1 - beta**n (n = updates seen by that expert).
-    straight_through: the default term carries the router gradient but adds nothing to the
-        forward value (``y + d - d.detach()``).
-    """
-
-    beta: float = 0.9
-    scored: bool = False
-    bias_correction: bool = False
-    straight_through: bool = False
-
-    def __post_init__(self) -> None:
-        _require(0.0 < self.beta < 1.0, "default_moe.beta", self.beta, "need 0 < beta < 1")
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Everything that defines one sparse MoE layer.
+    """Everything that defines one sparse MoE layer (method-free: methods plug into the
+    layer's seam, see ``MoELayer``).
 
-    d_model: model width D.  n_experts: E.  top_k: K experts per token (1 <= K <= E).
+    d_model: model width D (required by ``MoELayer``; inside a ``ModelConfig`` leave it unset:
+        the model's ``d_model`` is used).  n_experts: E.  top_k: K experts per token (1 <= K <= E).
     d_ff: hidden width F of each expert.  activation: "swiglu" or "gelu".
     normalize_topk: renormalise the K routing weights to sum to 1 (Mixtral); off keeps the raw
         softmax probabilities (Switch / Default MoE paper).
@@ -45,42 +28,39 @@ class MoEConfig:
         ceil(capacity_factor * T * K / E) assignments per forward and drops the rest.
     aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in
         ``MoELosses.total``.
-    default_moe: a DefaultMoEConfig to switch Default MoE on, None for plain top-K.
     dispatch: "auto" (the chunked expert loop on CPU; grouped GEMM on other devices when the
         installed torch supports it, else the loop), "grouped_mm" (error if unsupported) or
         "loop" (see ``moe.expert_loop``).
     """
 
-    d_model: int
-    n_experts: int
-    top_k: int
-    d_ff: int
+    d_model: int | None = None
+    n_experts: int = 8
+    top_k: int = 2
+    d_ff: int = 256
     activation: str = "swiglu"
     normalize_topk: bool = False
     capacity_factor: float | None = None
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
-    default_moe: DefaultMoEConfig | None = None
     dispatch: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_experts", "d_ff"):
+        if self.d_model is not None:
+            require(_is_int(self.d_model) and self.d_model >= 1, "d_model", self.d_model,
+                    "need a positive int (or leave it unset inside a model config)")
+        for name in ("n_experts", "d_ff"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name, value, "need a positive int")
-        _require(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", self.top_k,
+            require(_is_int(value) and value >= 1, name, value, "need a positive int")
+        require(_is_int(self.top_k) and self.top_k >= 1, "top_k", self.top_k,
                  "need top_k >= 1")
-        _require(self.top_k <= self.n_experts, "top_k", self.top_k,
+        require(self.top_k <= self.n_experts, "top_k", self.top_k,
                  f"need top_k <= n_experts ({self.n_experts})")
-        _require(self.activation in ACTIVATIONS, "activation", self.activation,
+        require(self.activation in ACTIVATIONS, "activation", self.activation,
                  f"choose one of {ACTIVATIONS}")
-        _require(self.dispatch in DISPATCH_BACKENDS, "dispatch", self.dispatch,
+        require(self.dispatch in DISPATCH_BACKENDS, "dispatch", self.dispatch,
                  f"choose one of {DISPATCH_BACKENDS}")
         if self.capacity_factor is not None:
-            _require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
+            require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
                      "need > 0 (or None for dropless)")
-        _require(self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef, "need >= 0")
-        _require(self.z_loss_coef >= 0, "z_loss_coef", self.z_loss_coef, "need >= 0")
-        if self.default_moe is not None and not isinstance(self.default_moe, DefaultMoEConfig):
-            raise ValueError(
-                f"default_moe={self.default_moe!r} is invalid: need a DefaultMoEConfig or None"
-            )
+        require(self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef, "need >= 0")
+        require(self.z_loss_coef >= 0, "z_loss_coef", self.z_loss_coef, "need >= 0")

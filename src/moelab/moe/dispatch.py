@@ -141,13 +141,19 @@ def combine(weighted_ND: Tensor, plan: DispatchPlan, n_tokens: int) -> Tensor:
     return out.index_add_(0, plan.token_idx, weighted_ND)
 
 
+def per_expert_weight(row_weight_N: Tensor, plan: DispatchPlan, n_experts: int) -> Tensor:
+    """[E] fp32 ``sum_{n -> e} row_weight_N[n]`` over the kept rows of ``plan``."""
+    weight_E = torch.zeros(n_experts, device=row_weight_N.device, dtype=torch.float)
+    return weight_E.index_add_(0, plan.expert_ids, row_weight_N.float())
+
+
 def add_per_expert_(sums_E: Tensor, rows_N: Tensor, expert_ids_N: Tensor,
-                    row_weights_N: Tensor | None = None) -> Tensor:
-    """In place: ``sums_E[e] += sum_{n: expert n = e} row_weights_N[n] * rows_N[n]``, added in
-    the sums' dtype. rows_N: [N] or [N, X]; row_weights_N: [N], or None or an empty tensor for
-    all ones (Default MoE's plain variant). Returns sums_E."""
-    if row_weights_N is not None and row_weights_N.numel():
-        rows_N = rows_N * row_weights_N.view(-1, *([1] * (rows_N.dim() - 1)))
+                    row_weight_N: Tensor | None = None) -> Tensor:
+    """In place: ``sums_E[e] += sum_{n: expert n = e} row_weight_N[n] * rows_N[n]``, added in
+    the sums' dtype. rows_N: [N] or [N, X]; row_weight_N: [N], or None for unweighted sums.
+    Returns sums_E."""
+    if row_weight_N is not None:
+        rows_N = rows_N * row_weight_N.view(-1, *([1] * (rows_N.dim() - 1)))
     return sums_E.index_add_(0, expert_ids_N, rows_N.to(sums_E.dtype))
 
 

@@ -72,20 +72,20 @@ def _chunk_matmul(a_NI: Tensor, w_CIO: Tensor, counts: list[int], offsets: Tenso
 class _ExpertLoop(torch.autograd.Function):
     """y_TD = index_add over kept assignments n of ``weights[n] * expert_{e(n)}(x[token[n]])``.
 
-    Extra non-differentiable outputs: act_sums_EF (Default MoE: per-expert sums of
-    ``sum_weight[n] * act(h_n)``, fp32) and norm_sums_E (per-expert sums of the raw expert
+    Extra non-differentiable outputs: act_sums_EF (per-expert sums of
+    ``row_weight[n] * act(h_n)``, fp32) and norm_sums_E (per-expert sums of the raw expert
     output norms), each empty unless requested.
     """
 
     @staticmethod
     def forward(ctx, x_TD, w_in, w_out, weights_N, token_idx, expert_ids, counts, activation,
-                sum_weight_N, track_norms):
+                row_weight_N, track_norms):
         n_tokens, d_model = x_TD.shape
         n_experts, width_in = w_in.shape[0], w_in.shape[2]
         row_bytes = max(d_model, width_in) * x_TD.element_size()
         chunks = plan_chunks(counts, max(1, CHUNK_BYTES // row_bytes))
         y_TD = x_TD.new_zeros(n_tokens, d_model)
-        want_sums = sum_weight_N is not None
+        want_sums = row_weight_N is not None
         act_sums = x_TD.new_zeros(n_experts, w_out.shape[1] if want_sums else 0,
                                   dtype=torch.float)
         norm_sums = x_TD.new_zeros(n_experts if track_norms else 0, dtype=torch.float)
@@ -100,8 +100,7 @@ class _ExpertLoop(torch.autograd.Function):
             h = _chunk_matmul(x_rows, w_in[e0:e1], counts[e0:e1], offsets)
             act = activation_forward(h, activation)
             if want_sums:
-                weights = sum_weight_N[r0:r1] if sum_weight_N.numel() else None
-                add_per_expert_(act_sums, act, expert_ids[r0:r1], weights)
+                add_per_expert_(act_sums, act, expert_ids[r0:r1], row_weight_N[r0:r1])
             w_rows = weights_N[r0:r1, None]
             act.mul_(w_rows)
             out = _chunk_matmul(act, w_out[e0:e1], counts[e0:e1], offsets)
@@ -200,7 +199,7 @@ def _per_expert_mm_weights(a_t: Tensor, b: Tensor, out_E: Tensor, counts: list[i
 
 def expert_loop(x_TD: Tensor, w_in: Tensor, w_out: Tensor, weights_N: Tensor,
                 token_idx: Tensor, expert_ids: Tensor, counts_E: list[int], activation: str,
-                sum_weight_N: Tensor | None = None, track_norms: bool = False
+                row_weight_N: Tensor | None = None, track_norms: bool = False
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sparse expert MLP over token rows, one expert at a time (see the module docstring).
 
@@ -208,10 +207,10 @@ def expert_loop(x_TD: Tensor, w_in: Tensor, w_out: Tensor, weights_N: Tensor,
     expert: weights_N [N] (routing weights), token_idx [N], expert_ids [N], counts_E (rows per
     expert, a host list summing to N). Returns (y_TD [T, D], act_sums_EF, norm_sums_E): y is
     the weighted sum of each token's expert outputs; act_sums_EF [E, F] (fp32, detached) sums
-    ``sum_weight_N[n] * act(h_n)`` per expert when ``sum_weight_N`` is given (an empty tensor:
-    all ones); norm_sums_E [E] (fp32, detached) sums the raw expert-output norms per expert when
+    ``row_weight_N[n] * act(h_n)`` per expert when ``row_weight_N`` ([N]) is given;
+    norm_sums_E [E] (fp32, detached) sums the raw expert-output norms per expert when
     ``track_norms``. Unrequested extras are empty.
     """
     return _ExpertLoop.apply(x_TD, w_in.to(x_TD.dtype), w_out.to(x_TD.dtype),
                              weights_N.to(x_TD.dtype), token_idx, expert_ids, counts_E,
-                             activation, sum_weight_N, track_norms)
+                             activation, row_weight_N, track_norms)

@@ -35,7 +35,8 @@ from moelab.moe.expert_loop import expert_loop
 
 class ExpertsOutput(NamedTuple):
     """y_TD: [T, D] each token's weighted sum of its kept experts' outputs.
-    sums_ED: [E, D] fp32 detached Default MoE sums (None unless requested).
+    sums_ED: [E, D] fp32 detached ``sum_{n -> e} row_weight_N[n] * expert_e(x_n)`` (None
+        unless a row weight was given; see ``moe.layer.ExpertSums``).
     out_norm_sums_E: [E] fp32 detached sums of raw expert-output norms (None unless requested).
     """
 
@@ -48,16 +49,16 @@ class _ScaledActivation(torch.autograd.Function):
     """out[n] = act(h[n]) * scale[n], plus optional per-expert sums of the unscaled act(h).
 
     h: [N, 2F] (swiglu: gate | up) or [N, F] (gelu); scale: [N]. The sums ([E, F], no grad)
-    are ``sum_{n: expert n = e} sum_weight[n] * act(h[n])`` when ``sum_weight`` is given.
+    are ``sum_{n: expert n = e} row_weight[n] * act(h[n])`` when ``row_weight`` is given.
     """
 
     @staticmethod
-    def forward(ctx, h, scale, activation, expert_ids, sum_weight, n_experts):
+    def forward(ctx, h, scale, activation, expert_ids, row_weight, n_experts):
         act = activation_forward(h, activation)
         sums = h.new_zeros(0)
-        if sum_weight is not None:
+        if row_weight is not None:
             sums = torch.zeros(n_experts, act.shape[1], device=h.device, dtype=torch.float)
-            add_per_expert_(sums, act, expert_ids, sum_weight)
+            add_per_expert_(sums, act, expert_ids, row_weight)
         ctx.activation = activation
         ctx.save_for_backward(h, scale)
         ctx.mark_non_differentiable(sums)
@@ -92,35 +93,35 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_in, std=self.d_model**-0.5)
         nn.init.normal_(self.w_out, std=self.d_ff**-0.5)
 
-    def forward(self, x_TD: Tensor, plan: DispatchPlan, sum_weight_N: Tensor | None = None,
+    def forward(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None = None,
                 track_out_norm: bool = False) -> ExpertsOutput:
         """Gather, run and combine: ``y_TD[t] = sum_{n: token n = t} plan.weights[n] *
         expert_{e(n)}(x_TD[t])`` over the kept assignments of ``plan``.
 
-        x_TD: [T, D]. With ``sum_weight_N`` ([N], or empty for all ones), also returns
-        Default MoE's ``sums_ED[e] = sum_{n -> e} sum_weight_N[n] * expert_e(x_n)``; with
+        x_TD: [T, D]. With ``row_weight_N`` ([N]), also returns the per-expert output sums
+        ``sums_ED[e] = sum_{n -> e} row_weight_N[n] * expert_e(x_n)``; with
         ``track_out_norm``, the per-expert sums of ``|expert_e(x_n)|`` (see ExpertsOutput).
         """
         if resolve_backend(self.backend, x_TD.device.type, x_TD.dtype, self.w_in) == "loop":
             y_TD, act_sums_EF, norm_sums_E = expert_loop(
                 x_TD, self.w_in, self.w_out, plan.weights, plan.token_idx, plan.expert_ids,
-                plan.kept_counts.tolist(), self.activation, sum_weight_N, track_out_norm)
+                plan.kept_counts.tolist(), self.activation, row_weight_N, track_out_norm)
         else:
-            y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, plan, sum_weight_N,
+            y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, plan, row_weight_N,
                                                            track_out_norm)
         sums_ED = None
-        if sum_weight_N is not None:
+        if row_weight_N is not None:
             # The down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out
             sums_ED = torch.bmm(act_sums_EF.unsqueeze(1), self.w_out.detach().float()).squeeze(1)
         return ExpertsOutput(y_TD, sums_ED, norm_sums_E if track_out_norm else None)
 
-    def _grouped(self, x_TD: Tensor, plan: DispatchPlan, sum_weight_N: Tensor | None,
+    def _grouped(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None,
                  track_out_norm: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """The grouped-GEMM path: [N, D] rows gathered, two grouped GEMMs, index_add back."""
         x_ND = x_TD.index_select(0, plan.token_idx)
         h = grouped_linear(x_ND, self.w_in, plan)
         act, act_sums_EF = _ScaledActivation.apply(
-            h, plan.weights.to(h.dtype), self.activation, plan.expert_ids, sum_weight_N,
+            h, plan.weights.to(h.dtype), self.activation, plan.expert_ids, row_weight_N,
             self.n_experts)
         out_ND = grouped_linear(act, self.w_out, plan)
         norm_sums_E = None

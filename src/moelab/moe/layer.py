@@ -1,4 +1,10 @@
-"""MoELayer: router + dispatch + experts (+ Default MoE), recording routing statistics."""
+"""MoELayer: router -> dispatch plan -> experts -> method terms -> stats -> losses.
+
+The layer is method-free. A training-dynamics method that needs more than the router and the
+experts plugs in through one typed seam, :class:`LayerMethod` (Default MoE is the one user:
+``moelab.methods.default_moe``): it may ask for per-expert weighted output sums (computed fused
+inside the expert kernels, see :class:`ExpertSums`) and adds its term to the layer output.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from moelab.methods.default_moe import DefaultExpertOutputs
 from moelab.moe.config import MoEConfig
-from moelab.moe.dispatch import DispatchPlan, expert_capacity, plan_dispatch
+from moelab.moe.dispatch import DispatchPlan, expert_capacity, per_expert_weight, plan_dispatch
 from moelab.moe.experts import Experts
 from moelab.moe.router import Routing, TopKRouter, load_balance_loss, router_z_loss
 
@@ -51,6 +56,38 @@ class RoutingStats:
     expert_out_norm: Tensor | None = None
 
 
+class ExpertSums(NamedTuple):
+    """Per-expert weighted output sums of one forward (fp32, detached), with N kept rows.
+
+    sums_ED: [E, D] ``sum_{n -> e} row_weight_N[n] * expert_e(x_n)`` (raw expert output, before
+        the routing weight).  weight_E: [E] ``sum_{n -> e} row_weight_N[n]``.
+    Under data parallelism (``MoELayer.stats_reducer``) both are summed over the ranks.
+    """
+
+    sums_ED: Tensor
+    weight_E: Tensor
+
+
+class LayerMethod(nn.Module):
+    """The seam through which a method plugs into :class:`MoELayer` (``MoELayer(cfg,
+    method=...)``). The base class is a no-op; subclasses override either hook.
+
+    ``row_weight(routing, plan)`` is called on training forwards (not on activation-checkpoint
+    recomputes); returning a [N] tensor asks the experts for :class:`ExpertSums` weighted by it,
+    None asks for nothing. The sums are computed inside the expert kernels from the hidden
+    activation ([E, F] accumulators, one [E, F] x [F, D] product at the end), so no [N, D]
+    output copy is kept.
+    ``forward(y_TD, routing, sums)`` returns the layer output [T, D]: y_TD plus the method's
+    term; ``sums`` is the ExpertSums asked for, or None.
+    """
+
+    def row_weight(self, routing: Routing, plan: DispatchPlan) -> Tensor | None:
+        return None
+
+    def forward(self, y_TD: Tensor, routing: Routing, sums: ExpertSums | None) -> Tensor:
+        return y_TD
+
+
 def in_backward_pass() -> bool:
     """True while autograd runs a backward — i.e. an activation-checkpoint recompute."""
     return torch._C._current_graph_task_id() != -1
@@ -61,24 +98,38 @@ class MoELayer(nn.Module):
 
     Input [B, S, D] or [T, D]; returns ``MoEOutput(y, losses)`` with y shaped like the input.
     After each forward ``last_stats`` holds the RoutingStats of that forward (not updated by an
-    activation-checkpoint recompute). Default MoE's EMA is updated once per training forward.
+    activation-checkpoint recompute).
+
+    method: an optional :class:`LayerMethod` (e.g. ``moelab.methods.default_moe.DefaultMoE``)
+    that adds its term to the output; held as ``self.method`` (its buffers are in the layer's
+    state_dict under ``method.``).
+    router, experts: optional replacements for the default ``TopKRouter`` / ``Experts`` (how a
+    wrapped model supplies its own router: any module mapping x_TD [T, D] to a ``Routing``, and
+    experts that may view someone else's weights; see ``moelab.hf``).
     """
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: MoEConfig, method: LayerMethod | None = None, *,
+                 router: nn.Module | None = None, experts: Experts | None = None) -> None:
         super().__init__()
+        if not isinstance(cfg, MoEConfig) or cfg.d_model is None:
+            raise ValueError(f"cfg={cfg!r} is invalid: need a MoEConfig with d_model set")
+        if method is not None and not isinstance(method, LayerMethod):
+            raise ValueError(f"method={method!r} is invalid: need a moelab.moe.LayerMethod")
         self.cfg = cfg
-        self.router = TopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.normalize_topk)
-        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.activation,
-                               cfg.dispatch)
-        self.default_moe = (DefaultExpertOutputs(cfg.n_experts, cfg.d_model, cfg.default_moe)
-                            if cfg.default_moe is not None else None)
+        if experts is not None and not isinstance(experts, Experts):
+            raise ValueError(f"experts={experts!r} is invalid: need a moelab.moe.Experts")
+        self.router = router if router is not None else TopKRouter(
+            cfg.d_model, cfg.n_experts, cfg.top_k, cfg.normalize_topk)
+        self.experts = experts if experts is not None else Experts(
+            cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.activation, cfg.dispatch)
+        self.method = method
         self.last_stats: RoutingStats | None = None
         #: Record each expert's mean output norm in ``last_stats`` (costs one norm per row).
         self.track_out_norm = False
         #: Data parallelism: sums a tensor over the ranks (``moelab.distributed`` sets it; None
         #: on one process). Training forwards then use the global batch's assignment counts in
-        #: the balance loss and the global (sum, mass) in Default MoE's EMA update — one
-        #: all-reduce per layer per forward.
+        #: the balance loss and the global ExpertSums handed to the method — one all-reduce
+        #: per layer per forward.
         self.stats_reducer: Callable[[Tensor], Tensor] | None = None
 
     def _check_input(self, x: Tensor) -> None:
@@ -94,50 +145,48 @@ class MoELayer(nn.Module):
                              "tokens (router statistics and losses need at least one)")
 
     def forward(self, x: Tensor) -> MoEOutput:
+        """x: [B, S, D] or [T, D] -> MoEOutput(y like x, losses)."""
         self._check_input(x)
         cfg = self.cfg
         x_TD = x.reshape(-1, cfg.d_model)
         n_tokens = x_TD.shape[0]
+        first_pass = not in_backward_pass()
         routing = self.router(x_TD)
         capacity = (None if cfg.capacity_factor is None else
                     expert_capacity(cfg.capacity_factor, n_tokens, cfg.top_k, cfg.n_experts))
         plan = plan_dispatch(routing.topk_ids, routing.topk_weights, cfg.n_experts, capacity)
-        first_pass = not in_backward_pass()
-        default = self.default_moe
-        update_default = default is not None and self.training and first_pass
-        row_weights_N = default.row_weights(routing.probs, plan) if update_default else None
-        experts_out = self.experts(x_TD, plan, row_weights_N,
+        row_weight_N = (self.method.row_weight(routing, plan)
+                        if self.method is not None and self.training and first_pass else None)
+        experts_out = self.experts(x_TD, plan, row_weight_N,
                                    track_out_norm=self.track_out_norm and first_pass)
-        y_TD, sums_ED = experts_out.y_TD, experts_out.sums_ED
-        mass_E = default.row_mass(row_weights_N, plan) if update_default else None
+        sums = (None if row_weight_N is None else ExpertSums(
+            experts_out.sums_ED, per_expert_weight(row_weight_N, plan, cfg.n_experts)))
         global_counts = None
         if self.stats_reducer is not None and self.training:
-            global_counts, sums_ED, mass_E = self._reduce_stats(plan, n_tokens, sums_ED, mass_E)
-        if update_default:
-            default.update(sums_ED, mass_E)
-        if default is not None:
-            y_TD = y_TD + default.term(routing.probs, routing.topk_ids, y_TD.dtype)
+            global_counts, sums = self._reduce_stats(plan, n_tokens, sums)
+        y_TD = experts_out.y_TD
+        if self.method is not None:
+            y_TD = self.method(y_TD, routing, sums)
         if first_pass:
             self.last_stats = self._stats(routing, plan, experts_out.out_norm_sums_E)
         return MoEOutput(y_TD.view(x.shape), self._losses(routing, global_counts))
 
     @torch.no_grad()
-    def _reduce_stats(self, plan: DispatchPlan, n_tokens: int, sums_ED: Tensor | None,
-                      mass_E: Tensor | None
-                      ) -> tuple[tuple[Tensor, Tensor], Tensor | None, Tensor | None]:
-        """One all-reduce (fp64) of [counts E | tokens 1 | mass E | sums E*D] over the ranks.
-        Returns ((global counts [E], global tokens), global sums_ED, global mass_E)."""
+    def _reduce_stats(self, plan: DispatchPlan, n_tokens: int, sums: ExpertSums | None
+                      ) -> tuple[tuple[Tensor, Tensor], ExpertSums | None]:
+        """One all-reduce (fp64) of [counts E | tokens 1 | weight E | sums E*D] over the ranks.
+        Returns ((global counts [E], global tokens), global ExpertSums or None)."""
         n_experts = self.cfg.n_experts
         parts = [plan.routed_counts.double(), plan.routed_counts.new_full((1,), n_tokens).double()]
-        if mass_E is not None and sums_ED is not None:
-            parts += [mass_E.double(), sums_ED.double().reshape(-1)]
+        if sums is not None:
+            parts += [sums.weight_E.double(), sums.sums_ED.double().reshape(-1)]
         flat = self.stats_reducer(torch.cat(parts))
         counts_E, tokens = flat[:n_experts], flat[n_experts]
-        if mass_E is not None and sums_ED is not None:
+        if sums is not None:
             rest = flat[n_experts + 1:]
-            mass_E = rest[:n_experts].float()
-            sums_ED = rest[n_experts:].view_as(sums_ED).float()
-        return (counts_E, tokens), sums_ED, mass_E
+            sums = ExpertSums(rest[n_experts:].view_as(sums.sums_ED).float(),
+                              rest[:n_experts].float())
+        return (counts_E, tokens), sums
 
     def _losses(self, routing: Routing,
                 global_counts: tuple[Tensor, Tensor] | None = None) -> MoELosses:
