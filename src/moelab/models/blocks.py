@@ -6,7 +6,9 @@ rules; the rule (``moelab.methods.momentum.CombineRule``) decides the MoE layer'
 its output enters the residual stream, and its per-token state is passed from block to block
 as an argument (through activation checkpointing too), never stored on a module.
 
-Normalisation (our choice): pre-norm RMSNorm with a learned scale, in all three models.
+Normalisation: RMSNorm with a learned scale, in all three models; ``ModelConfig.norm_position``
+picks pre-norm (the default, our choice) or post-norm (the official MomentumSMoE code's form,
+single-LN reading; see docs/METHODS.md).
 """
 
 from __future__ import annotations
@@ -128,11 +130,17 @@ class Block(nn.Module):
     ``f = MoE(rule.moe_input(LN2(h'), state, moe_idx))``, ``h, state = rule.combine(h', f,
     state, moe_idx)``. Without ``residual`` (MoEMLP's deep no-skip variant) the FFN output
     replaces h: ``h = FFN(LN2(h))`` (only with the baseline rule; the config enforces it).
+
+    ``post=True`` (post-norm): ``h' = LN1(h + Attn(h))``; dense ``LN2(h' + FFN(h'))``; MoE
+    ``f = MoE(rule.moe_input(h', state, i))``, ``h = LN2(rule.combine(h', f, state, i).h)``
+    (so heavy ball gives ``LN2(h' + gamma*p)``); without ``residual``: ``LN2(FFN(h))``.
     """
 
     def __init__(self, d_model: int, ffn: nn.Module, *, attn: nn.Module | None,
-                 moe_idx: int | None, residual: bool = True, dropout: float = 0.0) -> None:
+                 moe_idx: int | None, residual: bool = True, dropout: float = 0.0,
+                 post: bool = False) -> None:
         super().__init__()
+        self.post = post
         self.norm1 = RMSNorm(d_model) if attn is not None else None
         self.attn = attn
         self.norm2 = RMSNorm(d_model)
@@ -144,6 +152,8 @@ class Block(nn.Module):
     def forward(self, h: Tensor, state: State,
                 rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
         """h: [B, S, D] or [B, D]; state: the rule's state (passed through dense blocks)."""
+        if self.post:
+            return self._forward_post(h, state, rule)
         if self.attn is not None:
             h = h + self.drop(self.attn(self.norm1(h)))
         x = self.norm2(h)
@@ -156,6 +166,20 @@ class Block(nn.Module):
             return f, state, out.losses
         h, state = rule.combine(h, f, state, self.moe_idx)
         return h, state, out.losses
+
+    def _forward_post(self, h: Tensor, state: State,
+                      rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
+        if self.attn is not None:
+            h = self.norm1(h + self.drop(self.attn(h)))
+        if self.moe_idx is None:
+            f = self.drop(self.ffn(h))
+            return self.norm2(h + f if self.residual else f), state, None
+        out = self.ffn(rule.moe_input(h, state, self.moe_idx))
+        f = self.drop(out.y)
+        if not self.residual:
+            return self.norm2(f), state, out.losses
+        h, state = rule.combine(h, f, state, self.moe_idx)
+        return self.norm2(h), state, out.losses
 
 
 class MoEModel(nn.Module):
@@ -181,7 +205,8 @@ class MoEModel(nn.Module):
                 ffn = DenseSwiGLU(cfg.d_model, cfg.d_ff_dense or 4 * cfg.d_model, out_std)
             blocks.append(Block(cfg.d_model, ffn, attn=make_attn(),
                                 moe_idx=moe_idx.index(i) if i in moe_idx else None,
-                                residual=residual, dropout=cfg.dropout))
+                                residual=residual, dropout=cfg.dropout,
+                                post=cfg.norm_position == "post"))
         self.blocks = nn.ModuleList(blocks)
         self.combine_rule = build_combine_rule(cfg.momentum, len(moe_idx))
 

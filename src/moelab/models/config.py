@@ -11,6 +11,7 @@ from moelab.moe.config import MoEConfig
 from moelab.validation import require
 
 MODEL_KINDS = ("lm", "vit", "mlp", "hf")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class ModelConfig:
         deep-MoE experiment).
     dropout: dropout probability.  activation_checkpointing: recompute blocks in backward.
     momentum: the MomentumSMoE combine rule across MoE layers.
+    norm_position: "pre" (``h + F(LN(h))``, the default) or "post" (``LN(h + F(h))``, the
+        official MomentumSMoE code's block form, single-LN reading; lm, vit and mlp).
     """
 
     kind: str = "lm"
@@ -55,8 +58,13 @@ class ModelConfig:
     activation_checkpointing: bool = False
     momentum: MomentumConfig = field(default_factory=MomentumConfig)
     hf_path: str | None = None
+    norm_position: str = "pre"
 
     def __post_init__(self) -> None:
+        require(self.norm_position in NORM_POSITIONS, "norm_position", self.norm_position,
+                f"choose one of {NORM_POSITIONS}")
+        require(self.norm_position == "pre" or self.kind != "hf", "norm_position",
+                self.norm_position, "a Hugging Face model keeps its own block form")
         require(self.kind in MODEL_KINDS, "kind", self.kind,
                  f"choose one of {MODEL_KINDS}")
         require((self.kind == "hf") == (self.hf_path is not None), "hf_path", self.hf_path,
