@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=None, metavar="N",
                    help="evaluate only the first N batches of each split (default: all)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--attack", metavar="word_swap[:RATE]", default=None,
+                   help="LM runs: clean vs word-swap-attacked val/test perplexity (rate "
+                        "default 0.025); writes RUN_DIR/robustness/*.json and .md")
+    e.add_argument("--corrupt", metavar="NAME[:SEVERITY]|all", default=None,
+                   help="image runs: test accuracy under corruptions (gaussian_noise, "
+                        "impulse_noise, defocus_blur, gaussian_blur, contrast; all 5 "
+                        "severities unless given); writes RUN_DIR/robustness/*.json and .md")
+    e.add_argument("--baseline", metavar="RUN_DIR", default=None,
+                   help="with --corrupt: report corruption errors relative to this run (CE, "
+                        "mCE)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the attack / corruptions")
 
     r = sub.add_parser("report", help="plots + Markdown table comparing runs",
                        description="Write loss/perplexity curves, Gini by depth, router "
@@ -231,6 +242,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batches is not None and args.batches < 1:
         return _fail(f"--batches={args.batches} is invalid: need a positive int")
+    if args.attack is not None or args.corrupt is not None:
+        return _cmd_eval_robustness(args)
+    if args.baseline is not None:
+        return _fail("--baseline is invalid without --corrupt")
     try:
         trainer = load_trained(args.run_dir)
     except USER_ERRORS as e:
@@ -262,6 +277,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if layers:
         print("Gini by MoE layer: " + ", ".join(f"{g:.3f}" for g in res["gini_by_layer"])
               + f" | dead experts: {res['dead_experts']}")
+    return 0
+
+
+def _cmd_eval_robustness(args: argparse.Namespace) -> int:
+    from moelab.guard import NonFiniteError
+    from moelab.robustness import evaluate
+    from moelab.robustness.evaluate import parse_attack, parse_corrupt
+
+    if args.attack is not None and args.corrupt is not None:
+        return _fail("give --attack (text) or --corrupt (images), not both")
+    try:
+        if args.attack is not None:
+            rate = parse_attack(args.attack)
+            res = evaluate.evaluate_attack(args.run_dir, rate, args.seed, args.batches,
+                                           progress=not args.json)
+            text = evaluate.render_attack(res)
+        else:
+            names, sevs = parse_corrupt(args.corrupt)
+            res = evaluate.evaluate_corruptions(args.run_dir, names, sevs, args.seed,
+                                                args.batches, args.baseline,
+                                                progress=not args.json)
+            text = evaluate.render_corruptions(res)
+    except (*USER_ERRORS, NonFiniteError) as e:
+        return _fail(_one_line(e))
+    print(json.dumps(res) if args.json else text, end="" if not args.json else "\n")
     return 0
 
 
