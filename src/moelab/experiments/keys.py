@@ -44,6 +44,16 @@ EXCITATION_STRATEGY = "optim.excitation.strategy"
 EXCITATION_GAMMA = "optim.excitation.gamma"
 EXCITATION_ABLATION_BASE = "optim.excitation.ablation_base"
 
+# used by the MomentumSMoE definitions (momentum.py)
+N_HEADS = "model.n_heads"
+MAX_SEQ_LEN = "model.max_seq_len"
+NORM_POSITION = "model.norm_position"
+MOMENTUM_RULE = "model.momentum.rule"
+MOMENTUM_MU = "model.momentum.mu"
+MOMENTUM_GAMMA = "model.momentum.gamma"
+SEQ_LEN = "data.seq_len"
+PATCH_SIZE = "model.patch_size"
+
 
 def kv(key: str, value: object) -> str:
     """``KEY=VALUE`` override text (strings quoted as TOML strings)."""

@@ -51,6 +51,11 @@ def _register_builtins() -> None:
 
     for exp in (excitation.FOUNDATION, excitation.RESCUE, excitation.SPECIALIZATION):
         register(exp)
+    from moelab.experiments import momentum
+
+    for exp in (momentum.DEPTH, momentum.ROBUSTNESS_TEXT, momentum.ROBUSTNESS_IMAGES,
+                momentum.SENSITIVITY):
+        register(exp)
 
 
 _register_builtins()

@@ -38,11 +38,14 @@ def _records(o: RunOutcome) -> list[dict[str, Any]]:
     return [] if o.status == "failed" else read_metrics(o.spec.run_dir)
 
 
-def _value(metric: Metric, records: list[dict[str, Any]], val: bool = False) -> Any:
+def _value(metric: Metric, records: list[dict[str, Any]], val: bool = False,
+           run: RunOutcome | None = None) -> Any:
     if not records:
         return None
     fn = metric.val if val else metric.test
     try:
+        if fn is not None and metric.from_run:
+            return None if run is None else fn(Path(run.spec.run_dir))
         return None if fn is None else fn(records)
     except (KeyError, TypeError, ValueError, IndexError):
         return None
@@ -69,7 +72,7 @@ def _select(exp: Experiment, outcomes: Sequence[RunOutcome]) -> dict[str, dict[s
         selection = []
         val_by_lr = {}
         for lr, runs in sorted(grid.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-            vals = [_value(m, r, val=True) for _, r in runs]
+            vals = [_value(m, r, val=True, run=o) for o, r in runs]
             val_by_lr[lr] = vals
             selection.append({"lr": lr, **summarize(vals).as_dict()})
         chosen = None
@@ -95,7 +98,7 @@ def _arm_result(exp: Experiment, source: str, arm: str, sel: dict[str, Any],
                            "run_dirs": {str(s): o.spec.run_dir for s, (o, _) in
                                         sorted(runs.items()) if o.ok}}
     for m in exp.metrics:
-        values = {s: _value(m, r) for s, (_, r) in runs.items()}
+        values = {s: _value(m, r, run=o) for s, (o, r) in runs.items()}
         res["metrics"][m.name] = {"per_seed": {str(s): v for s, v in sorted(values.items())},
                                   "summary": _summary(values, m.per_layer)}
     if chance is not None and not exp.metric.per_layer:

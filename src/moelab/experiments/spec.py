@@ -62,6 +62,9 @@ class Metric:
         the learning rate (None: the experiment has no lr grid to pick from).
     higher_is_better: the direction in which the metric improves.
     per_layer: ``test`` returns one value per MoE layer (compared layer by layer).
+    from_run: ``test`` and ``val`` take the run directory (a ``Path``) instead of the records:
+        a post-training evaluation computed when the results are aggregated (e.g. a
+        robustness evaluation of the checkpoint; the function caches its own output).
     """
 
     name: str
@@ -70,6 +73,7 @@ class Metric:
     val: Callable[[Records], float | None] | None = None
     higher_is_better: bool = True
     per_layer: bool = False
+    from_run: bool = False
 
     @classmethod
     def final(cls, what: str, label: str | None = None,

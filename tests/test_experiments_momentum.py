@@ -1,0 +1,101 @@
+"""The MomentumSMoE experiment definitions (moelab.experiments.momentum): their configs, the
+run-directory metric hook (robustness evaluated after training), and small end-to-end runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from moelab.experiments import momentum as M
+from moelab.experiments.registry import EXPERIMENTS, register
+from moelab.experiments.runner import plan_runs, resolve_config
+from moelab.experiments.spec import Claim, Profile
+from moelab.experiments.suite import reproduce
+
+
+def test_definitions_resolve_to_the_intended_configs(tmp_path):
+    depth = EXPERIMENTS["momentum-depth"]
+    assert len(depth.arms) == 4 * 2 * 3 and len(depth.claims) == 3 * 2 * 3
+    specs = plan_runs(depth, "full", 3, tmp_path, None)
+    assert len(specs) == 72
+    cfg = resolve_config(next(s for s in specs if s.arm == "adam-post-d8"))
+    assert (cfg.model.norm_position, cfg.model.n_layers, cfg.model.momentum.rule) == \
+        ("post", 8, "adam")
+    assert (cfg.model.momentum.mu, cfg.model.momentum.gamma) == (0.7, 1.0)
+    assert cfg.model.moe_block_indices() == list(range(8))
+    assert cfg.data.dataset == "shakespeare" and cfg.train.steps == 300
+    cfg = resolve_config(next(s for s in specs if s.arm == "smoe-pre-d2"))
+    assert (cfg.model.norm_position, cfg.model.n_layers, cfg.model.momentum.rule) == \
+        ("pre", 2, "none")
+    sens = EXPERIMENTS["momentum-sensitivity"]
+    grid = {(resolve_config(s).model.momentum.mu, resolve_config(s).model.momentum.gamma)
+            for s in plan_runs(sens, "full", 1, tmp_path, None) if s.arm != "smoe"}
+    assert grid == {(m, g) for m in M.MUS for g in M.GAMMAS}
+    img = EXPERIMENTS["momentum-robustness-images"]
+    cfg = resolve_config(plan_runs(img, "full", 1, tmp_path, None)[1])
+    assert cfg.model.kind == "vit" and cfg.model.moe_block_indices() == [1, 3, 5]
+    assert EXPERIMENTS["momentum-robustness-text"].sources == ("momentum-depth",)
+
+
+def test_top_norm_share_reads_the_final_eval():
+    records = [{"kind": "eval", "final": True, "layers": [
+        {"norm_order_share": [0.0, 0.1, 0.2, 0.3, 0.0, 0.1, 0.3, 0.0]},  # zeros: no tokens
+        {"norm_order_share": [0.125] * 8}]}]
+    # the largest-norm quarter (2 of 8) among the experts that got tokens: 0.1 + 0.3
+    assert M.top_norm_share(records) == pytest.approx([0.4, 0.25])
+    assert M.top_norm_share([{"kind": "eval", "step": 1}]) is None
+
+
+@pytest.fixture
+def small_depth():
+    """momentum-depth cut to two arms at depth 2 (post), and a text-robustness experiment
+    reading it: exercises the run-directory metrics through the suite."""
+    keep = ("smoe-post-d2", "mom-post-d2")
+    depth = dataclasses.replace(
+        M.DEPTH, name="t-mom-depth", arms=tuple(a for a in M.DEPTH.arms if a.name in keep),
+        claims=(Claim("mom-post-d2", "smoe-post-d2", "lower"),))
+    text = dataclasses.replace(
+        M.ROBUSTNESS_TEXT, name="t-mom-text", sources=("t-mom-depth",),
+        claims=(Claim("mom-post-d2", "smoe-post-d2", "lower", metric="attack_gap",
+                      source="t-mom-depth"),),
+        profiles={"quick": Profile(seeds=2), "full": Profile()})
+    register(depth, replace=True)
+    register(text, replace=True)
+    yield depth, text
+    EXPERIMENTS.pop("t-mom-text", None)
+    EXPERIMENTS.pop("t-mom-depth", None)
+
+
+def test_text_robustness_evaluates_the_source_runs(tmp_path, small_depth):
+    reproduce(["t-mom-text"], profile="quick", out=tmp_path, jobs=1, threads=1, seeds=2,
+              fashion_dir=None, progress=False, command=["moelab", "reproduce", "t-mom-text"])
+    res = json.loads((tmp_path / "t-mom-text" / "results.json").read_text())
+    assert res["failed"] == []
+    for arm in res["arms"]:
+        gaps = arm["metrics"]["attack_gap"]["per_seed"]
+        assert set(gaps) == {"0", "1"} and all(isinstance(v, float) for v in gaps.values())
+        for seed, run_dir in arm["run_dirs"].items():
+            cached = json.loads((tmp_path / "t-mom-depth" / "runs" / run_dir.split("/")[-1] /
+                                 "robustness" / "word_swap-r0.025-seed0-b1.json").read_text())
+            test_row = next(r for r in cached["rows"] if r["split"] == "test")
+            assert gaps[seed] == pytest.approx(test_row["gap_ppl"])
+    assert res["claims"][0]["verdict"] in ("supported", "contradicted", "inconclusive")
+
+
+def test_image_robustness_and_sensitivity_quick_profiles(tmp_path):
+    reproduce(["momentum-robustness-images", "momentum-sensitivity"], profile="quick",
+              out=tmp_path, jobs=1, threads=1, fashion_dir=None, progress=False,
+              command=["moelab", "reproduce"])
+    img = json.loads((tmp_path / "momentum-robustness-images" / "results.json").read_text())
+    assert img["failed"] == []
+    for arm in img["arms"]:
+        err = arm["metrics"]["corruption_err"]["per_seed"]["0"]
+        drop = arm["metrics"]["corruption_drop"]["per_seed"]["0"]
+        acc = arm["metrics"]["test_acc"]["per_seed"]["0"]
+        assert 0.0 <= err <= 1.0 and isinstance(drop, float) and 0.0 <= acc <= 1.0
+    sens = json.loads((tmp_path / "momentum-sensitivity" / "results.json").read_text())
+    assert sens["failed"] == [] and len(sens["arms"]) == 13
+    share = sens["arms"][0]["metrics"]["top_norm_share"]["per_seed"]["0"]
+    assert len(share) == 2 and all(0.0 <= s <= 1.0 for s in share)
