@@ -1,9 +1,9 @@
 """ImageNet-C-style corruptions (Hendrycks & Dietterich, ICLR 2019) for small images.
 
-Implemented here in torch (no corruption library: ``imagecorruptions`` needs OpenCV and
-scikit-image and assumes RGB images of ImageNet size), following the formulas of the
-CIFAR-10-C generator (``make_cifar_c.py``), whose constants are the ones for 32x32 images and
-are used unchanged for 28x28 (Fashion-)MNIST. Severities 1-5, on images in [0, 1]:
+Implemented here in torch (no corruption library: ``imagecorruptions``, last released in 2020,
+needs OpenCV and scikit-image and is written for ImageNet-sized RGB arrays), following the
+formulas of the CIFAR-10-C generator (``make_cifar_c.py``), whose constants are the ones for
+32x32 images and are used unchanged for 28x28 (Fashion-)MNIST. Severities 1-5, on images in [0, 1]:
 
 - gaussian_noise: ``x + N(0, c^2)``, c = (0.04, 0.06, 0.08, 0.09, 0.10)
 - impulse_noise: salt-and-pepper, each value set to 0 or 1 (equally likely) with probability
