@@ -376,13 +376,14 @@ def test_rules_are_modules_of_the_model():
 
 # --- the post-norm block form (model.norm_position = "post") ------------------------------------
 
+@pytest.mark.parametrize("form", ["post", "post_double"])
 @pytest.mark.parametrize("kind", ["lm", "vit", "mlp"])
 @pytest.mark.parametrize("neutral", [
     MomentumConfig(rule="heavy_ball", mu=0.0, gamma=1.0),
     RobustMomentum(alpha=0.0, beta=1.0, eps=0.0),
 ], ids=["heavy_ball", "robust"])
-def test_post_norm_neutral_settings_equal_baseline(kind, neutral):
-    cfg = cfg_for(kind, aux_loss_coef=0.1, norm_position="post")
+def test_post_norm_neutral_settings_equal_baseline(kind, neutral, form):
+    cfg = cfg_for(kind, aux_loss_coef=0.1, norm_position=form)
     base_model, x, y = model_and_batch(kind, cfg)
     if isinstance(neutral, MomentumConfig):
         model, _, _ = model_and_batch(kind, dataclasses.replace(cfg, momentum=neutral))
@@ -401,10 +402,11 @@ def test_post_norm_neutral_settings_equal_baseline(kind, neutral):
         assert not torch.allclose(pre(x).logits, logits_a)
 
 
+@pytest.mark.parametrize("form", ["post", "post_double"])
 @pytest.mark.parametrize("kind", ["lm", "vit", "mlp"])
 @pytest.mark.parametrize("rule", ["heavy_ball", "adam", "robust"])
-def test_post_norm_every_rule_trains(kind, rule):
-    cfg = cfg_for(kind, MomentumConfig(rule=rule), norm_position="post")
+def test_post_norm_every_rule_trains(kind, rule, form):
+    cfg = cfg_for(kind, MomentumConfig(rule=rule), norm_position=form)
     model, x, y = model_and_batch(kind, cfg)
     logits, grads = loss_and_grads(model, x, y)
     assert torch.isfinite(logits).all()
@@ -417,13 +419,15 @@ def _rms(v: list[float]) -> list[float]:
     return [a / s for a in v]
 
 
+@pytest.mark.parametrize("form", ["post", "post_double"])
 @pytest.mark.parametrize("rule", ["heavy_ball", "robust", "adam"])
-def test_post_norm_recurrence_matches_hand_computation(rule):
+def test_post_norm_recurrence_matches_hand_computation(rule, form):
     # 3 MoE blocks (MLP, no attention) in fp64, fake MoE outputs f_i = c_i * (1, 2, -1, 0.5):
-    # h_{i+1} = RMSNorm(h_i + update_i), the MoE input is h_i (+ robust look-ahead), computed
+    # h_{i+1} = RMSNorm(h_i + update_i) (post_double: RMSNorm(h_i + RMSNorm(h_i + update_i))),
+    # the MoE input is h_i (+ robust look-ahead), computed
     # here with plain Python floats.
     d = 4
-    cfg = cfg_for("mlp", MomentumConfig(), n_layers=3, d_model=d, norm_position="post")
+    cfg = cfg_for("mlp", MomentumConfig(), n_layers=3, d_model=d, norm_position=form)
     model, x, _ = model_and_batch("mlp", cfg)
     model = model.double()
     model.combine_rule = {"heavy_ball": HeavyBall(MU, GAMMA),
@@ -466,7 +470,10 @@ def test_post_norm_recurrence_matches_hand_computation(rule):
                 upd = [GAMMA * mj / math.sqrt(vj + EPS) for mj, vj in zip(m, v, strict=True)]
             else:
                 upd = [GAMMA * pj for pj in p]
-        h = _rms([hj + uj for hj, uj in zip(h, upd, strict=True)])  # norm2 weight is 1 at init
+        y = [hj + uj for hj, uj in zip(h, upd, strict=True)]
+        if form == "post_double":  # LN2(h + LN_in(h + update)); norm weights are 1 at init
+            y = [hj + yj for hj, yj in zip(h, _rms(y), strict=True)]
+        h = _rms(y)
     torch.testing.assert_close(final[0][0], torch.tensor(h, dtype=torch.float64),
                                rtol=0, atol=1e-12)
 

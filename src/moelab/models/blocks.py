@@ -134,13 +134,16 @@ class Block(nn.Module):
     ``post=True`` (post-norm): ``h' = LN1(h + Attn(h))``; dense ``LN2(h' + FFN(h'))``; MoE
     ``f = MoE(rule.moe_input(h', state, i))``, ``h = LN2(rule.combine(h', f, state, i).h)``
     (so heavy ball gives ``LN2(h' + gamma*p)``); without ``residual``: ``LN2(FFN(h))``.
+    ``double=True`` (with ``post``; the official MomentumSMoE code's MoE sub-layer): the MoE
+    sub-layer adds its residual twice, ``h = LN2(h' + LN_in(rule.combine(h', f, ...).h))``.
     """
 
     def __init__(self, d_model: int, ffn: nn.Module, *, attn: nn.Module | None,
                  moe_idx: int | None, residual: bool = True, dropout: float = 0.0,
-                 post: bool = False) -> None:
+                 post: bool = False, double: bool = False) -> None:
         super().__init__()
         self.post = post
+        self.norm_in = RMSNorm(d_model) if double and moe_idx is not None else None
         self.norm1 = RMSNorm(d_model) if attn is not None else None
         self.attn = attn
         self.norm2 = RMSNorm(d_model)
@@ -178,8 +181,10 @@ class Block(nn.Module):
         f = self.drop(out.y)
         if not self.residual:
             return self.norm2(f), state, out.losses
-        h, state = rule.combine(h, f, state, self.moe_idx)
-        return self.norm2(h), state, out.losses
+        y, state = rule.combine(h, f, state, self.moe_idx)
+        if self.norm_in is not None:
+            return self.norm2(h + self.norm_in(y)), state, out.losses
+        return self.norm2(y), state, out.losses
 
 
 class MoEModel(nn.Module):
@@ -206,7 +211,8 @@ class MoEModel(nn.Module):
             blocks.append(Block(cfg.d_model, ffn, attn=make_attn(),
                                 moe_idx=moe_idx.index(i) if i in moe_idx else None,
                                 residual=residual, dropout=cfg.dropout,
-                                post=cfg.norm_position == "post"))
+                                post=cfg.norm_position != "pre",
+                                double=cfg.norm_position == "post_double"))
         self.blocks = nn.ModuleList(blocks)
         self.combine_rule = build_combine_rule(cfg.momentum, len(moe_idx))
 

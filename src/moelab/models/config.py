@@ -11,7 +11,7 @@ from moelab.moe.config import MoEConfig
 from moelab.validation import require
 
 MODEL_KINDS = ("lm", "vit", "mlp", "hf")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "post_double")
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,9 @@ class ModelConfig:
         deep-MoE experiment).
     dropout: dropout probability.  activation_checkpointing: recompute blocks in backward.
     momentum: the MomentumSMoE combine rule across MoE layers.
-    norm_position: "pre" (``h + F(LN(h))``, the default) or "post" (``LN(h + F(h))``, the
-        official MomentumSMoE code's block form, single-LN reading; lm, vit and mlp).
+    norm_position: "pre" (``h + F(LN(h))``, the default), "post" (``LN(h + F(h))``, the
+        single-LN reading of the official MomentumSMoE code) or "post_double" (post, with the
+        MoE sub-layer of the official code: ``LN(h + LN_in(h + update))``); lm, vit and mlp.
     """
 
     kind: str = "lm"
