@@ -81,6 +81,9 @@ def test_text_robustness_evaluates_the_source_runs(tmp_path, small_depth):
                                  "robustness" / "word_swap-r0.025-seed0-b1.json").read_text())
             test_row = next(r for r in cached["rows"] if r["split"] == "test")
             assert gaps[seed] == pytest.approx(test_row["gap_ppl"])
+            clean = arm["metrics"]["clean_ppl"]["per_seed"][seed]
+            attacked = arm["metrics"]["attacked_ppl"]["per_seed"][seed]
+            assert attacked - clean == pytest.approx(gaps[seed])
     assert res["claims"][0]["verdict"] in ("supported", "contradicted", "inconclusive")
 
 

@@ -193,6 +193,9 @@ def test_eval_attack_cli(tmp_path, capsys):
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == res["rows"]
     assert main(["eval", str(run_dir), "--attack", "swap"]) == 2
+    assert main(["eval", str(run_dir), "--seed", "3"]) == 2  # a seed without an attack
+    assert main(["eval", str(run_dir), "--attack", "word_swap", "--baseline", "x"]) == 2
+    assert main(["eval", str(run_dir), "--attack", "word_swap", "--corrupt", "all"]) == 2
     assert main(["eval", str(run_dir), "--corrupt", "all"]) == 2  # an LM run
     assert "image run" in capsys.readouterr().err
 

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", metavar="RUN_DIR", default=None,
                    help="with --corrupt: report corruption errors relative to this run (CE, "
                         "mCE)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the attack / corruptions")
+    e.add_argument("--seed", type=int, default=None,
+                   help="seed of the attack / corruptions (default 0)")
 
     r = sub.add_parser("report", help="plots + Markdown table comparing runs",
                        description="Write loss/perplexity curves, Gini by depth, router "
@@ -244,8 +245,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return _fail(f"--batches={args.batches} is invalid: need a positive int")
     if args.attack is not None or args.corrupt is not None:
         return _cmd_eval_robustness(args)
-    if args.baseline is not None:
-        return _fail("--baseline is invalid without --corrupt")
+    if args.baseline is not None or args.seed is not None:
+        return _fail("--baseline / --seed are invalid without --corrupt / --attack")
     try:
         trainer = load_trained(args.run_dir)
     except USER_ERRORS as e:
@@ -287,15 +288,18 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
 
     if args.attack is not None and args.corrupt is not None:
         return _fail("give --attack (text) or --corrupt (images), not both")
+    if args.baseline is not None and args.corrupt is None:
+        return _fail("--baseline is invalid without --corrupt")
+    seed = 0 if args.seed is None else args.seed
     try:
         if args.attack is not None:
             rate = parse_attack(args.attack)
-            res = evaluate.evaluate_attack(args.run_dir, rate, args.seed, args.batches,
+            res = evaluate.evaluate_attack(args.run_dir, rate, seed, args.batches,
                                            progress=not args.json)
             text = evaluate.render_attack(res)
         else:
             names, sevs = parse_corrupt(args.corrupt)
-            res = evaluate.evaluate_corruptions(args.run_dir, names, sevs, args.seed,
+            res = evaluate.evaluate_corruptions(args.run_dir, names, sevs, seed,
                                                 args.batches, args.baseline,
                                                 progress=not args.json)
             text = evaluate.render_corruptions(res)

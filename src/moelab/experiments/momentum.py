@@ -140,6 +140,8 @@ ATTACK_GAP = Metric("attack_gap", "attacked − clean test perplexity (word swap
 ATTACKED_PPL = Metric("attacked_ppl", "word-swap-attacked test perplexity",
                       _attack("attacked"), _attack("val_attacked"), higher_is_better=False,
                       from_run=True)
+CLEAN_PPL = Metric("clean_ppl", "clean test perplexity (same windows)", _attack("clean"),
+                   higher_is_better=False, from_run=True)
 
 ROBUSTNESS_TEXT = Experiment(
     name="momentum-robustness-text",
@@ -157,7 +159,7 @@ ROBUSTNESS_TEXT = Experiment(
                   text=f"mom: lower attacked perplexity than SMoE ({form}-norm, {depth} MoE "
                        "layers)")
             for depth in DEPTHS for form in FORMS),
-    metrics=(ATTACK_GAP, ATTACKED_PPL),
+    metrics=(ATTACK_GAP, ATTACKED_PPL, CLEAN_PPL),
     profiles={"quick": Profile(cpu_minutes=0.5), "full": Profile(cpu_minutes=17.0)},
     image_datasets=(),
     notes="Trains nothing: evaluates every momentum-depth run (each at the lr its source "
