@@ -205,3 +205,58 @@ def test_interaction_plot_is_written_for_a_factorial(tmp_path):
             for i, n in enumerate(("base", "a", "b", "a+b")) for s in range(2)]
     paths = make_plots(tmp_path / "out", exp, aggregate(exp, runs))
     assert tmp_path / "out" / "interaction.png" in paths
+
+
+# ---------------------------------------------------------------- the four definitions
+
+
+@pytest.mark.parametrize("name", ["default-moe-speed", "default-moe-lr", "default-moe-beta",
+                                  "methods-combined"])
+def test_quick_profile_end_to_end(tmp_path, name):
+    from moelab.experiments.suite import reproduce
+
+    (md,) = reproduce([name], profile="quick", out=tmp_path, jobs=1, threads=1,
+                      fashion_dir=None, progress=False, command=["moelab", "reproduce", name])
+    res = json.loads((md.parent / "results.json").read_text())
+    assert res["failed"] == [] and res["claims"]
+    assert all(c["verdict"] in ("supported", "contradicted", "inconclusive")
+               for c in res["claims"])
+    seeds = [0] if name == "default-moe-beta" else [0, 1]
+    assert all(a["seeds"] == seeds for a in res["arms"])
+    if name in ("default-moe-speed", "methods-combined"):
+        eff = res["factorial"]["metrics"][res["experiment"]["metrics"][0]["name"]]
+        assert eff[-1]["name"] == "additivity gap" and all(e["n"] == 2 for e in eff)
+        assert (md.parent / "interaction.png").is_file()
+    if name == "default-moe-speed":
+        st = {a["arm"]: a["metrics"]["steps_to_val_loss"] for a in res["arms"]}
+        assert st["dmoe"]["target"] == st["base"]["target"] != st["32c4"]["target"]
+    if name == "default-moe-lr":
+        assert "## Divergence" in md.read_text()
+
+
+def test_definitions_have_the_issue_settings():
+    from moelab.experiments.default_moe import BETA, COMBINED, LR, SPEED
+    from moelab.experiments.runner import plan_runs, resolve_config
+
+    def cfg(exp, arm):
+        spec = next(s for s in plan_runs(exp, "full", 1, Path("/nonexistent"), None)
+                    if s.arm == arm)
+        return resolve_config(spec)
+
+    a, b = cfg(SPEED, "base").model, cfg(SPEED, "dmoe+32c4").model
+    assert (a.moe.n_experts, a.moe.top_k, a.moe.d_ff, a.default_moe) == (8, 1, 256, None)
+    assert (b.moe.n_experts, b.moe.top_k, b.moe.d_ff, b.default_moe.beta) == (32, 4, 64, 0.9)
+    # equal active expert parameters: top_k x d_ff
+    assert a.moe.top_k * a.moe.d_ff == b.moe.top_k * b.moe.d_ff
+    from moelab.experiments.default_moe import BASE_LR as base_lr
+    assert [cfg(LR, f"topk-x{m}").optim.lr for m in (1, 2, 4, 8)] == pytest.approx(
+        [base_lr * m for m in (1, 2, 4, 8)])
+    st = cfg(BETA, "st-32c4").model.default_moe
+    assert st.straight_through and st.beta == 0.9 and not st.scored
+    assert cfg(BETA, "b0.999s-8c1").model.default_moe.scored
+    full = cfg(COMBINED, "dmoe+mom+exc")
+    assert full.model.default_moe is not None and full.model.momentum.rule == "heavy_ball"
+    assert full.optim.excitation.strategy == "positive_sum"
+    none = cfg(COMBINED, "base")
+    assert none.model.default_moe is None and none.optim.excitation is None
+    assert none.model.momentum is None or none.model.momentum.rule == "none"

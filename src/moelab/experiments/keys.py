@@ -54,3 +54,15 @@ def kv(key: str, value: object) -> str:
     else:
         text = repr(value)
     return f"{key}={text}"
+
+# Default MoE and MomentumSMoE (issue 15 definitions); setting any model.default_moe key
+# switches Default MoE on, model.default_moe=none switches it off
+DEFAULT_MOE_BETA = "model.default_moe.beta"
+DEFAULT_MOE_SCORED = "model.default_moe.scored"
+DEFAULT_MOE_STRAIGHT_THROUGH = "model.default_moe.straight_through"
+MOMENTUM_RULE = "model.momentum.rule"
+MOMENTUM_MU = "model.momentum.mu"
+MOMENTUM_GAMMA = "model.momentum.gamma"
+N_HEADS = "model.n_heads"
+MAX_SEQ_LEN = "model.max_seq_len"
+SEQ_LEN = "data.seq_len"

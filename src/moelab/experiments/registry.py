@@ -51,6 +51,10 @@ def _register_builtins() -> None:
 
     for exp in (excitation.FOUNDATION, excitation.RESCUE, excitation.SPECIALIZATION):
         register(exp)
+    from moelab.experiments import default_moe
+
+    for exp in (default_moe.SPEED, default_moe.LR, default_moe.BETA, default_moe.COMBINED):
+        register(exp)
 
 
 _register_builtins()
