@@ -79,12 +79,12 @@ def test_every_builtin_experiment_resolves_its_configs(tmp_path):
     data = choose_image_data(None, fashion_dir=None)
     for exp in EXPERIMENTS.values():
         for prof in ("quick", "full"):
-            for spec in plan_runs(exp, prof, 1, tmp_path,
-                                  data if exp.image_datasets else None):
+            # text experiments (image_datasets=()) keep their base config's dataset
+            d = data if exp.image_datasets else None
+            for spec in plan_runs(exp, prof, 1, tmp_path, d):
                 cfg = resolve_config(spec)  # raises for a wrong key or value
                 assert cfg.train.seed == 0
-                if exp.image_datasets:  # else the base config's data (an LM's text)
-                    assert cfg.data.dataset == "mnist5k"
+                assert cfg.data.dataset == ("mnist5k" if d else "shakespeare")
     rescue = EXPERIMENTS["excitation-rescue"]
     specs = plan_runs(rescue, "full", 5, tmp_path, data)
     assert len(specs) == 4 * 3 * 5  # arms x lr grid x seeds

@@ -54,6 +54,12 @@ MOMENTUM_GAMMA = "model.momentum.gamma"
 SEQ_LEN = "data.seq_len"
 PATCH_SIZE = "model.patch_size"
 
+# used by the Default MoE definitions (default_moe.py); setting any model.default_moe key
+# switches Default MoE on, model.default_moe=none switches it off
+DEFAULT_MOE_BETA = "model.default_moe.beta"
+DEFAULT_MOE_SCORED = "model.default_moe.scored"
+DEFAULT_MOE_STRAIGHT_THROUGH = "model.default_moe.straight_through"
+
 
 def kv(key: str, value: object) -> str:
     """``KEY=VALUE`` override text (strings quoted as TOML strings)."""

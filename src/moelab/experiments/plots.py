@@ -5,6 +5,7 @@
                           mean ± std band over seeds, per arm (at its picked lr)
 * ``gini_by_depth.png``   Gini of expert utilization per MoE layer at the final eval, mean ± std
 * ``router_entropy.png``  router entropy / ln E (mean over MoE layers) vs step, mean ± std
+* ``interaction.png``     factorial experiments: primary metric, factor A off/on per B state
 """
 
 from __future__ import annotations
@@ -199,6 +200,40 @@ def plot_entropy(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Pat
     return _save(fig, out / "router_entropy.png")
 
 
+def plot_interaction(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path | None:
+    """For a factorial experiment: one panel per pair of factors (A, B), the primary metric
+    (mean over seeds and over the other factors' cells) with A off / on, one line per B state;
+    parallel lines = no A × B interaction."""
+    if not exp.factors or exp.metric.per_layer:
+        return None
+    import itertools
+
+    from moelab.experiments.spec import factorial_factors
+
+    means = {}
+    for a in res["arms"]:
+        s = a["metrics"][exp.metric.name]["summary"]
+        if s["n"]:
+            means[factorial_factors(a["arm"], exp.factors)] = s["mean"]
+    pairs = list(itertools.combinations(exp.factors, 2))
+    if len(means) < 2 ** len(exp.factors):
+        return None
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
+    for ax, (fa, fb) in zip(axes[0], pairs, strict=True):
+        for b_on in (False, True):
+            ys = []
+            for a_on in (False, True):
+                cells = [v for c, v in means.items() if (fa in c) == a_on and (fb in c) == b_on]
+                ys.append(float(np.mean(cells)))
+            ax.plot([0, 1], ys, marker="o", label=f"{fb} {'on' if b_on else 'off'}")
+        ax.set_xticks([0, 1], [f"{fa} off", f"{fa} on"])
+        ax.set(title=f"{fa} × {fb}", ylabel=exp.metric.label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{exp.name}: interaction plot (means over seeds and the other factor)")
+    return _save(fig, out / "interaction.png")
+
+
 def make_plots(out: Path, exp: Experiment, res: Mapping[str, Any],
                sources: Mapping[str, Any] | None = None) -> list[Path]:
     """All figures that have data; returns their paths (raises ModuleNotFoundError without
@@ -206,7 +241,7 @@ def make_plots(out: Path, exp: Experiment, res: Mapping[str, Any],
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fn in (plot_metric, plot_curves, plot_gini, plot_entropy):
+    for fn in (plot_metric, plot_curves, plot_gini, plot_entropy, plot_interaction):
         p = fn(plt, exp, res, out)
         if p is not None:
             paths.append(p)

@@ -13,13 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from moelab.experiments.runner import RunOutcome, outcome_dict
-from moelab.experiments.spec import Experiment, Metric
+from moelab.experiments.spec import (
+    Experiment,
+    Metric,
+    divergence,
+    factorial_factors,
+    final_record,
+)
 from moelab.experiments.stats import (
     VERDICT_RULE,
     combine_verdicts,
     escape_fraction,
+    factorial_effects,
     paired_difference,
     pick_lr,
+    steps_to_target,
     summarize,
     verdict,
 )
@@ -49,6 +57,41 @@ def _value(metric: Metric, records: list[dict[str, Any]], val: bool = False,
         return None if fn is None else fn(records)
     except (KeyError, TypeError, ValueError, IndexError):
         return None
+
+
+def _target_value(exp: Experiment, m: Metric, sel: dict[str, dict[str, Any]]
+                  ) -> dict[str, float | None]:
+    """Per arm: the mean final ``m.target.key`` over its baseline arm's runs (None: none)."""
+    assert m.target is not None
+    out: dict[str, float | None] = {}
+    for arm in exp.arms:
+        base = sel.get(m.target.baseline_of(arm.name), {}).get("runs", {})
+        vals = []
+        for _, r in base.values():
+            fin = final_record(r)
+            if fin is not None and fin.get(m.target.key) is not None:
+                vals.append(float(fin[m.target.key]))
+        s = summarize(vals)
+        out[arm.name] = s.mean if s.n else None
+    return out
+
+
+def _steps_values(m: Metric, runs: Mapping[int, tuple[RunOutcome, list]],
+                  target: float | None) -> tuple[dict[int, float | None], list[int]]:
+    """Steps-to-target per seed (censored runs at their last evaluated step) and the
+    censored seeds; None for a run without an evaluation or without a target."""
+    assert m.target is not None
+    values: dict[int, float | None] = {}
+    censored = []
+    for seed, (_, records) in runs.items():
+        curve = _value(m, records)
+        if target is None or not curve:
+            values[seed] = None
+            continue
+        values[seed], cens = steps_to_target(curve, target, m.target.interpolate)
+        if cens:
+            censored.append(seed)
+    return values, sorted(censored)
 
 
 def _summary(values: Mapping[int, Any], per_layer: bool) -> Any:
@@ -85,12 +128,14 @@ def _select(exp: Experiment, outcomes: Sequence[RunOutcome]) -> dict[str, dict[s
                 chosen = None
         runs = grid.get(chosen, []) if (chosen is not None or None in grid) else []
         out[arm.name] = {"lr": chosen, "lr_selection": selection if len(grid) > 1 else [],
-                         "runs": {o.spec.seed: (o, r) for o, r in runs}}
+                         "runs": {o.spec.seed: (o, r) for o, r in runs}, "all": grid}
     return out
 
 
 def _arm_result(exp: Experiment, source: str, arm: str, sel: dict[str, Any],
-                chance: float | None) -> dict[str, Any]:
+                chance: float | None,
+                targets: Mapping[str, Mapping[str, float | None]] | None = None
+                ) -> dict[str, Any]:
     runs = sel["runs"]
     res: dict[str, Any] = {"key": arm_key(source, arm, exp), "source": source, "arm": arm,
                            "lr": sel["lr"], "lr_selection": sel["lr_selection"],
@@ -98,14 +143,46 @@ def _arm_result(exp: Experiment, source: str, arm: str, sel: dict[str, Any],
                            "run_dirs": {str(s): o.spec.run_dir for s, (o, _) in
                                         sorted(runs.items()) if o.ok}}
     for m in exp.metrics:
-        values = {s: _value(m, r, run=o) for s, (o, r) in runs.items()}
+        extra: dict[str, Any] = {}
+        if m.target is not None:
+            target = (targets or {}).get(m.name, {}).get(arm)
+            values, censored = _steps_values(m, runs, target)
+            extra = {"target": target, "censored": censored}
+        else:
+            values = {s: _value(m, r, run=o) for s, (o, r) in runs.items()}
         res["metrics"][m.name] = {"per_seed": {str(s): v for s, v in sorted(values.items())},
-                                  "summary": _summary(values, m.per_layer)}
+                                  "summary": _summary(values, m.per_layer), **extra}
+    if exp.report_divergence:
+        res["divergence"] = _divergence_by_lr(sel.get("all", {}))
     if chance is not None and not exp.metric.per_layer:
         vals = list(res["metrics"][exp.metric.name]["per_seed"].values())
         frac, n = escape_fraction(vals, chance)
         res["escape"] = {"fraction": frac, "n": n, "threshold": chance + 0.10}
     return res
+
+
+def _divergence_by_lr(grid: Mapping[Any, list[tuple[RunOutcome, list]]]) -> list[dict]:
+    """Per lr of the arm: runs, diverged runs (``spec.divergence``, with the reason per seed)
+    and failed runs (other errors; not counted as diverged)."""
+    out = []
+    for lr, runs in sorted(grid.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        why = {o.spec.seed: divergence(r, o.status) for o, r in runs}
+        out.append({"lr": lr, "n": len(runs),
+                    "diverged": sum(1 for w in why.values() if w),
+                    "failed": sum(1 for o, _ in runs if o.status == "failed"),
+                    "reasons": {str(s): w for s, w in sorted(why.items()) if w}})
+    return out
+
+
+def _factorial(exp: Experiment, arms: list[dict[str, Any]]) -> dict[str, Any]:
+    """Main effects and interactions of every non-per-layer metric (``stats``)."""
+    out: dict[str, Any] = {"factors": list(exp.factors), "metrics": {}}
+    for m in exp.metrics:
+        if m.per_layer:
+            continue
+        cells = {factorial_factors(a["arm"], exp.factors): _per_seed(a, m.name) for a in arms}
+        out["metrics"][m.name] = [e.as_dict() for e in factorial_effects(cells, exp.factors)]
+    return out
 
 
 def _per_seed(arm_res: dict[str, Any], metric: str) -> dict[int, Any]:
@@ -143,8 +220,11 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
                 arms.append(_arm_result(exp, name, arm, sel, None))
         all_outcomes = [o for name in exp.sources for o in sources[name][1]]
     else:
-        for arm, sel in _select(exp, outcomes).items():
-            arms.append(_arm_result(exp, exp.name, arm, sel, exp.chance))
+        selected = _select(exp, outcomes)
+        targets = {m.name: _target_value(exp, m, selected) for m in exp.metrics
+                   if m.target is not None}
+        for arm, sel in selected.items():
+            arms.append(_arm_result(exp, exp.name, arm, sel, exp.chance, targets))
         all_outcomes = list(outcomes)
     by_key = {a["key"]: a for a in arms}
 
@@ -172,7 +252,8 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
                        **cmp})
     failed = [{"run": o.spec.label, "run_dir": o.spec.run_dir, "error": o.error}
               for o in all_outcomes if o.status == "failed"]
-    return {"arms": arms, "claims": claims, "failed": failed,
+    extra = {"factorial": _factorial(exp, arms)} if exp.factors else {}
+    return {"arms": arms, "claims": claims, "failed": failed, **extra,
             "runs": [outcome_dict(o) for o in outcomes],
             "data_sources": sorted({o.data_source for o in all_outcomes if o.data_source})}
 
@@ -263,6 +344,8 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
                     s = a["metrics"][m.name]["summary"]
                     L.append(f"| {a['key']} | {_f(a['lr'], 'g')} | {_ms(s, False)} | {s['n']} |")
             L.append("")
+    if not exp.sources:
+        L += _render_extra(exp, res)
     L += ["## Claims", "", "| claim | metric | Δ (arm − baseline) | 95% CI | p | n | verdict |",
           "|---|---|---|---|---|---|---|"]
     for c in res["claims"]:
@@ -307,6 +390,73 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
           f"{len(res['failed'])} failed; jobs {meta['jobs']})",
           f"- Finished: {meta['finished']}", ""]
     return "\n".join(L)
+
+
+def _render_extra(exp: Experiment, res: Mapping[str, Any]) -> list[str]:
+    """results.md sections for the other metrics, steps-to-target targets and censoring,
+    divergence counts and factorial effects (each only when the experiment has them)."""
+    L: list[str] = []
+    others = [m for m in exp.metrics[1:] if not m.per_layer]
+    if others:
+        L += ["## Other metrics", "", "mean ± std over seeds (n) at each arm's lr.", "",
+              "| arm | " + " | ".join(m.label for m in others) + " |",
+              "|---|" + "---|" * len(others)]
+        for a in res["arms"]:
+            cells = []
+            for m in others:
+                s = a["metrics"][m.name]["summary"]
+                cells.append(f"{_ms(s, _is_pct(m.name))} ({s['n']})")
+            L.append(f"| {a['arm']} | " + " | ".join(cells) + " |")
+        L.append("")
+    for m in exp.metrics:
+        if m.target is None:
+            continue
+        how = ("linearly interpolated between the two evaluations around the crossing"
+               if m.target.interpolate else "the first evaluation step at or below it")
+        L += [f"## {m.label}: targets and censoring", "",
+              f"Target of each arm: the mean final {m.target.key} of its baseline arm's runs "
+              f"(fixed from those runs alone). Steps: {how}. A run that never reaches its "
+              "target is *censored*: counted at its last evaluated step (a lower bound, which "
+              "shrinks any difference toward 0) and listed here.", "",
+              "| arm | baseline | target | reached | censored seeds |", "|---|---|---|---|---|"]
+        for a in res["arms"]:
+            x = a["metrics"][m.name]
+            n = sum(1 for v in x["per_seed"].values() if v is not None)
+            cens = x.get("censored", [])
+            L.append(f"| {a['arm']} | {m.target.baseline_of(a['arm'])} | "
+                     f"{_f(x.get('target'))} | {n - len(cens)} of {n} | "
+                     f"{', '.join(map(str, cens)) or '–'} |")
+        L.append("")
+    if exp.report_divergence:
+        L += ["## Divergence", "",
+              "Diverged: stopped at a non-finite loss, or finished with a non-finite final "
+              "validation loss or one above the initial training loss. Diverged runs are an "
+              "outcome, not a failure; they have no metric value when they stopped early.", "",
+              "| arm | lr | diverged | of n | failed (other errors) | reasons |",
+              "|---|---|---|---|---|---|"]
+        for a in res["arms"]:
+            for d in a.get("divergence", []):
+                why = "; ".join(f"s{k}: {v}" for k, v in d["reasons"].items()) or "–"
+                L.append(f"| {a['arm']} | {_f(d['lr'], 'g')} | {d['diverged']} | {d['n']} | "
+                         f"{d['failed']} | {why} |")
+        L.append("")
+    fac = res.get("factorial")
+    if fac:
+        L += ["## Factorial effects", "",
+              "Per seed (seeds with every cell finished): main effect = mean over the cells "
+              "with the factor on − mean over those with it off; A × B = half of [A's effect "
+              "with B on − A's effect with B off]; additivity gap = (all on − none) − Σ (one "
+              "on − none): 0 when the single gains add up. Mean with 95% Student-t CI over "
+              "seeds; an interaction whose CI excludes 0 means the methods do not add.", ""]
+        for name, effects in fac["metrics"].items():
+            pct = _is_pct(name)
+            L += [f"### {exp.metric_named(name).label}", "",
+                  "| effect | mean | 95% CI | p | n |", "|---|---|---|---|---|"]
+            for e in effects:
+                mean, ci, p = _diff(e, pct)
+                L.append(f"| {e['name']} | {mean} | {ci} | {p} | {e['n']} |")
+            L.append("")
+    return L
 
 
 def write_results(out_dir: Path, exp: Experiment, res: Mapping[str, Any],

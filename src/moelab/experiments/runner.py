@@ -34,6 +34,7 @@ from typing import Any
 from moelab.experiments import keys as K
 from moelab.experiments.keys import kv
 from moelab.experiments.spec import Experiment, final_record
+from moelab.guard import NonFiniteError
 
 __all__ = ["FASHION_MNIST_DIR", "DataChoice", "RunOutcome", "RunSpec", "choose_image_data",
            "default_jobs", "execute_run", "execute_runs", "plan_runs", "resolve_config",
@@ -125,7 +126,9 @@ class RunSpec:
 @dataclass
 class RunOutcome:
     """What happened to one run: ``status`` "done" (trained now), "resumed" (finished from a
-    checkpoint), "skipped" (already finished), "failed" (``error`` says why)."""
+    checkpoint), "skipped" (already finished), "diverged" (stopped at a non-finite loss,
+    ``moelab.guard.NonFiniteError``; an outcome, counted by ``spec.divergence``), "failed"
+    (``error`` says why)."""
 
     spec: RunSpec
     status: str
@@ -189,7 +192,9 @@ def _comparable(cfg) -> dict[str, Any]:
 
 
 def run_state(spec: RunSpec, cfg) -> str:
-    """"fresh" | "done" | "resume" | "stale" (config.toml differs) for ``spec``'s directory."""
+    """"fresh" | "done" | "resume" | "stale" (config.toml differs) | "diverged" (stopped at a
+    non-finite loss before: not retried, the outcome is deterministic) for ``spec``'s
+    directory."""
     from moelab.config import load_config
     from moelab.rundir import read_metrics
 
@@ -204,6 +209,8 @@ def run_state(spec: RunSpec, cfg) -> str:
         return "stale"
     if final_record(read_metrics(d)) is not None:
         return "done"
+    if read_status(d).get("status") == "diverged":
+        return "diverged"
     return "resume" if (d / "ckpt.pt").is_file() else "fresh"
 
 
@@ -245,6 +252,10 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
             st = read_status(d)
             return RunOutcome(spec, "skipped", data_source=st.get("data_source"),
                               final=final_record(read_metrics(d)))
+        if state == "diverged":
+            st = read_status(d)
+            return RunOutcome(spec, "diverged", error=st.get("error"),
+                              data_source=st.get("data_source"))
         if state == "stale":
             _move_aside(d)
         elif state == "fresh" and d.exists():
@@ -262,6 +273,12 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
                           "data_source": trainer.data_source, "overrides": list(spec.overrides)})
         return RunOutcome(spec, status, wall_s=wall, data_source=trainer.data_source,
                           final=summary)
+    except NonFiniteError as e:  # an outcome of the run (divergence), not a crash
+        wall = time.perf_counter() - t0
+        err = " ".join(str(e).split())
+        _write_status(d, {"status": "diverged", "run": spec.label, "error": err,
+                          "wall_s": wall, "overrides": list(spec.overrides)})
+        return RunOutcome(spec, "diverged", error=err, wall_s=wall)
     except Exception as e:  # noqa: BLE001 - recorded and reported, the suite goes on
         wall = time.perf_counter() - t0
         err = f"{type(e).__name__}: {' '.join(str(e).split())}"
@@ -277,6 +294,8 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
 def _describe(o: RunOutcome) -> str:
     if o.status == "failed":
         return f"FAILED ({o.error})"
+    if o.status == "diverged":
+        return f"diverged ({o.error})"
     fin = o.final or {}
     bits = [f"{k} {fin[k]:.4f}" for k in ("test_acc", "test_ppl") if fin.get(k) is not None]
     return f"{o.status} {' '.join(bits)} ({o.wall_s:.0f} s)"

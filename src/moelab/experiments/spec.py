@@ -26,7 +26,8 @@ from typing import Any
 
 from moelab.experiments.stats import DIRECTIONS
 
-__all__ = ["Arm", "Claim", "Experiment", "Metric", "Profile", "Records", "final_record"]
+__all__ = ["Arm", "Claim", "Experiment", "Metric", "Profile", "Records", "Target", "divergence",
+           "eval_curve", "final_record"]
 
 #: The entries of one run's metrics.jsonl, in order.
 Records = Sequence[dict[str, Any]]
@@ -52,6 +53,56 @@ def _final_value(key: str) -> Callable[[Records], float | None]:
     return extract
 
 
+def eval_curve(records: Records, key: str = "val_loss") -> list[tuple[float, float]]:
+    """``(step, value)`` of every validation evaluation (the final one included), step order."""
+    out = [(float(r["step"]), float(r[key])) for r in records
+           if r.get("kind") == "eval" and r.get(key) is not None]
+    return sorted(out, key=lambda sv: sv[0])
+
+
+def divergence(records: Records, status: str | None = None) -> str | None:
+    """Why a run counts as diverged, or None: it stopped at a non-finite loss (runner status
+    ``"diverged"``: ``moelab.guard.NonFiniteError``), or it finished with a non-finite final
+    validation loss or one above its initial loss (the first logged training loss). A run
+    that failed for another reason or has not finished is not diverged (None)."""
+    if status == "diverged":
+        return "stopped at a non-finite loss"
+    fin = final_record(records)
+    if fin is None or fin.get("val_loss") is None:
+        return None
+    v = float(fin["val_loss"])
+    if not math.isfinite(v):
+        return "non-finite final validation loss"
+    first = next((r for r in records if r.get("kind") == "train"
+                  and r.get("loss") is not None and math.isfinite(float(r["loss"]))), None)
+    if first is not None and v > float(first["loss"]):
+        return f"final validation loss {v:.4g} above the initial loss {float(first['loss']):.4g}"
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Steps-to-target: each arm's target is the mean final ``key`` (``val_loss``) of its
+    baseline arm's runs (at that arm's picked lr); a run's value is the first step its
+    validation curve reaches the target (linearly interpolated between evaluations when
+    ``interpolate``; see ``stats.steps_to_target``). A run that never reaches it is censored:
+    its value is its last evaluated step (a lower bound) and it is counted as censored.
+
+    baseline: ``(arm, baseline arm)`` pairs, one for every arm of the experiment (a baseline
+    arm maps to itself).
+    """
+
+    baseline: tuple[tuple[str, str], ...]
+    key: str = "val_loss"
+    interpolate: bool = True
+
+    def baseline_of(self, arm: str) -> str:
+        for a, b in self.baseline:
+            if a == arm:
+                return b
+        raise KeyError(f"steps-to-target: arm {arm!r} has no baseline")
+
+
 @dataclass(frozen=True)
 class Metric:
     """The quantity an experiment compares, read from a run's records.
@@ -65,6 +116,8 @@ class Metric:
     from_run: ``test`` and ``val`` take the run directory (a ``Path``) instead of the records:
         a post-training evaluation computed when the results are aggregated (e.g. a
         robustness evaluation of the checkpoint; the function caches its own output).
+    target: a steps-to-target metric (``Metric.steps_to``): the value is computed from the
+        run's validation curve and the target fixed from the baseline arm (``test`` unused).
     """
 
     name: str
@@ -74,6 +127,16 @@ class Metric:
     higher_is_better: bool = True
     per_layer: bool = False
     from_run: bool = False
+    target: Target | None = None
+
+    @classmethod
+    def steps_to(cls, baseline: dict[str, str], key: str = "val_loss",
+                 interpolate: bool = True, label: str | None = None) -> Metric:
+        """Steps until the validation ``key`` reaches the baseline arm's mean final ``key``
+        (``baseline``: arm -> its baseline arm, every arm listed); lower is better."""
+        return cls(f"steps_to_{key}", label or f"steps to the baseline's final {key}",
+                   lambda records: eval_curve(records, key), None, higher_is_better=False,
+                   target=Target(tuple(sorted(baseline.items())), key, interpolate))
 
     @classmethod
     def final(cls, what: str, label: str | None = None,
@@ -148,6 +211,10 @@ class Experiment:
         (always there); the runner takes the first available. Empty: the base config's data.
     chance: accuracy of guessing (for the escape fraction), None when not reported.
     sources: experiments whose runs this one analyses instead of training its own.
+    factors: for a full 2^k factorial: the factor names; arm ``"base"`` has none on, every
+        other arm is named by its factors joined with ``+`` in this order (``"a+c"``); the
+        results then add main effects and interactions (``stats.factorial_effects``).
+    report_divergence: list diverged runs per arm and lr (``spec.divergence``) in results.md.
     notes: how the setting was chosen and any change made after results were seen, with why.
     """
 
@@ -164,6 +231,8 @@ class Experiment:
     image_datasets: tuple[str, ...] = ("cifar10", "fashion-mnist", "mnist5k")
     chance: float | None = None
     sources: tuple[str, ...] = ()
+    factors: tuple[str, ...] = ()
+    report_divergence: bool = False
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -203,6 +272,17 @@ class Experiment:
             elif c.source not in self.sources:
                 raise ValueError(f"experiment {self.name!r}: claim source {c.source!r} is not "
                                  f"one of {self.sources}")
+        for m in self.metrics:
+            if m.target is not None:
+                got = dict(m.target.baseline)
+                if set(got) != set(names) or not set(got.values()) <= set(names):
+                    raise ValueError(f"experiment {self.name!r}: metric {m.name!r} needs a "
+                                     f"baseline arm (one of {names}) for every arm, got {got}")
+        if self.factors:
+            want = {factorial_arm_name(c, self.factors) for c in _subsets(self.factors)}
+            if want != set(names):
+                raise ValueError(f"experiment {self.name!r}: factors {self.factors} need "
+                                 f"exactly the arms {sorted(want)}, got {names}")
         for grid in [self.lr_grid, *(a.lr_grid for a in self.arms)]:
             if grid is not None and (not grid or not all(
                     isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in grid)):
@@ -239,3 +319,23 @@ class Experiment:
         if profile.lr_index is None:
             return tuple(grid)
         return tuple(grid[i] for i in profile.lr_index if -len(grid) <= i < len(grid))
+
+
+def _subsets(factors: Sequence[str]) -> list[tuple[str, ...]]:
+    import itertools
+
+    return [c for r in range(len(factors) + 1) for c in itertools.combinations(factors, r)]
+
+
+def factorial_arm_name(on: Sequence[str], factors: Sequence[str]) -> str:
+    """Arm name of the factorial cell with the factors ``on`` switched on: ``"base"`` for
+    none, else those factors joined by ``+`` in ``factors`` order."""
+    bad = set(on) - set(factors)
+    if bad:
+        raise ValueError(f"factors {sorted(bad)} are not among {tuple(factors)}")
+    return "+".join(f for f in factors if f in on) or "base"
+
+
+def factorial_factors(arm: str, factors: Sequence[str]) -> frozenset[str]:
+    """Inverse of ``factorial_arm_name``."""
+    return frozenset() if arm == "base" else frozenset(arm.split("+"))

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["DIRECTIONS", "VERDICT_RULE", "ArmSummary", "PairedDiff", "combine_verdicts",
-           "escape_fraction", "paired_difference", "pick_lr", "summarize", "verdict"]
+__all__ = ["DIRECTIONS", "VERDICT_RULE", "ArmSummary", "Effect", "PairedDiff",
+           "combine_verdicts", "escape_fraction", "factorial_effects", "paired_difference",
+           "pick_lr", "steps_to_target", "summarize", "verdict"]
 
 DIRECTIONS = ("higher", "lower")
 
@@ -151,3 +152,108 @@ def escape_fraction(values: Sequence[float | None], chance: float,
         return math.nan, 0
     hits = sum(1 for v in values if v is not None and math.isfinite(v) and v > chance + margin)
     return hits / n, n
+
+
+# ------------------------------------------------------- steps to target, factorial effects
+
+
+def steps_to_target(curve: Sequence[tuple[float, float]], target: float,
+                    interpolate: bool = True) -> tuple[float, bool]:
+    """Steps until a decreasing quantity (validation loss) first reaches ``target``.
+
+    curve: ``(step, value)`` evaluations in step order. Returns ``(steps, censored)``: the
+    first step whose value is ``<= target`` — with ``interpolate``, the step where the straight
+    line between that evaluation and the one before it crosses ``target`` (no interpolation
+    before the first evaluation) — and ``censored=False``; if no evaluation reaches the target,
+    ``(last step, True)``: the run is right-censored and its steps-to-target is at least its
+    last evaluated step. Non-finite values never reach the target. Raises ValueError for an
+    empty curve or a non-finite target.
+    """
+    if not curve:
+        raise ValueError("steps_to_target: empty curve (the run has no evaluation)")
+    if not math.isfinite(target):
+        raise ValueError(f"steps_to_target: target={target!r} is not finite")
+    prev: tuple[float, float] | None = None
+    for step, value in curve:
+        v = float(value)
+        if math.isfinite(v) and v <= target:
+            if interpolate and prev is not None and prev[1] > v:
+                s0, v0 = prev
+                return s0 + (v0 - target) / (v0 - v) * (float(step) - s0), False
+            return float(step), False
+        prev = (float(step), v) if math.isfinite(v) else None
+    return float(curve[-1][0]), True
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A factorial contrast (main effect or interaction) over seeds: per-seed values, their
+    mean with a 95% Student-t CI and one-sample t p-value (``PairedDiff`` fields)."""
+
+    name: str
+    factors: tuple[str, ...]
+    diff: PairedDiff
+    per_seed: dict[int, float]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "factors": list(self.factors), **self.diff.as_dict(),
+                "per_seed": {str(s): v for s, v in sorted(self.per_seed.items())}}
+
+
+def factorial_effects(cells: Mapping[frozenset[str], Mapping[int, float | None]],
+                      factors: Sequence[str], confidence: float = 0.95) -> list[Effect]:
+    """Main effects, pairwise interactions, the highest-order interaction and the
+    additivity gap of a full 2^k factorial, each with a CI over seeds.
+
+    cells: for every subset of ``factors`` (the methods switched on), ``{seed: value}``. Only
+    seeds with a finite value in every cell are used (so each effect is a within-seed
+    contrast, like a paired difference). With signs x_f = +1 (on) / -1 (off):
+
+    * effect of a set S of factors = mean of y over cells with prod_{f in S} x_f = +1 minus
+      mean over cells with -1 (the usual 2^k effect; for S = {A}: on − off averaged over the
+      other factors; for S = {A, B}: half of [A's effect with B on − A's effect with B off]);
+    * additivity gap = (all on − none) − sum over f of (only f on − none): 0 when the
+      single-method gains add up exactly, negative (for a lower-is-better metric: positive)
+      when they overlap.
+    """
+    factors = tuple(factors)
+    k = len(factors)
+    if k < 2 or len(set(factors)) != k:
+        raise ValueError(f"factorial_effects: need >= 2 distinct factors, got {factors}")
+    import itertools
+
+    subsets = [frozenset(c) for r in range(k + 1) for c in itertools.combinations(factors, r)]
+    missing = [sorted(s) for s in subsets if s not in cells]
+    if missing:
+        raise ValueError(f"factorial_effects: no cell for the subsets {missing}")
+    seeds = sorted(set.intersection(*(set(cells[s]) for s in subsets)))
+    seeds = [s for s in seeds if all(cells[c][s] is not None
+                                     and math.isfinite(float(cells[c][s])) for c in subsets)]
+    y = {s: {c: float(cells[c][s]) for c in subsets} for s in seeds}
+
+    def contrast(sset: tuple[str, ...]) -> dict[int, float]:
+        out = {}
+        for s in seeds:
+            plus = [y[s][c] for c in subsets if math.prod(
+                1 if f in c else -1 for f in sset) > 0]
+            minus = [y[s][c] for c in subsets if math.prod(
+                1 if f in c else -1 for f in sset) < 0]
+            out[s] = float(np.mean(plus) - np.mean(minus))
+        return out
+
+    wanted: list[tuple[str, ...]] = [(f,) for f in factors]
+    wanted += list(itertools.combinations(factors, 2))
+    if k > 2:
+        wanted.append(factors)
+    effects = []
+    zero = {s: 0.0 for s in seeds}
+    for sset in wanted:
+        per = contrast(sset)
+        name = sset[0] if len(sset) == 1 else " × ".join(sset)
+        effects.append(Effect(name, sset, paired_difference(per, zero, confidence), per))
+    none, full = frozenset(), frozenset(factors)
+    gap = {s: (y[s][full] - y[s][none]) - sum(y[s][frozenset((f,))] - y[s][none]
+                                               for f in factors) for s in seeds}
+    effects.append(Effect("additivity gap", factors, paired_difference(gap, zero, confidence),
+                          gap))
+    return effects
