@@ -404,6 +404,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a training loop: no traceback
         print(f"\nmoelab: {args.command} interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down torchrun's process group before the interpreter exits: a gloo group left
+    alive to interpreter shutdown sometimes aborted a rank at exit ("terminate called without
+    an active exception") after the run had finished."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to close
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
