@@ -82,8 +82,12 @@ def test_steps_to_target_metric_uses_baseline_mean_and_reports_censoring(tmp_pat
     assert c["mean"] == pytest.approx(((150 - 175) + (175 - 200) + 0) / 3)
     md = render_markdown(exp, res, {"profile": "quick", "seeds": 3, "command": "x",
                                     "torch": "t", "python": "p", "moelab": "m", "machine": "c",
-                                    "wall_s": 1.0, "n_run": 6, "n_skipped": 0, "jobs": 1,
+                                    "invocation_wall_s": 1.0, "runs_wall_s": 1.0,
+                                    "aggregate_wall_s": 0.0,
+                                    "invocation_experiments": ["t-speed", "other"],
+                                    "n_run": 6, "n_skipped": 0, "jobs": 1,
                                     "finished": "now"})
+    assert "invocation wall time 1 s, shared with other (6 runs" in md
     assert "| dmoe | topk | 2.2500 | 2 of 3 | 2 |" in md
     assert "## Other metrics" in md
 

@@ -15,6 +15,7 @@ experiment's ``notes`` with the reason.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from moelab.experiments import keys as K
@@ -126,13 +127,18 @@ def attack_metrics(run_dir: Path, rate: float = ATTACK_RATE) -> dict[str, float]
             "val_attacked": val["attacked_ppl"]}
 
 
-def _attack(key: str):
+def _field(compute: Callable[[Path], dict[str, float] | None], key: str, name: str):
+    """A Metric extractor: ``compute(run_dir)[key]``, or None where ``compute`` gives None."""
     def extract(run_dir: Path) -> float | None:
-        m = attack_metrics(run_dir)
+        m = compute(run_dir)
         return None if m is None else m[key]
 
-    extract.__name__ = f"attack_{key}"
+    extract.__name__ = name
     return extract
+
+
+def _attack(key: str):
+    return _field(attack_metrics, key, f"attack_{key}")
 
 
 ATTACK_GAP = Metric("attack_gap", "attacked − clean test perplexity (word swap 2.5%)",
@@ -194,12 +200,7 @@ def corruption_metrics(run_dir: Path) -> dict[str, float] | None:
 
 
 def _corr(key: str):
-    def extract(run_dir: Path) -> float | None:
-        m = corruption_metrics(run_dir)
-        return None if m is None else m[key]
-
-    extract.__name__ = f"corruption_{key}"
-    return extract
+    return _field(corruption_metrics, key, f"corruption_{key}")
 
 
 CORRUPTION_ERR = Metric("corruption_err", "mean test error over corruptions x severities",

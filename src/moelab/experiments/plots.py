@@ -42,6 +42,21 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish(fig, axes, path: Path, drew: bool = True) -> Path | None:
+    """Grid and legend (where lines were drawn) on each of ``axes``, then save ``fig`` to
+    ``path``; with ``drew=False`` close it instead and return None (no empty figures)."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not drew:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return None
+    return _save(fig, path)
+
+
 def _records(arm: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
     from moelab.rundir import read_metrics
 
@@ -130,12 +145,8 @@ def plot_curves(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path
         _band(ax_v, [_curve(r, "eval", key) for r in rs], name)
     ax_l.set(title="training loss", xlabel="step", ylabel="cross-entropy")
     ax_v.set(title="validation " + ("perplexity" if lm else "accuracy"), xlabel="step")
-    for ax in (ax_l, ax_v):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
     fig.suptitle(f"{exp.name}: mean ± std over seeds, each arm at its picked lr")
-    return _save(fig, out / "curves.png")
+    return _finish(fig, (ax_l, ax_v), out / "curves.png")
 
 
 def _by_source(res: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
@@ -166,15 +177,7 @@ def plot_gini(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path |
         ax.set(title=f"{src}: Gini by depth (final eval)", xlabel="MoE layer",
                ylabel="Gini (0 = balanced)")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    if not drew:
-        import matplotlib.pyplot as mpl
-
-        mpl.close(fig)
-        return None
-    return _save(fig, out / "gini_by_depth.png")
+    return _finish(fig, axes[0], out / "gini_by_depth.png", drew)
 
 
 def plot_entropy(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path | None:
@@ -189,15 +192,7 @@ def plot_entropy(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Pat
                 drew = True
         ax.set(title=f"{src}: router entropy / ln E (mean over layers)", xlabel="step",
                ylabel="normalised entropy")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    if not drew:
-        import matplotlib.pyplot as mpl
-
-        mpl.close(fig)
-        return None
-    return _save(fig, out / "router_entropy.png")
+    return _finish(fig, axes[0], out / "router_entropy.png", drew)
 
 
 def plot_interaction(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path | None:
@@ -228,10 +223,8 @@ def plot_interaction(plt, exp: Experiment, res: Mapping[str, Any], out: Path) ->
             ax.plot([0, 1], ys, marker="o", label=f"{fb} {'on' if b_on else 'off'}")
         ax.set_xticks([0, 1], [f"{fa} off", f"{fa} on"])
         ax.set(title=f"{fa} × {fb}", ylabel=exp.metric.label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.suptitle(f"{exp.name}: interaction plot (means over seeds and the other factor)")
-    return _save(fig, out / "interaction.png")
+    return _finish(fig, axes[0], out / "interaction.png")
 
 
 def make_plots(out: Path, exp: Experiment, res: Mapping[str, Any],

@@ -385,11 +385,22 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
         L.append("")
     L += ["## Provenance", "", f"- Command: `{meta['command']}`",
           f"- torch {meta['torch']}, Python {meta['python']}, moelab {meta['moelab']}",
-          f"- Machine: {meta['machine']}", f"- Wall time: {meta['wall_s']:.0f} s "
-          f"({meta['n_run']} runs trained or resumed, {meta['n_skipped']} already done, "
-          f"{len(res['failed'])} failed; jobs {meta['jobs']})",
+          f"- Machine: {meta['machine']}", _wall_line(meta, exp.name, len(res["failed"])),
           f"- Finished: {meta['finished']}", ""]
     return "\n".join(L)
+
+
+def _wall_line(meta: Mapping[str, Any], name: str, n_failed: int) -> str:
+    """Provenance line on time: this experiment's own run time and evaluation time, and the
+    wall time of the invocation it ran in (shared with the others named)."""
+    others = [n for n in meta["invocation_experiments"] if n != name]
+    shared = f", shared with {', '.join(others)}" if others else ""
+    return (f"- Time: this experiment's runs {meta['runs_wall_s']:.0f} s summed over runs "
+            f"(jobs {meta['jobs']}; a run finished by an earlier invocation counts its own "
+            f"training time), result evaluation {meta['aggregate_wall_s']:.0f} s; "
+            f"invocation wall time {meta['invocation_wall_s']:.0f} s{shared} "
+            f"({meta['n_run']} runs trained or resumed, {meta['n_skipped']} already done, "
+            f"{n_failed} failed)")
 
 
 def _render_extra(exp: Experiment, res: Mapping[str, Any]) -> list[str]:

@@ -251,7 +251,8 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
         if state == "done":
             st = read_status(d)
             return RunOutcome(spec, "skipped", data_source=st.get("data_source"),
-                              final=final_record(read_metrics(d)))
+                              final=final_record(read_metrics(d)),
+                              wall_s=float(st.get("wall_s", 0.0)))  # its earlier training
         if state == "diverged":
             st = read_status(d)
             return RunOutcome(spec, "diverged", error=st.get("error"),

@@ -94,12 +94,13 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     by_exp: dict[str, list] = {e.name: [] for e in exps}
     for o in outcomes:
         by_exp[o.spec.experiment].append(o)
-    wall = time.perf_counter() - t0
     written = []
     for e in exps:
         outs = by_exp[e.name]
         srcs = {s: (get_experiment(s), by_exp[s]) for s in e.sources}
-        res = aggregate(e, outs, srcs)
+        t_agg = time.perf_counter()
+        res = aggregate(e, outs, srcs)  # from_run metrics (robustness) are evaluated here
+        agg_s = time.perf_counter() - t_agg
         used = [o for o in outs] + [o for s in e.sources for o in by_exp[s]]
         n_seeds = seeds or e.profile(profile).seeds
         meta: dict[str, Any] = {
@@ -108,7 +109,9 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             "python": platform.python_version(), "moelab": __version__,
             "machine": machine_description(), "data": data[e.name].label if data[e.name] else None,
             "overrides": list(e.overrides) + list(e.profile(profile).overrides),
-            "wall_s": wall, "runs_wall_s": sum(o.wall_s for o in used),
+            "invocation_wall_s": time.perf_counter() - t0,
+            "invocation_experiments": [x.name for x in exps],
+            "runs_wall_s": sum(o.wall_s for o in outs), "aggregate_wall_s": agg_s,
             "n_run": sum(o.status in ("done", "resumed") for o in used),
             "n_skipped": sum(o.status == "skipped" for o in used),
             "finished": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
