@@ -85,6 +85,14 @@ def test_text_robustness_evaluates_the_source_runs(tmp_path, small_depth):
             attacked = arm["metrics"]["attacked_ppl"]["per_seed"][seed]
             assert attacked - clean == pytest.approx(gaps[seed])
     assert res["claims"][0]["verdict"] in ("supported", "contradicted", "inconclusive")
+    # the source trained here gets its own results; a second call only reads it, and leaves
+    # them (command, time) as the training call wrote them
+    depth_md = tmp_path / "t-mom-depth" / "results.md"
+    before = depth_md.stat().st_mtime_ns
+    reproduce(["t-mom-text"], profile="quick", out=tmp_path, jobs=1, threads=1, seeds=2,
+              fashion_dir=None, progress=False, command=["moelab", "again"])
+    assert depth_md.stat().st_mtime_ns == before
+    assert "moelab again" in (tmp_path / "t-mom-text" / "results.md").read_text()
 
 
 def test_image_robustness_and_sensitivity_quick_profiles(tmp_path):

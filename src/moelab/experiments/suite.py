@@ -60,7 +60,10 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
               FASHION_MNIST_DIR, command: Sequence[str] | None = None,
               progress: bool = True, threads: int | None = None) -> list[Path]:
     """Run the named experiments (or ``["all"]``) and write ``OUT/NAME/results.md`` for each;
-    returns those paths. Runs already finished with the same config are skipped.
+    returns those paths. Runs already finished with the same config are skipped. An
+    experiment's sources (e.g. the trained runs a robustness evaluation reads) are run or
+    skipped too; a source's results.md is rewritten only if this call trained some of its
+    runs.
 
     jobs: worker processes (default: one per core); threads: torch threads per run (default:
     cores // jobs).
@@ -70,6 +73,7 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     from moelab import __version__
 
     t0 = time.perf_counter()
+    requested = {e.name for e in resolve_names(list(names))}
     exps = with_sources(resolve_names(list(names)))
     for e in exps:
         e.profile(profile)  # raises for an unknown profile
@@ -95,7 +99,10 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     for o in outcomes:
         by_exp[o.spec.experiment].append(o)
     written = []
-    for e in exps:
+    # a source only read here (none of its runs trained) keeps the results.md of the
+    # invocation that trained it: its command and time
+    for e in (x for x in exps if x.name in requested or any(
+            o.status in ("done", "resumed") for o in by_exp[x.name])):
         outs = by_exp[e.name]
         srcs = {s: (get_experiment(s), by_exp[s]) for s in e.sources}
         t_agg = time.perf_counter()
