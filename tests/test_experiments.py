@@ -297,3 +297,23 @@ def test_cli_reproduce_list_and_errors(capsys):
     assert main(["reproduce", "all", "--jobs", "0"]) == 2
     assert main(["reproduce", "all", "--data-dir", os.devnull]) == 2
     assert "no CIFAR-10" in capsys.readouterr().err
+
+
+def test_many_arm_plots_get_distinct_lines_and_one_outside_legend(tmp_path):
+    from moelab.experiments import plots
+
+    plt = plots._plt()
+    n = 24
+    fig, axes = plt.subplots(1, 2)
+    plots._distinct_lines(axes, n)
+    for ax in axes:
+        for i in range(n):
+            ax.plot([0, 1], [i, i], label=f"arm{i}")
+    styles = {(str(line.get_color()), line.get_linestyle()) for line in axes[0].lines}
+    assert len(styles) == n  # no two arms look alike
+    path = plots._finish(fig, axes, tmp_path / "many.png")
+    assert path.is_file()
+    assert axes[0].get_legend() is None and axes[1].get_legend() is not None
+    fig, ax = plt.subplots()
+    assert plots._finish(fig, [ax], tmp_path / "empty.png", drew=False) is None
+    assert not (tmp_path / "empty.png").exists()

@@ -42,12 +42,36 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+_MANY = 10  # lines per panel beyond which colours repeat and the legend moves outside
+
+
+def _distinct_lines(axes, n: int) -> None:
+    """Give each of ``n`` lines per panel its own colour / line-style pair (matplotlib's
+    default cycle repeats after 10 colours)."""
+    if n <= _MANY:
+        return
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    styles = ("-", "--", ":", "-.")
+    for ax in axes:
+        ax.set_prop_cycle(color=[cmap(i % 20) for i in range(n)],
+                          linestyle=[styles[(i // 20 + i % 2) % 4] for i in range(n)])
+
+
 def _finish(fig, axes, path: Path, drew: bool = True) -> Path | None:
     """Grid and legend (where lines were drawn) on each of ``axes``, then save ``fig`` to
     ``path``; with ``drew=False`` close it instead and return None (no empty figures)."""
-    for ax in axes:
+    axes = list(axes)
+    same = len({tuple(line.get_label() for line in ax.lines) for ax in axes}) == 1
+    for i, ax in enumerate(axes):
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if len(ax.lines) > _MANY and same and i < len(axes) - 1:
+            continue  # one long legend, beside the last panel, serves panels with equal lines
+        if len(ax.lines) > _MANY:  # a long legend goes beside the panel, not over the lines
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      ncol=1 + len(ax.lines) // 25)
+        elif ax.lines:
             ax.legend(fontsize=7)
     if not drew:
         import matplotlib.pyplot as plt
@@ -139,7 +163,9 @@ def plot_curves(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path
         return None
     lm = any(r.get("val_ppl") is not None for rs in runs.values() for run in rs for r in run)
     key = "val_ppl" if lm else "val_acc"
-    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(12, 4.2) if len(runs) <= _MANY
+                                     else (15, 5.5))
+    _distinct_lines((ax_l, ax_v), len(runs))
     for name, rs in runs.items():
         _band(ax_l, [_curve(r, "train", "loss") for r in rs], name)
         _band(ax_v, [_curve(r, "eval", key) for r in rs], name)
@@ -159,6 +185,7 @@ def _by_source(res: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
 def plot_gini(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path | None:
     groups = _by_source(res)
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    _distinct_lines(axes[0], max(len(arms) for arms in groups.values()))
     drew = False
     for ax, (src, arms) in zip(axes[0], groups.items(), strict=True):
         for a in arms:
@@ -183,6 +210,7 @@ def plot_gini(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path |
 def plot_entropy(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path | None:
     groups = _by_source(res)
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    _distinct_lines(axes[0], max(len(arms) for arms in groups.values()))
     drew = False
     for ax, (src, arms) in zip(axes[0], groups.items(), strict=True):
         for a in arms:
