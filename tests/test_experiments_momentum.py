@@ -17,9 +17,12 @@ from moelab.experiments.suite import reproduce
 
 def test_definitions_resolve_to_the_intended_configs(tmp_path):
     depth = EXPERIMENTS["momentum-depth"]
-    assert len(depth.arms) == 4 * 2 * 3 and len(depth.claims) == 3 * 2 * 3
+    assert len(depth.arms) == 4 * 3 * 3 and len(depth.claims) == 3 * 3 * 3
     specs = plan_runs(depth, "full", 3, tmp_path, None)
-    assert len(specs) == 72
+    assert len(specs) == 108
+    cfg = resolve_config(next(s for s in specs if s.arm == "mom-post2-d4"))
+    assert (cfg.model.norm_position, cfg.model.n_layers, cfg.model.momentum.rule) == \
+        ("post_double", 4, "heavy_ball")
     cfg = resolve_config(next(s for s in specs if s.arm == "adam-post-d8"))
     assert (cfg.model.norm_position, cfg.model.n_layers, cfg.model.momentum.rule) == \
         ("post", 8, "adam")
