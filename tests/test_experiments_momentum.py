@@ -109,6 +109,22 @@ def test_image_robustness_and_sensitivity_quick_profiles(tmp_path):
         drop = arm["metrics"]["corruption_drop"]["per_seed"]["0"]
         acc = arm["metrics"]["test_acc"]["per_seed"]["0"]
         assert 0.0 <= err <= 1.0 and isinstance(drop, float) and 0.0 <= acc <= 1.0
+    # the descriptive tables: accuracy per corruption x severity, and mCE vs SMoE by hand
+    md = (tmp_path / "momentum-robustness-images" / "results.md").read_text()
+    assert "## Accuracy per corruption and severity" in md
+    assert "| gaussian_noise | 5 |" in md and "| impulse_noise | 1 |" in md
+    ev = {}
+    for arm in img["arms"]:
+        run = tmp_path / "momentum-robustness-images" / "runs" / arm["run_dirs"]["0"].split("/")[-1]
+        (f,) = (run / "robustness").glob("corrupt-*-b1.json")
+        rows = json.loads(f.read_text())["rows"]
+        ev[arm["arm"]] = {n: sum(r["err"] for r in rows if r["corruption"] == n)
+                          for n in {r["corruption"] for r in rows}}
+    mce = sum(ev["mom"][n] / ev["smoe"][n] for n in ev["smoe"]) / len(ev["smoe"])
+    mce_table = md.split("## Corruption error relative to smoe")[1].splitlines()
+    row = next(line for line in mce_table if line.startswith("| mom | "))
+    assert row.endswith(f"| {mce:.3f} | – | 1 |")  # one seed: no spread, no interval
+    assert "| smoe | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | – | 1 |" in md
     sens = json.loads((tmp_path / "momentum-sensitivity" / "results.json").read_text())
     assert sens["failed"] == [] and len(sens["arms"]) == 13
     share = sens["arms"][0]["metrics"]["top_norm_share"]["per_seed"]["0"]

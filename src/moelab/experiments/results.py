@@ -419,6 +419,8 @@ def _render_extra(exp: Experiment, res: Mapping[str, Any]) -> list[str]:
                 cells.append(f"{_ms(s, _is_pct(m.name))} ({s['n']})")
             L.append(f"| {a['arm']} | " + " | ".join(cells) + " |")
         L.append("")
+    if exp.extra_sections is not None:
+        L += exp.extra_sections(res)
     for m in exp.metrics:
         if m.target is None:
             continue

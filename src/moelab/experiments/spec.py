@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +216,8 @@ class Experiment:
         results then add main effects and interactions (``stats.factorial_effects``).
     report_divergence: list diverged runs per arm and lr (``spec.divergence``) in results.md.
     notes: how the setting was chosen and any change made after results were seen, with why.
+    extra_sections: ``f(results) -> Markdown lines`` appended to results.md after the other
+        metrics (descriptive tables an experiment needs beyond its claims).
     """
 
     name: str
@@ -234,6 +236,7 @@ class Experiment:
     factors: tuple[str, ...] = ()
     report_divergence: bool = False
     notes: str = ""
+    extra_sections: Callable[[Mapping[str, Any]], list[str]] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
