@@ -195,15 +195,23 @@ ROBUSTNESS_TEXT = Experiment(
 # ----------------------------------------------------------- 3. robustness: images
 
 
-def corruption_metrics(run_dir: Path) -> dict[str, float] | None:
-    """Mean test error over the corruptions x 5 severities and the mean accuracy drop from
-    the clean test accuracy (over the run's ``final_eval_batches`` batches; cached)."""
+def _corruption_eval(run_dir: Path) -> dict[str, Any] | None:
+    """``evaluate_corruptions`` of a run over its ``final_eval_batches`` batches (cached in
+    the run directory); None for a run without a usable checkpoint."""
     from moelab.guard import NonFiniteError
     from moelab.robustness import evaluate_corruptions
 
     try:
-        res = evaluate_corruptions(run_dir, batches=_final_eval_batches(run_dir))
+        return evaluate_corruptions(run_dir, batches=_final_eval_batches(run_dir))
     except (NonFiniteError, FileNotFoundError):
+        return None
+
+
+def corruption_metrics(run_dir: Path) -> dict[str, float] | None:
+    """Mean test error over the corruptions x 5 severities and the mean accuracy drop from
+    the clean test accuracy (over the run's ``final_eval_batches`` batches; cached)."""
+    res = _corruption_eval(run_dir)
+    if res is None:
         return None
     drop = sum(res["clean_acc"] - r["acc"] for r in res["rows"]) / len(res["rows"])
     return {"mean_err": res["mean_err"], "drop": drop}
@@ -214,18 +222,13 @@ def _corr(key: str):
 
 
 def _corruption_runs(res: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """arm -> seed -> evaluate_corruptions result (cached per run) for the runs that have one."""
-    from moelab.guard import NonFiniteError
-    from moelab.robustness import evaluate_corruptions
-
+    """arm -> seed -> ``_corruption_eval`` result, for the runs that have one."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for a in res["arms"]:
         for seed, run_dir in sorted(a.get("run_dirs", {}).items()):
-            try:
-                out.setdefault(a["arm"], {})[seed] = evaluate_corruptions(
-                    run_dir, batches=_final_eval_batches(Path(run_dir)))
-            except (NonFiniteError, FileNotFoundError):
-                continue
+            ev = _corruption_eval(Path(run_dir))
+            if ev is not None:
+                out.setdefault(a["arm"], {})[seed] = ev
     return out
 
 
@@ -244,20 +247,20 @@ def corruption_sections(res: Mapping[str, Any], baseline: str = "smoe") -> list[
     keys = [(r["corruption"], r["severity"]) for r in first["rows"]]
     names = list(dict.fromkeys(c for c, _ in keys))
 
-    def cell(arm: str, get) -> str:
-        s = summarize([get(r) for r in runs[arm].values()])
+    acc = {a: [{(x["corruption"], x["severity"]): x["acc"] for x in r["rows"]}
+               | {"clean": r["clean_acc"]} for r in runs[a].values()] for a in arms}
+
+    def cell(arm: str, key) -> str:
+        s = summarize([run[key] for run in acc[arm]])
         return f"{100 * s.mean:.1f} ± {100 * s.std:.1f}" if s.n > 1 else f"{100 * s.mean:.1f}"
 
     L = ["## Accuracy per corruption and severity", "",
          "Test accuracy (%), mean ± std over seeds, on the runs' final_eval_batches.", "",
          "| corruption | severity | " + " | ".join(arms) + " |",
          "|---|---|" + "---|" * len(arms),
-         "| clean | – | " + " | ".join(cell(a, lambda r: r["clean_acc"]) for a in arms) + " |"]
+         "| clean | – | " + " | ".join(cell(a, "clean") for a in arms) + " |"]
     for c, sev in keys:
-        L.append(f"| {c} | {sev} | " + " | ".join(
-            cell(a, lambda r, c=c, sev=sev: next(x["acc"] for x in r["rows"]
-                                               if (x["corruption"], x["severity"]) == (c, sev)))
-            for a in arms) + " |")
+        L.append(f"| {c} | {sev} | " + " | ".join(cell(a, (c, sev)) for a in arms) + " |")
     L.append("")
     if baseline not in runs:
         return L
