@@ -59,3 +59,37 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor,
         output(module(x)).backward(grad)
 
     return step
+
+
+def step_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated by one call of ``fn`` above what existed when it started (CPU or
+    CUDA; for a training step: activations, gradients and temporaries, not the parameters or
+    an optimizer state created before). Read off the profiler's memory timeline (a private
+    torch API, ``torch.profiler._memory_profiler``; benchmarks only), so call ``fn`` once
+    before to create lazily allocated state."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn()
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
+def write_result(result: dict, path: str | None) -> None:
+    """Write a benchmark's result dict as indented JSON to ``path`` (no-op for None)."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)

@@ -1,0 +1,189 @@
+"""Whole training step of moelab's LM against Hugging Face's ``MixtralForCausalLM`` of the same
+shape and exactly the same parameter count.
+
+One step = forward + cross-entropy (+ router load-balancing loss, coefficient 0.01, on both) +
+backward + AdamW step, on the same token batch. Both models: pre-RMSNorm blocks, SDPA causal
+attention with RoPE, no biases, tied input/output embeddings, SwiGLU experts with top-K
+weights renormalised (Mixtral's routing); HF's experts run its ``grouped_mm`` implementation,
+moelab's its default dispatch (the chunked expert loop on CPU). The parameter counts are
+checked equal before timing. Reported per size: median step time of interleaved repetitions
+(``benchmarks.common.time_interleaved``), the moelab / HF ratio, tokens per second, and the
+peak bytes one step allocates (activations, gradients, temporaries; parameters and the AdamW
+state are equal and excluded).
+
+    python -m benchmarks.train_step                     # the three sizes below, CPU fp32
+    python -m benchmarks.train_step --sizes default     # one size
+    python -m benchmarks.train_step --sweep             # step time vs d_model and vs E
+    python -m benchmarks.train_step --quick             # tiny smoke run (numbers meaningless)
+
+Sizes (name: d_model, layers, heads, experts top-K, expert width F, batch x seq):
+    default: 128, 4, 4, 8 top-2, 256, 32 x 128   (``moelab train``'s built-in LM, byte vocab)
+    medium:  512, 4, 8, 32 top-4, 512, 8 x 256
+    wide:   1024, 4, 16, 64 top-8, 256, 4 x 256
+Needs the ``bench`` extra (``transformers>=5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import step_peak_bytes, time_interleaved, write_result
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One model + batch shape of the comparison."""
+
+    d_model: int
+    layers: int
+    heads: int
+    experts: int
+    top_k: int
+    d_ff: int
+    batch: int
+    seq: int
+    vocab: int = 256
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+SIZES = {
+    "default": Shape(128, 4, 4, 8, 2, 256, 32, 128),
+    "medium": Shape(512, 4, 8, 32, 4, 512, 8, 256),
+    "wide": Shape(1024, 4, 16, 64, 8, 256, 4, 256),
+    "quick": Shape(32, 2, 2, 4, 2, 32, 2, 16),
+}
+
+# --sweep: d_model grows at E=8 top-2 (F = 2 * d_model), then E grows at d_model 256
+# (top-K = E/4, F = 256); 8 x 128 tokens per step throughout.
+SWEEP = ([Shape(d, 2, max(1, d // 64), 8, 2, 2 * d, 8, 128) for d in (128, 256, 512, 1024)]
+         + [Shape(256, 2, 4, e, e // 4, 256, 8, 128) for e in (8, 32, 64, 128)])
+
+
+def moelab_model(s: Shape) -> torch.nn.Module:
+    from moelab.models import ModelConfig, MoETransformerLM
+    from moelab.moe import MoEConfig
+
+    cfg = ModelConfig(d_model=s.d_model, n_layers=s.layers, n_heads=s.heads,
+                      max_seq_len=s.seq, tie_embeddings=True,
+                      moe=MoEConfig(n_experts=s.experts, top_k=s.top_k, d_ff=s.d_ff,
+                                    normalize_topk=True, aux_loss_coef=0.01))
+    return MoETransformerLM(cfg, s.vocab).train()
+
+
+def hf_model(s: Shape) -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=s.vocab, hidden_size=s.d_model, intermediate_size=s.d_ff,
+                           num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                           num_key_value_heads=s.heads, num_local_experts=s.experts,
+                           num_experts_per_tok=s.top_k, max_position_embeddings=s.seq,
+                           tie_word_embeddings=True, output_router_logits=True,
+                           router_aux_loss_coef=0.01, attn_implementation="sdpa")
+    config._experts_implementation = "grouped_mm"
+    return MixtralForCausalLM(config).train()
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def step_fns(s: Shape, seed: int) -> tuple[dict, dict]:
+    """The two step closures on one shared batch, and each model's parameter count."""
+    torch.manual_seed(seed)
+    ours, theirs = moelab_model(s), hf_model(s)
+    counts = {"moelab": n_params(ours), "hf_mixtral": n_params(theirs)}
+    if counts["moelab"] != counts["hf_mixtral"]:
+        raise RuntimeError(f"parameter counts differ at {s}: {counts}; the comparison needs "
+                           "models of exactly the same size")
+    ids = torch.randint(0, s.vocab, (s.batch, s.seq + 1),
+                        generator=torch.Generator().manual_seed(seed + 1))
+    inp, target = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+
+    def ours_step() -> None:
+        out = ours(inp)
+        loss = F.cross_entropy(out.logits.reshape(-1, s.vocab).float(), target.reshape(-1))
+        (loss + out.aux_loss).backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def theirs_step() -> None:
+        theirs(inp, labels=inp).loss.backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+
+    return {"moelab": ours_step, "hf_mixtral": theirs_step}, counts
+
+
+def measure(s: Shape, reps: int, seed: int, memory: bool) -> dict:
+    """Times (and optionally peak step memory) of both models at shape ``s``."""
+    fns, counts = step_fns(s, seed)
+    times = time_interleaved(fns, reps=reps, warmup=2)
+    row = {"shape": vars(s) | {"tokens": s.tokens}, "params": counts["moelab"],
+           "step_ms": {k: v * 1e3 for k, v in times.items()},
+           "ratio": times["moelab"] / times["hf_mixtral"],
+           "tokens_per_s": {k: s.tokens / v for k, v in times.items()}}
+    if memory:
+        peaks = {k: step_peak_bytes(fn) for k, fn in fns.items()}
+        row["peak_mib"] = {k: v / 2**20 for k, v in peaks.items()}
+        row["peak_ratio"] = peaks["moelab"] / peaks["hf_mixtral"]
+    return row
+
+
+def _print_row(name: str, r: dict) -> None:
+    ms, tps = r["step_ms"], r["tokens_per_s"]
+    line = (f"{name:>8s} {r['params'] / 1e6:7.2f}M  moelab {ms['moelab']:8.1f} ms "
+            f"({tps['moelab']:7.0f} tok/s)  HF {ms['hf_mixtral']:8.1f} ms "
+            f"({tps['hf_mixtral']:7.0f} tok/s)  ratio {r['ratio']:.3f}")
+    if "peak_mib" in r:
+        pk = r["peak_mib"]
+        line += (f"  peak {pk['moelab']:7.1f} / {pk['hf_mixtral']:7.1f} MiB"
+                 f" ({r['peak_ratio']:.3f})")
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["default", "medium", "wide"],
+                   choices=[k for k in SIZES if k != "quick"])
+    p.add_argument("--sweep", action="store_true",
+                   help="time the step over growing d_model and E instead of --sizes")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory profile")
+    p.add_argument("--quick", action="store_true", help="one tiny size, 2 reps (smoke test)")
+    p.add_argument("--out", help="also write the result as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        shapes, args.reps = {"quick": SIZES["quick"]}, 2
+    elif args.sweep:
+        shapes = {f"s{i}": s for i, s in enumerate(SWEEP)}
+    else:
+        shapes = {name: SIZES[name] for name in args.sizes}
+    rows = {}
+    for name, shape in shapes.items():
+        rows[name] = measure(shape, args.reps, args.seed, memory=not args.no_memory)
+        _print_row(name, rows[name])
+    result = {"command": "python -m benchmarks.train_step " + " ".join(
+                  sys.argv[1:] if argv is None else argv),
+              "settings": vars(args), "torch": torch.__version__,
+              "machine": platform.platform(), "rows": rows}
+    write_result(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
