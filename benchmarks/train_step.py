@@ -6,7 +6,10 @@ backward + AdamW step, on the same token batch. Both models: pre-RMSNorm blocks,
 attention with RoPE, no biases, tied input/output embeddings, SwiGLU experts with top-K
 weights renormalised (Mixtral's routing); HF's experts run its ``grouped_mm`` implementation,
 moelab's its default dispatch (the chunked expert loop on CPU). The parameter counts are
-checked equal before timing. Reported per size: median step time of interleaved repetitions
+checked equal before timing, and with one model's weights copied into the other both give the
+same logits (tests/test_benchmark_helpers.py); only the balance-loss formulas differ (HF pools
+the layers' tokens before multiplying the fractions, moelab sums per-layer losses), at the
+same cost. Reported per size: median step time of interleaved repetitions
 (``benchmarks.common.time_interleaved``), the moelab / HF ratio, tokens per second, and the
 peak bytes one step allocates (activations, gradients, temporaries; parameters and the AdamW
 state are equal and excluded).
@@ -14,7 +17,13 @@ state are equal and excluded).
     python -m benchmarks.train_step                     # the three sizes below, CPU fp32
     python -m benchmarks.train_step --sizes default     # one size
     python -m benchmarks.train_step --sweep             # step time vs d_model and vs E
+    python -m benchmarks.train_step --methods           # moelab only: each method's overhead
     python -m benchmarks.train_step --quick             # tiny smoke run (numbers meaningless)
+
+``--methods`` times moelab's LM at each size with the methods off, each method alone (Default
+MoE, heavy-ball MomentumSMoE, Excitation positive_sum on the AdamW) and all three together,
+on the same weights and batch, and reports each arm's step-time and peak-memory ratio to
+methods off (the overhead targets: Default MoE <= 3%, momentum <= 2%, Excitation <= 5%).
 
 Sizes (name: d_model, layers, heads, experts top-K, expert width F, batch x seq):
     default: 128, 4, 4, 8 top-2, 256, 32 x 128   (``moelab train``'s built-in LM, byte vocab)
@@ -68,14 +77,29 @@ SWEEP = ([Shape(d, 2, max(1, d // 64), 8, 2, 2 * d, 8, 128) for d in (128, 256, 
          + [Shape(256, 2, 4, e, e // 4, 256, 8, 128) for e in (8, 32, 64, 128)])
 
 
-def moelab_model(s: Shape) -> torch.nn.Module:
+#: --methods arms: (Default MoE on, momentum rule, Excitation strategy or None)
+METHOD_ARMS = {
+    "off": (False, "none", None),
+    "default_moe": (True, "none", None),
+    "heavy_ball": (False, "heavy_ball", None),
+    "excitation": (False, "none", "positive_sum"),
+    "all_three": (True, "heavy_ball", "positive_sum"),
+}
+
+
+def moelab_model(s: Shape, default_moe: bool = False, momentum: str = "none"
+                 ) -> torch.nn.Module:
+    from moelab.methods.default_moe import DefaultMoEConfig
+    from moelab.methods.momentum import MomentumConfig
     from moelab.models import ModelConfig, MoETransformerLM
     from moelab.moe import MoEConfig
 
     cfg = ModelConfig(d_model=s.d_model, n_layers=s.layers, n_heads=s.heads,
                       max_seq_len=s.seq, tie_embeddings=True,
                       moe=MoEConfig(n_experts=s.experts, top_k=s.top_k, d_ff=s.d_ff,
-                                    normalize_topk=True, aux_loss_coef=0.01))
+                                    normalize_topk=True, aux_loss_coef=0.01),
+                      default_moe=DefaultMoEConfig() if default_moe else None,
+                      momentum=MomentumConfig(momentum))
     return MoETransformerLM(cfg, s.vocab).train()
 
 
@@ -87,14 +111,86 @@ def hf_model(s: Shape) -> torch.nn.Module:
                            num_key_value_heads=s.heads, num_local_experts=s.experts,
                            num_experts_per_tok=s.top_k, max_position_embeddings=s.seq,
                            tie_word_embeddings=True, output_router_logits=True,
-                           router_aux_loss_coef=0.01, attn_implementation="sdpa")
+                           router_aux_loss_coef=0.01, attn_implementation="sdpa",
+                           rms_norm_eps=1e-6,  # moelab's RMSNorm eps and RoPE base
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     config._experts_implementation = "grouped_mm"
     return MixtralForCausalLM(config).train()
+
+
+def copy_moelab_weights_to_hf(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Load moelab LM ``ours``'s weights into the HF Mixtral ``theirs`` of the same shape, so
+    both compute the same logits (checked in the tests: the comparison is of one function)."""
+    hf = theirs.model
+    with torch.no_grad():
+        hf.embed_tokens.weight.copy_(ours.tok_emb.weight)
+        hf.norm.weight.copy_(ours.norm.weight)
+        for block, layer in zip(ours.blocks, hf.layers, strict=True):
+            q, k, v = block.attn.qkv.weight.chunk(3, dim=0)
+            for proj, w in ((layer.self_attn.q_proj, q), (layer.self_attn.k_proj, k),
+                            (layer.self_attn.v_proj, v), (layer.self_attn.o_proj,
+                                                          block.attn.proj.weight)):
+                proj.weight.copy_(w)
+            layer.input_layernorm.weight.copy_(block.norm1.weight)
+            layer.post_attention_layernorm.weight.copy_(block.norm2.weight)
+            layer.mlp.gate.weight.copy_(block.ffn.router.weight)
+            layer.mlp.experts.gate_up_proj.copy_(block.ffn.experts.w_in.transpose(1, 2))
+            layer.mlp.experts.down_proj.copy_(block.ffn.experts.w_out.transpose(1, 2))
 
 
 def n_params(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def _batch(s: Shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, s.vocab, (s.batch, s.seq + 1),
+                        generator=torch.Generator().manual_seed(seed + 1))
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def moelab_step(model: torch.nn.Module, opt, inp: torch.Tensor, target: torch.Tensor):
+    """One moelab training step closure (``opt``: an optimizer or an Excitation wrapper)."""
+
+    def step() -> None:
+        out = model(inp)
+        loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
+                               target.reshape(-1))
+        (loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def method_step_fns(s: Shape, seed: int) -> dict:
+    """Step closures of moelab's LM for each of ``METHOD_ARMS``, same weights and batch."""
+    from moelab.methods.excitation import Excitation
+
+    inp, target = _batch(s, seed)
+    fns = {}
+    for name, (dmoe, rule, strategy) in METHOD_ARMS.items():
+        torch.manual_seed(seed)
+        model = moelab_model(s, default_moe=dmoe, momentum=rule)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if strategy is not None:
+            opt = Excitation(opt, model, strategy=strategy)
+        fns[name] = moelab_step(model, opt, inp, target)
+    return fns
+
+
+def measure_methods(s: Shape, reps: int, seed: int, memory: bool) -> dict:
+    """Step time (and peak step memory) of each method arm, and its ratio to methods off."""
+    fns = method_step_fns(s, seed)
+    times = time_interleaved(fns, reps=reps, warmup=2)
+    row = {"shape": vars(s) | {"tokens": s.tokens},
+           "step_ms": {k: v * 1e3 for k, v in times.items()},
+           "time_ratio": {k: v / times["off"] for k, v in times.items()}}
+    if memory:
+        peaks = {k: step_peak_bytes(fn) for k, fn in fns.items()}
+        row["peak_mib"] = {k: v / 2**20 for k, v in peaks.items()}
+        row["memory_ratio"] = {k: v / peaks["off"] for k, v in peaks.items()}
+    return row
 
 
 def step_fns(s: Shape, seed: int) -> tuple[dict, dict]:
@@ -105,18 +201,9 @@ def step_fns(s: Shape, seed: int) -> tuple[dict, dict]:
     if counts["moelab"] != counts["hf_mixtral"]:
         raise RuntimeError(f"parameter counts differ at {s}: {counts}; the comparison needs "
                            "models of exactly the same size")
-    ids = torch.randint(0, s.vocab, (s.batch, s.seq + 1),
-                        generator=torch.Generator().manual_seed(seed + 1))
-    inp, target = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    inp, target = _batch(s, seed)
+    ours_step = moelab_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), inp, target)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
-
-    def ours_step() -> None:
-        out = ours(inp)
-        loss = F.cross_entropy(out.logits.reshape(-1, s.vocab).float(), target.reshape(-1))
-        (loss + out.aux_loss).backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
 
     def theirs_step() -> None:
         theirs(inp, labels=inp).loss.backward()
@@ -153,12 +240,23 @@ def _print_row(name: str, r: dict) -> None:
     print(line, flush=True)
 
 
+def _print_methods(name: str, r: dict) -> None:
+    print(f"{name}: methods off {r['step_ms']['off']:.1f} ms/step", flush=True)
+    for arm in METHOD_ARMS:
+        line = f"  {arm:12s} step x{r['time_ratio'][arm]:.3f}"
+        if "memory_ratio" in r:
+            line += f"  peak {r['peak_mib'][arm]:7.1f} MiB x{r['memory_ratio'][arm]:.3f}"
+        print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["default", "medium", "wide"],
                    choices=[k for k in SIZES if k != "quick"])
     p.add_argument("--sweep", action="store_true",
                    help="time the step over growing d_model and E instead of --sizes")
+    p.add_argument("--methods", action="store_true",
+                   help="time moelab's LM with each method and all three vs methods off")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -175,8 +273,12 @@ def main(argv: list[str] | None = None) -> dict:
         shapes = {name: SIZES[name] for name in args.sizes}
     rows = {}
     for name, shape in shapes.items():
-        rows[name] = measure(shape, args.reps, args.seed, memory=not args.no_memory)
-        _print_row(name, rows[name])
+        if args.methods:
+            rows[name] = measure_methods(shape, args.reps, args.seed, memory=not args.no_memory)
+            _print_methods(name, rows[name])
+        else:
+            rows[name] = measure(shape, args.reps, args.seed, memory=not args.no_memory)
+            _print_row(name, rows[name])
     result = {"command": "python -m benchmarks.train_step " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "settings": vars(args), "torch": torch.__version__,

@@ -1,0 +1,47 @@
+"""The benchmark helpers measure what they claim (the timings themselves are never asserted)."""
+
+import pytest
+import torch
+
+from benchmarks.common import step_peak_bytes
+
+
+def test_step_peak_bytes_sees_a_transient_allocation():
+    def step() -> None:
+        a = torch.empty(2**18)  # 1 MiB, freed before b exists
+        del a
+        b = torch.empty(2**19)  # 2 MiB
+        c = torch.empty(2**17)  # 0.5 MiB alongside b: peak 2.5 MiB
+        del b, c
+
+    peak = step_peak_bytes(step)
+    assert 2.5 * 2**20 <= peak < 2.6 * 2**20
+
+
+def test_train_step_compares_models_of_equal_size():
+    pytest.importorskip("transformers")
+    from benchmarks.train_step import SIZES, SWEEP, hf_model, moelab_model, n_params
+
+    for shape in [*SIZES.values(), *SWEEP[:2]]:
+        assert n_params(moelab_model(shape)) == n_params(hf_model(shape)), shape
+
+
+def test_train_step_models_compute_the_same_logits():
+    """The benchmark's moelab LM and HF Mixtral are one function: same weights, same logits
+    (so the step times compare implementations, not architectures)."""
+    pytest.importorskip("transformers")
+    from benchmarks.train_step import SIZES, copy_moelab_weights_to_hf, hf_model, moelab_model
+
+    shape = SIZES["quick"]
+    torch.manual_seed(0)
+    ours, theirs = moelab_model(shape), hf_model(shape)  # fp32: grouped_mm has no fp64
+    copy_moelab_weights_to_hf(ours, theirs)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    ref = ours(ids).logits
+    got = theirs(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # a wrong mapping (e.g. the gate and up halves swapped) would not pass
+    w = theirs.model.layers[0].mlp.experts.gate_up_proj
+    with torch.no_grad():
+        w.copy_(w.roll(w.shape[1] // 2, dims=1))
+    assert not torch.allclose(theirs(ids).logits, ref, atol=1e-4)
