@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from moelab.methods.default_moe import DefaultMoE
@@ -73,12 +74,68 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)  # [S_max, hd/2]
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
+    def tables(self, seq: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin: [seq, hd/2] in ``dtype``."""
+        return self.cos[:seq].to(dtype), self.sin[:seq].to(dtype)
+
     def forward(self, x_BHSd: Tensor) -> Tensor:
-        seq = x_BHSd.shape[-2]
-        cos = self.cos[:seq].to(x_BHSd.dtype)
-        sin = self.sin[:seq].to(x_BHSd.dtype)
+        cos, sin = self.tables(x_BHSd.shape[-2], x_BHSd.dtype)
         x1, x2 = x_BHSd.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _rotate_into(out1: Tensor, out2: Tensor, a1: Tensor, a2: Tensor, cos: Tensor, sin: Tensor,
+                 sign: float) -> None:
+    """``out1 = a1*cos - sign*a2*sin``, ``out2 = a2*cos + sign*a1*sin`` written in place (the
+    rotation for sign +1, its transpose for -1); the outputs may be strided views. Each
+    product is rounded before the sum, as in ``Rotary.forward`` (a fused multiply-add would
+    change the last bits)."""
+    tmp = torch.mul(a2, sin)
+    torch.mul(a1, cos, out=out1)
+    (out1.sub_ if sign > 0 else out1.add_)(tmp)
+    torch.mul(a1, sin, out=tmp)
+    torch.mul(a2, cos, out=out2)
+    (out2.add_ if sign > 0 else out2.sub_)(tmp)
+
+
+class _SplitHeadsRope(torch.autograd.Function):
+    """qkv [B, S, 3, H, hd] -> q, k, v each contiguous [B, H, S, hd], RoPE applied to q and k.
+
+    The same values (bit for bit) as permuting, unbinding and calling ``Rotary.forward`` on q
+    and k, without the concatenations and the separate layout copies: forward writes the three
+    heads' tensors into one buffer, backward writes the rotated-back gradients straight into
+    the [B, S, 3, H, hd] gradient of qkv.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv_BS3Hd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor):
+        b, s, _, h, hd = qkv_BS3Hd.shape
+        half = hd // 2
+        src = qkv_BS3Hd.permute(2, 0, 3, 1, 4)  # [3, B, H, S, hd] view
+        out = qkv_BS3Hd.new_empty(3, b, h, s, hd)
+        out[2].copy_(src[2])
+        _rotate_into(out[:2, ..., :half], out[:2, ..., half:], src[:2, ..., :half],
+                     src[:2, ..., half:], cos_Sh, sin_Sh, 1.0)
+        ctx.save_for_backward(cos_Sh, sin_Sh)
+        ctx.shape = qkv_BS3Hd.shape
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        grad = cos.new_empty(ctx.shape) if grad_v is None else grad_v.new_empty(ctx.shape)
+        dst = grad.permute(2, 0, 3, 1, 4)  # [3, B, H, S, hd] view of grad
+        half = ctx.shape[-1] // 2
+        for i, g in enumerate((grad_q, grad_k, grad_v)):
+            if g is None:
+                dst[i].zero_()
+            elif i == 2:
+                dst[2].copy_(g)
+            else:
+                _rotate_into(dst[i, ..., :half], dst[i, ..., half:], g[..., :half],
+                             g[..., half:], cos, sin, -1.0)
+        return grad, None, None
 
 
 class SelfAttention(nn.Module):
@@ -99,9 +156,10 @@ class SelfAttention(nn.Module):
     def forward(self, x_BSD: Tensor) -> Tensor:
         b, s, d = x_BSD.shape
         qkv = self.qkv(x_BSD).view(b, s, 3, self.n_heads, d // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, hd]
-        if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+        if self.rope is not None:  # each [B, H, S, hd]
+            q, k, v = _SplitHeadsRope.apply(qkv, *self.rope.tables(s, qkv.dtype))
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
