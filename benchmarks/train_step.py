@@ -152,11 +152,13 @@ def _batch(s: Shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def moelab_step(model: torch.nn.Module, opt, inp: torch.Tensor, target: torch.Tensor):
     """One moelab training step closure (``opt``: an optimizer or an Excitation wrapper)."""
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         out = model(inp)
-        loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
-                               target.reshape(-1))
-        (loss + out.aux_loss).backward()
+        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
+                               target.reshape(-1)) + out.aux_loss
+
+    def step() -> None:
+        loss().backward()  # the logits are freed before the optimizer step, as in HF's arm
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -196,3 +196,28 @@ def test_aux_loss_is_trained_on(tmp_path):
     assert all(e["aux_loss"] >= 2.0 - 1e-6 for e in runs["1.0"])
     assert runs["0.0"][0]["loss"] == runs["1.0"][0]["loss"]  # same init and batch
     assert runs["0.0"][2]["loss"] != runs["1.0"][2]["loss"]  # the balance loss moved weights
+
+
+def test_logits_are_freed_before_the_next_forward_and_the_optimizer_step(tmp_path):
+    """With gradient accumulation, no micro-batch's logits ([B, S, V], the largest activation
+    with a big vocabulary) are alive during the next forward or the optimizer step."""
+    import weakref
+
+    tr = Trainer(tiny("train.grad_accum=3", "train.steps=2"), tmp_path / "run", quiet=True)
+    alive: list[weakref.ref] = []
+    seen: list[int] = []
+
+    def record(module, args, out):
+        seen.append(sum(r() is not None for r in alive))
+        alive.append(weakref.ref(out.logits))
+
+    tr.model.register_forward_hook(record)
+    step = tr.optimizer.step
+
+    def checked_step(*args, **kwargs):
+        seen.append(sum(r() is not None for r in alive))
+        return step(*args, **kwargs)
+
+    tr.optimizer.step = checked_step
+    tr.train_step()
+    assert len(alive) == 3 and seen == [0, 0, 0, 0], seen

@@ -336,6 +336,9 @@ class Trainer:
             loss_sum += loss.detach()
             aux_sum += out.aux_loss.detach()
             items += y.numel()
+            # free the logits ([B, S, V]) now, not after the next micro-batch's forward and
+            # the optimizer step: with a large vocabulary they are the biggest activation
+            del out, loss
         if self.ctx is not None:
             mdist.sync_expert_grads(self._expert_params, self.ctx)
             sums = torch.stack([loss_sum, aux_sum])
