@@ -193,6 +193,25 @@ def test_capacity_prefers_first_choices():
     assert plan.kept_counts.tolist() == [2, 2] and plan.routed_counts.tolist() == [3, 3]
 
 
+def test_routing_stats_are_computed_only_when_read(monkeypatch):
+    layer = make_layer(n_experts=4, top_k=2, d_ff=8)
+    calls = []
+    compute = layer._stats
+    monkeypatch.setattr(layer, "_stats", lambda *a: calls.append(1) or compute(*a))
+    xs = [torch.randn(6, 8), torch.randn(9, 8), torch.randn(5, 8)]
+    assert layer.last_stats is None
+    for x in xs:
+        layer(x)
+    assert calls == []  # three training forwards, no statistics computed
+    stats = layer.last_stats
+    assert layer.last_stats is stats and calls == [1]  # computed once, then cached
+    fresh = make_layer(n_experts=4, top_k=2, d_ff=8)
+    fresh(xs[-1])  # the statistics are the last forward's
+    assert stats.n_tokens == 5 and torch.equal(stats.mean_prob, fresh.last_stats.mean_prob)
+    layer(xs[0])
+    assert layer.last_stats.n_tokens == 6 and calls == [1, 1]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_routing_stats_recorded_and_detached(backend):
     layer = make_layer(n_experts=4, top_k=2, d_ff=8, dispatch=backend)

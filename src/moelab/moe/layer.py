@@ -123,7 +123,10 @@ class MoELayer(nn.Module):
         self.experts = experts if experts is not None else Experts(
             cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.activation, cfg.dispatch)
         self.method = method
-        self.last_stats: RoutingStats | None = None
+        # what the last first-pass forward left for ``last_stats`` (computed on first access:
+        # training steps that log nothing never pay for the statistics)
+        self._stats_inputs: tuple | None = None
+        self._last_stats: RoutingStats | None = None
         #: Record each expert's mean output norm in ``last_stats`` (costs one norm per row).
         self.track_out_norm = False
         #: Data parallelism: sums a tensor over the ranks (``moelab.distributed`` sets it; None
@@ -168,8 +171,18 @@ class MoELayer(nn.Module):
         if self.method is not None:
             y_TD = self.method(y_TD, routing, sums)
         if first_pass:
-            self.last_stats = self._stats(routing, plan, experts_out.out_norm_sums_E)
+            self._stats_inputs = (routing.probs.detach(), plan.routed_counts, plan.kept_counts,
+                                  plan.n_dropped, experts_out.out_norm_sums_E)
+            self._last_stats = None
         return MoEOutput(y_TD.view(x.shape), self._losses(routing, global_counts))
+
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """The RoutingStats of the last forward (None before the first), computed when first
+        read after that forward."""
+        if self._last_stats is None and self._stats_inputs is not None:
+            self._last_stats = self._stats(*self._stats_inputs)
+        return self._last_stats
 
     @torch.no_grad()
     def _reduce_stats(self, plan: DispatchPlan, n_tokens: int, sums: ExpertSums | None
@@ -198,22 +211,20 @@ class MoELayer(nn.Module):
         return MoELosses(balance, z_loss, cfg.aux_loss_coef * balance + cfg.z_loss_coef * z_loss)
 
     @torch.no_grad()
-    def _stats(self, routing: Routing, plan: DispatchPlan,
-               out_norm_sums_E: Tensor | None) -> RoutingStats:
-        probs_TE = routing.probs.detach()
+    def _stats(self, probs_TE: Tensor, routed_counts_E: Tensor, kept_counts_E: Tensor,
+               n_dropped: int, out_norm_sums_E: Tensor | None) -> RoutingStats:
         n_tokens = probs_TE.shape[0]
         entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
         out_norm = None
         if out_norm_sums_E is not None:
-            kept_E = plan.kept_counts
-            out_norm = torch.where(kept_E > 0, out_norm_sums_E / kept_E.clamp_min(1),
-                                   float("nan"))
+            out_norm = torch.where(kept_counts_E > 0,
+                                   out_norm_sums_E / kept_counts_E.clamp_min(1), float("nan"))
         total = n_tokens * self.cfg.top_k
         return RoutingStats(
-            tokens_per_expert=plan.routed_counts.float(),
+            tokens_per_expert=routed_counts_E.float(),
             mean_prob=probs_TE.mean(0),
             entropy=entropy,
-            dropped_frac=torch.tensor(plan.n_dropped / total),
+            dropped_frac=torch.tensor(n_dropped / total),
             n_tokens=n_tokens,
             expert_out_norm=out_norm,
         )
