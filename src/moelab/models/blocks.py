@@ -102,23 +102,22 @@ class _SplitHeadsRope(torch.autograd.Function):
     """qkv [B, S, 3, H, hd] -> q, k, v each contiguous [B, H, S, hd], RoPE applied to q and k.
 
     The same values (bit for bit) as permuting, unbinding and calling ``Rotary.forward`` on q
-    and k, with fewer passes over memory: one layout copy, then the rotation written straight
-    into the output halves (no concatenation); backward mirrors it. Writing the rotation
-    through the strided [B, S, 3, H, hd] layout was slower (measured), so both directions
-    compute in the contiguous head-major layout and copy once.
+    and k, with fewer passes over memory: one layout copy (v is a slice of it), then the
+    rotation written straight into the output halves (no concatenation); backward mirrors
+    it. Writing the rotation through the strided [B, S, 3, H, hd] layout was slower
+    (measured), so both directions rotate in the contiguous head-major layout and copy once.
     """
 
     @staticmethod
     def forward(ctx, qkv_BS3Hd: Tensor, cos_Sh: Tensor, sin_Sh: Tensor):
         half = qkv_BS3Hd.shape[-1] // 2
-        src = qkv_BS3Hd.permute(2, 0, 3, 1, 4).contiguous()  # [3, B, H, S, hd]
-        out = torch.empty_like(src)
-        out[2].copy_(src[2])
-        _rotate_into(out[:2, ..., :half], out[:2, ..., half:], src[:2, ..., :half],
-                     src[:2, ..., half:], cos_Sh, sin_Sh, 1.0)
+        src = qkv_BS3Hd.permute(2, 0, 3, 1, 4).contiguous()  # [3, B, H, S, hd]; src[2] is v
+        qk = src.new_empty(src[:2].shape)
+        _rotate_into(qk[..., :half], qk[..., half:], src[:2, ..., :half], src[:2, ..., half:],
+                     cos_Sh, sin_Sh, 1.0)
         ctx.save_for_backward(cos_Sh, sin_Sh)
         ctx.shape = qkv_BS3Hd.shape
-        return out[0], out[1], out[2]
+        return qk[0], qk[1], src[2]
 
     @staticmethod
     @once_differentiable
@@ -126,16 +125,24 @@ class _SplitHeadsRope(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         b, s, _, h, hd = ctx.shape
         half = hd // 2
-        grad = cos.new_empty(3, b, h, s, hd)  # head-major, permuted back at the end
-        for i, g in enumerate((grad_q, grad_k, grad_v)):
-            if g is None:
-                grad[i].zero_()
-            elif i == 2:
-                grad[2].copy_(g)
-            else:
-                _rotate_into(grad[i, ..., :half], grad[i, ..., half:], g[..., :half],
-                             g[..., half:], cos, sin, -1.0)
-        return grad.permute(1, 3, 0, 2, 4).contiguous(), None, None
+        grad = cos.new_empty(ctx.shape)  # [B, S, 3, H, hd]
+        dst = grad.permute(2, 0, 3, 1, 4)  # its [3, B, H, S, hd] view
+        if grad_q is None and grad_k is None:
+            dst[:2].zero_()
+        else:
+            rotated = cos.new_empty(2, b, h, s, hd)  # computed contiguous, copied once
+            for i, g in enumerate((grad_q, grad_k)):
+                if g is None:
+                    rotated[i].zero_()
+                else:
+                    _rotate_into(rotated[i, ..., :half], rotated[i, ..., half:],
+                                 g[..., :half], g[..., half:], cos, sin, -1.0)
+            dst[:2].copy_(rotated)
+        if grad_v is None:
+            dst[2].zero_()
+        else:
+            dst[2].copy_(grad_v)
+        return grad, None, None
 
 
 class SelfAttention(nn.Module):
