@@ -241,7 +241,9 @@ def plot_interaction(plt, exp: Experiment, res: Mapping[str, Any], out: Path) ->
     pairs = list(itertools.combinations(exp.factors, 2))
     if len(means) < 2 ** len(exp.factors):
         return None
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
+    # one shared y axis: the panels' slopes and gaps compare directly
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False,
+                             sharey=True)
     for ax, (fa, fb) in zip(axes[0], pairs, strict=True):
         for b_on in (False, True):
             ys = []
@@ -250,7 +252,8 @@ def plot_interaction(plt, exp: Experiment, res: Mapping[str, Any], out: Path) ->
                 ys.append(float(np.mean(cells)))
             ax.plot([0, 1], ys, marker="o", label=f"{fb} {'on' if b_on else 'off'}")
         ax.set_xticks([0, 1], [f"{fa} off", f"{fa} on"])
-        ax.set(title=f"{fa} × {fb}", ylabel=exp.metric.label)
+        ax.set(title=f"{fa} × {fb}")
+    axes[0][0].set_ylabel(exp.metric.label)
     fig.suptitle(f"{exp.name}: interaction plot (means over seeds and the other factor)")
     return _finish(fig, axes[0], out / "interaction.png")
 
