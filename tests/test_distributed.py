@@ -7,6 +7,7 @@ failed assertion in any rank fails the test through ``torch.multiprocessing.spaw
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import re
 import shutil
@@ -40,8 +41,20 @@ def _entry(rank: int, world: int, init_file: str, fn, args: tuple) -> None:
                             world_size=world)
     try:
         fn(rank, world, *args)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise  # spawn hands the traceback to the test
+    # A rank sometimes died with SIGABRT ("terminate called without an active exception")
+    # after its work had passed: gloo's C++ threads still releasing tensors while the
+    # interpreter shut down. So: free the cyclic garbage holding tensors (a Trainer lives in
+    # reference cycles), leave together, tear the group down (joining gloo's threads) while
+    # the interpreter is fully alive, and skip interpreter finalization.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(world: int, tmp_path: Path, fn, *args) -> None:

@@ -7,6 +7,7 @@ print one line ``moelab: error: ...`` to stderr and exit with status 2, without 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -414,6 +415,7 @@ def _close_process_group() -> None:
     an active exception") after the run had finished."""
     dist = sys.modules.get("torch.distributed")  # not imported: no group to close
     if dist is not None and dist.is_available() and dist.is_initialized():
+        gc.collect()  # a finished Trainer sits in reference cycles, still holding tensors
         dist.destroy_process_group()
 
 
