@@ -19,6 +19,7 @@ state are equal and excluded).
     python -m benchmarks.train_step --sweep             # step time vs d_model and vs E
     python -m benchmarks.train_step --methods           # moelab only: each method's overhead
     python -m benchmarks.train_step --quick             # tiny smoke run (numbers meaningless)
+    python -m benchmarks.train_step --profile 3 --sizes default   # moelab's top ops, 3 steps
 
 ``--methods`` times moelab's LM at each size with the methods off, each method alone (Default
 MoE, heavy-ball MomentumSMoE, Excitation positive_sum on the AdamW) and all three together,
@@ -251,6 +252,22 @@ def _print_methods(name: str, r: dict) -> None:
         print(line, flush=True)
 
 
+def profile_moelab(s: Shape, steps: int, seed: int, top: int = 15) -> str:
+    """The profiler's table of moelab's ``steps`` training steps at shape ``s`` (after two
+    warm-up steps): the ``top`` ops by self CPU time, with call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fns, _ = step_fns(s, seed)
+    step = fns["moelab"]
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top,
+                                     max_name_column_width=48)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["default", "medium", "wide"],
@@ -265,8 +282,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory profile")
     p.add_argument("--quick", action="store_true", help="one tiny size, 2 reps (smoke test)")
     p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--profile", type=int, metavar="STEPS", default=0,
+                   help="instead of timing: print the top ops of STEPS moelab steps per size")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.profile:
+        for name in args.sizes:
+            print(f"{name}: {args.profile} moelab steps, {args.threads} threads")
+            print(profile_moelab(SIZES[name], args.profile, args.seed), flush=True)
+        return {}
     if args.quick:
         shapes, args.reps = {"quick": SIZES["quick"]}, 2
     elif args.sweep:

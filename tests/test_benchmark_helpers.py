@@ -45,3 +45,15 @@ def test_train_step_models_compute_the_same_logits():
     with torch.no_grad():
         w.copy_(w.roll(w.shape[1] // 2, dims=1))
     assert not torch.allclose(theirs(ids).logits, ref, atol=1e-4)
+
+
+def test_train_step_profile_lists_the_step_ops():
+    """--profile profiles moelab's step: the expert loop's autograd functions and the matmuls
+    appear, with one forward call of the loop per MoE layer and step."""
+    pytest.importorskip("transformers")
+    from benchmarks.train_step import SIZES, profile_moelab
+
+    table = profile_moelab(SIZES["quick"], steps=2, seed=0, top=200)
+    assert "aten::mm" in table
+    loop = [line for line in table.splitlines() if line.strip().startswith("_ExpertLoop ")]
+    assert loop and loop[0].split()[-1] == str(2 * SIZES["quick"].layers)
