@@ -257,6 +257,22 @@ def test_plan_chunks_hand_computed():
     assert plan_chunks([2, 2], 1) == [(0, 2, 0, 1), (2, 4, 1, 2)]
 
 
+def test_add_sorted_per_expert_hand_computed():
+    """Rows contiguous by expert (counts 2, 0, 1): weighted sums added onto what is there,
+    the empty expert untouched; 16-bit rows accumulate in fp32."""
+    from moelab.moe.dispatch import add_sorted_per_expert_
+
+    rows = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    w = torch.tensor([0.5, 2.0, -1.0])
+    sums = torch.ones(3, 2)
+    add_sorted_per_expert_(sums, rows, [2, 0, 1], w)
+    want = torch.tensor([[1 + 0.5 + 6.0, 1 + 1.0 + 8.0], [1.0, 1.0], [1 - 5.0, 1 - 6.0]])
+    assert torch.equal(sums, want)
+    sums16 = torch.zeros(3, 2)
+    add_sorted_per_expert_(sums16, rows.bfloat16(), [2, 0, 1], w)
+    assert sums16.dtype == torch.float32 and torch.equal(sums16, want - 1)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 200, 1 << 20])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("d_ff", [

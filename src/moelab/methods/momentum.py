@@ -185,8 +185,10 @@ class HeavyBall(_MuGamma):
 
     def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
         (p,) = state
-        p = f + self._mu(layer_idx) * p
-        return self._gamma(layer_idx) * p, (p,)
+        mu, gamma = self._mu(layer_idx), self._gamma(layer_idx)
+        # fixed mu: one fused pass; gamma exactly 1 (the official LM value): no multiply
+        p = torch.add(f, p, alpha=mu) if isinstance(mu, float) else f + mu * p
+        return (p if isinstance(gamma, float) and gamma == 1.0 else gamma * p), (p,)
 
 
 class AdamSMoE(_MuGamma):

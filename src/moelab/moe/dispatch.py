@@ -157,6 +157,22 @@ def add_per_expert_(sums_E: Tensor, rows_N: Tensor, expert_ids_N: Tensor,
     return sums_E.index_add_(0, expert_ids_N, rows_N.to(sums_E.dtype))
 
 
+def add_sorted_per_expert_(sums_EX: Tensor, rows_NX: Tensor, counts_E: list[int],
+                           row_weight_N: Tensor) -> Tensor:
+    """In place: ``sums_EX[e] += sum_{n in expert e's rows} row_weight_N[n] * rows_NX[n]`` for
+    rows contiguous by expert (expert e owns the next ``counts_E[e]`` rows). One matrix-vector
+    product per expert: no weighted [N, X] copy and no scatter, unlike :func:`add_per_expert_`.
+    sums_EX: [E, X] fp32; rows_NX: [N, X]; row_weight_N: [N]. Returns sums_EX."""
+    if rows_NX.dtype != sums_EX.dtype:  # accumulate 16-bit rows in fp32, as add_per_expert_
+        rows_NX, row_weight_N = rows_NX.to(sums_EX.dtype), row_weight_N.to(sums_EX.dtype)
+    row = 0
+    for e, count in enumerate(counts_E):
+        if count:
+            sums_EX[e].addmv_(rows_NX[row:row + count].t(), row_weight_N[row:row + count])
+        row += count
+    return sums_EX
+
+
 def raw_output_norms(weighted_ND: Tensor, weights_N: Tensor) -> Tensor:
     """Each row's raw expert-output norm from its weighted output: ``|w_n * expert(x_n)| / w_n``
     ([N] fp32; w_n > 0, a softmax probability)."""

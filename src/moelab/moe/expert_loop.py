@@ -28,6 +28,7 @@ from moelab.moe.activations import activation_backward, activation_forward, row_
 from moelab.moe.dispatch import (
     _GROUPED_MM,
     add_per_expert_,
+    add_sorted_per_expert_,
     grouped_mm_supported,
     raw_output_norms,
 )
@@ -100,7 +101,8 @@ class _ExpertLoop(torch.autograd.Function):
             h = _chunk_matmul(x_rows, w_in[e0:e1], counts[e0:e1], offsets)
             act = activation_forward(h, activation)
             if want_sums:
-                add_per_expert_(act_sums, act, expert_ids[r0:r1], row_weight_N[r0:r1])
+                add_sorted_per_expert_(act_sums[e0:e1], act, counts[e0:e1],
+                                       row_weight_N[r0:r1])
             w_rows = weights_N[r0:r1, None]
             act.mul_(w_rows)
             out = _chunk_matmul(act, w_out[e0:e1], counts[e0:e1], offsets)
