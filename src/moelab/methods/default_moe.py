@@ -84,11 +84,7 @@ class DefaultMoE(LayerMethod):
         """One EMA step from ``sums`` (training forwards), then ``y_TD`` + the default term."""
         if sums is not None:
             self.update(sums.sums_ED, sums.weight_E)
-        probs_TE = routing.probs
-        if not self.cfg.straight_through and y_TD.dtype == probs_TE.dtype == torch.float32:
-            # the same sum as below, the add fused into the matmul (one [T, D] pass less)
-            return torch.addmm(y_TD, probs_TE.scatter(1, routing.topk_ids, 0.0), self.value())
-        return y_TD + self.term(probs_TE, routing.topk_ids, y_TD.dtype)
+        return self.add_term(y_TD, routing.probs, routing.topk_ids)
 
     @torch.no_grad()
     def update(self, sums_ED: Tensor, mass_E: Tensor) -> None:
@@ -112,15 +108,19 @@ class DefaultMoE(LayerMethod):
                            self.ema / correction.float().clamp_min(1e-12).unsqueeze(1),
                            self.ema)
 
-    def term(self, probs_TE: Tensor, topk_ids_TK: Tensor, dtype: torch.dtype) -> Tensor:
-        """``sum_{i not in TopK(t)} probs[t, i] * Ê_i`` as [T, D] in ``dtype``, computed as
-        (probs with the chosen entries zeroed) @ Ê — no [T, E, D] tensor."""
+    def add_term(self, y_TD: Tensor, probs_TE: Tensor, topk_ids_TK: Tensor) -> Tensor:
+        """``y_TD + sum_{i not in TopK(t)} probs[t, i] * Ê_i`` ([T, D], y's dtype), the sum
+        computed as (probs with the chosen entries zeroed) @ Ê — no [T, E, D] tensor. In fp32
+        the add is fused into the matmul (one [T, D] pass less). With ``straight_through`` the
+        term adds its router gradient but nothing to the value."""
         skipped_TE = probs_TE.scatter(1, topk_ids_TK, 0.0)
-        default_TD = (skipped_TE @ self.value().to(skipped_TE.dtype)).to(dtype)
+        ema_ED = self.value().to(skipped_TE.dtype)
+        if not self.cfg.straight_through and y_TD.dtype == skipped_TE.dtype == torch.float32:
+            return torch.addmm(y_TD, skipped_TE, ema_ED)
+        default_TD = (skipped_TE @ ema_ED).to(y_TD.dtype)
         if self.cfg.straight_through:
-            return default_TD - default_TD.detach()
-        return default_TD
-
+            default_TD = default_TD - default_TD.detach()
+        return y_TD + default_TD
 
 def default_moe_layer(layer_cfg: MoEConfig, cfg: DefaultMoEConfig | None = None) -> MoELayer:
     """``MoELayer(layer_cfg)`` with Default MoE plugged in (``cfg`` None: the defaults)."""

@@ -186,9 +186,11 @@ class HeavyBall(_MuGamma):
     def update(self, f: Tensor, state: State, layer_idx: int) -> tuple[Tensor, State]:
         (p,) = state
         mu, gamma = self._mu(layer_idx), self._gamma(layer_idx)
-        # fixed mu: one fused pass; gamma exactly 1 (the official LM value): no multiply
-        p = torch.add(f, p, alpha=mu) if isinstance(mu, float) else f + mu * p
-        return (p if isinstance(gamma, float) and gamma == 1.0 else gamma * p), (p,)
+        if self.learnable:  # mu, gamma: tensors in the graph
+            p = f + mu * p
+            return gamma * p, (p,)
+        p = torch.add(f, p, alpha=mu)  # one fused pass
+        return (p if gamma == 1.0 else gamma * p), (p,)  # gamma 1 (the official LM value)
 
 
 class AdamSMoE(_MuGamma):
