@@ -1,6 +1,7 @@
 """moelab.experiments: spec validation, dataset choice, runner skip/resume/failures,
 aggregation by hand, the quick profile end to end, and the CLI."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from moelab.cli import main
 from moelab.experiments import Arm, Claim, Experiment, Metric, Profile, register
 from moelab.experiments.registry import EXPERIMENTS
-from moelab.experiments.results import aggregate
+from moelab.experiments.results import aggregate, render_markdown
 from moelab.experiments.runner import (
     RunOutcome,
     RunSpec,
@@ -243,6 +244,37 @@ def test_aggregate_picks_lr_on_validation_and_reports_test(tmp_path):
     assert c["verdict"] == "inconclusive"  # 0.0833 - 0.1434 < 0
     sel = {x["lr"]: x["mean"] for x in arms["base"]["lr_selection"]}
     assert sel == {0.1: pytest.approx(0.7), 0.3: pytest.approx(0.5)}
+
+
+def test_claims_get_benjamini_hochberg_p_over_the_table(tmp_path):
+    ns = ("optim.excitation.strategy=\"negative_sum\"",)
+    exp = dataclasses.replace(
+        tiny_experiment(name="t-agg", arms=(Arm("base"), Arm("zs", ZS), Arm("ns", ns))),
+        claims=(Claim("zs", "base", "higher"), Claim("ns", "base", "higher")))
+    runs = []
+    for seed, (b, z, n) in enumerate([(0.50, 0.60, 0.50), (0.60, 0.72, 0.58),
+                                      (0.70, 0.79, 0.73)]):
+        runs += [_fake_run(tmp_path, "base", seed, 0.1, 0.5, b),
+                 _fake_run(tmp_path, "zs", seed, 0.1, 0.5, z),
+                 _fake_run(tmp_path, "ns", seed, 0.1, 0.5, n)]
+    res = aggregate(exp, runs)
+    p = [c["p_value"] for c in res["claims"]]
+    lo, hi = sorted(p)
+    # two p-values: the larger is kept, the smaller becomes min(2 * p, larger)
+    adj = {lo: min(2 * lo, hi), hi: hi}
+    assert [c["p_bh"] for c in res["claims"]] == pytest.approx([adj[x] for x in p])
+    assert [c["verdict"] for c in res["claims"]] == ["supported", "inconclusive"]  # unchanged
+    meta = {"profile": "quick", "seeds": 3, "command": "moelab reproduce t-agg", "torch": "x",
+            "python": "x", "moelab": "x", "machine": "x", "finished": "x",
+            "invocation_experiments": ["t-agg"], "runs_wall_s": 1.0, "jobs": 1,
+            "aggregate_wall_s": 0.0, "invocation_wall_s": 1.0, "n_run": 9, "n_skipped": 0}
+    md = render_markdown(exp, res, meta)
+    assert "| p | p (BH) | n | verdict |" in md and "Benjamini-Hochberg, over the 2 p-values" in md
+    # one claim: nothing to adjust, no column
+    one = {**res, "claims": res["claims"][:1]}
+    one["claims"][0] = {**one["claims"][0], "p_bh": one["claims"][0]["p_value"]}
+    md1 = render_markdown(exp, one, meta)
+    assert "p (BH)" not in md1 and "| p | n | verdict |" in md1
 
 
 def test_aggregate_per_layer_claim_needs_every_layer(tmp_path):

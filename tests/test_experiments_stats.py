@@ -6,6 +6,7 @@ import pytest
 
 from moelab.experiments.stats import (
     PairedDiff,
+    bh_adjust,
     combine_verdicts,
     escape_fraction,
     paired_difference,
@@ -96,3 +97,15 @@ def test_escape_fraction_counts_failures_as_trapped():
     frac, n = escape_fraction([0.1, 0.25, None, 0.21, 0.2], chance=0.1)
     assert (frac, n) == (2 / 5, 5)  # 0.2 is not > 0.2
     assert math.isnan(escape_fraction([], 0.1)[0])
+
+
+def test_bh_adjust_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.5 (m = 4): p * m / rank = 0.04, 0.06, 0.0533, 0.5; then the
+    # running minimum from the largest rank down: 0.04, 0.0533, 0.0533, 0.5
+    adj = bh_adjust([0.01, 0.04, 0.03, 0.5])
+    assert adj == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.5])
+    # missing p-values stay NaN and do not count in m (m = 2 here: 0.02, 0.04)
+    adj = bh_adjust([None, 0.01, math.nan, 0.04])
+    assert math.isnan(adj[0]) and math.isnan(adj[2])
+    assert adj[1] == pytest.approx(0.02) and adj[3] == pytest.approx(0.04)
+    assert bh_adjust([]) == [] and bh_adjust([0.3]) == pytest.approx([0.3])

@@ -21,7 +21,9 @@ from moelab.experiments.spec import (
     final_record,
 )
 from moelab.experiments.stats import (
+    MULTIPLICITY_NOTE,
     VERDICT_RULE,
+    bh_adjust,
     combine_verdicts,
     escape_fraction,
     factorial_effects,
@@ -202,6 +204,18 @@ def _compare(a: dict[int, Any], b: dict[int, Any], m: Metric, direction: str) ->
     return {"per_layer": layers, "verdict": combine_verdicts([x["verdict"] for x in layers])}
 
 
+def _p_rows(claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the claims table that carry a p-value: each claim, or each of its layers."""
+    return [x for c in claims for x in (c["per_layer"] if "per_layer" in c else [c])]
+
+
+def _add_bh(claims: list[dict[str, Any]]) -> None:
+    """Adds ``p_bh`` (Benjamini-Hochberg over every p-value of the claims table) to each row."""
+    rows = _p_rows(claims)
+    for x, a in zip(rows, bh_adjust([x.get("p_value") for x in rows]), strict=True):
+        x["p_bh"] = a
+
+
 def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
               sources: Mapping[str, tuple[Experiment, Sequence[RunOutcome]]] | None = None
               ) -> dict[str, Any]:
@@ -250,6 +264,7 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
         claims.append({"text": c.text or f"{c.arm} {c.direction} than {c.baseline}",
                        "arm": ka, "baseline": kb, "metric": m.name, "direction": c.direction,
                        **cmp})
+    _add_bh(claims)
     failed = [{"run": o.spec.label, "run_dir": o.spec.run_dir, "error": o.error}
               for o in all_outcomes if o.status == "failed"]
     extra = {"factorial": _factorial(exp, arms)} if exp.factors else {}
@@ -346,23 +361,32 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
             L.append("")
     if not exp.sources:
         L += _render_extra(exp, res)
-    L += ["## Claims", "", "| claim | metric | Δ (arm − baseline) | 95% CI | p | n | verdict |",
-          "|---|---|---|---|---|---|---|"]
+    n_p = sum(1 for x in _p_rows(res["claims"])
+              if x.get("p_bh") is not None and math.isfinite(x["p_bh"]))
+    bh = n_p > 1  # one p-value needs no adjustment
+
+    def p_cells(x: Mapping[str, Any], p: str) -> str:
+        return f"{p} | {_f(x.get('p_bh'), '.3g')}" if bh else p
+
+    L += ["## Claims", "", "| claim | metric | Δ (arm − baseline) | 95% CI | p | "
+          + ("p (BH) | " if bh else "") + "n | verdict |", "|" + "---|" * (8 if bh else 7)]
     for c in res["claims"]:
         pct = _is_pct(c["metric"])
         if "per_layer" in c:
             for x in c["per_layer"]:
                 mean, ci, p = _diff(x, pct)
                 L.append(f"| {c['text']} (layer {x['layer']}) | {c['metric']} | {mean} | {ci} | "
-                         f"{p} | {x['n']} | {x['verdict']} |")
-            L.append(f"| **{c['text']}** (all layers) | {c['metric']} | | | | | "
-                     f"**{c['verdict']}** |")
+                         f"{p_cells(x, p)} | {x['n']} | {x['verdict']} |")
+            L.append(f"| **{c['text']}** (all layers) | {c['metric']} | | | | "
+                     + ("| " if bh else "") + f"| **{c['verdict']}** |")
         else:
             mean, ci, p = _diff(c, pct)
-            L.append(f"| {c['text']} | {c['metric']} | {mean} | {ci} | {p} | {c['n']} | "
-                     f"**{c['verdict']}** |")
+            L.append(f"| {c['text']} | {c['metric']} | {mean} | {ci} | {p_cells(c, p)} | "
+                     f"{c['n']} | **{c['verdict']}** |")
     L += ["", VERDICT_RULE + (" Accuracy differences are in percentage points."
                               if any(_is_pct(c["metric"]) for c in res["claims"]) else ""), ""]
+    if bh:
+        L += [MULTIPLICITY_NOTE.format(n=n_p), ""]
     sel = [a for a in res["arms"] if a["lr_selection"]]
     if sel:
         L += ["## Learning-rate selection (validation)", "",

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["DIRECTIONS", "VERDICT_RULE", "ArmSummary", "Effect", "PairedDiff",
-           "combine_verdicts", "escape_fraction", "factorial_effects", "paired_difference",
-           "pick_lr", "steps_to_target", "summarize", "verdict"]
+__all__ = ["DIRECTIONS", "MULTIPLICITY_NOTE", "VERDICT_RULE", "ArmSummary", "Effect",
+           "PairedDiff", "bh_adjust", "combine_verdicts", "escape_fraction", "factorial_effects",
+           "paired_difference", "pick_lr", "steps_to_target", "summarize", "verdict"]
 
 DIRECTIONS = ("higher", "lower")
 
@@ -30,6 +30,12 @@ VERDICT_RULE = (
     "interval excludes 0 on the claimed side; *contradicted*: it excludes 0 on the other side; "
     "*inconclusive*: it contains 0 (or fewer than 2 paired seeds). A claim over several "
     "quantities (e.g. every depth) is supported only if each one is, contradicted if any one is.")
+
+MULTIPLICITY_NOTE = (
+    "p (BH): the p-values of this table adjusted together for the false-discovery rate "
+    "(Benjamini-Hochberg, over the {n} p-values in it). With many claims some "
+    "per-claim verdicts are expected by chance; the adjusted p says which survive. It does "
+    "not change the verdicts, which follow the rule above.")
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,18 @@ def paired_difference(arm: Mapping[int, float | None], baseline: Mapping[int, fl
     half = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     p = float(_st.ttest_1samp(d, 0.0).pvalue)
     return PairedDiff(mean, mean - half, mean + half, p, n, confidence)
+
+
+def bh_adjust(p_values: Sequence[float | None]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (``scipy.stats.false_discovery_control``) over
+    the finite entries, in input order; None / NaN entries stay NaN and are not counted."""
+    idx = [i for i, p in enumerate(p_values) if p is not None and math.isfinite(float(p))]
+    out = [math.nan] * len(p_values)
+    if idx:
+        adj = _st.false_discovery_control([float(p_values[i]) for i in idx], method="bh")
+        for i, a in zip(idx, adj, strict=True):
+            out[i] = float(a)
+    return out
 
 
 def verdict(diff: PairedDiff, direction: str) -> str:
