@@ -122,6 +122,7 @@ class DefaultMoE(LayerMethod):
             default_TD = default_TD - default_TD.detach()
         return y_TD + default_TD
 
+
 def default_moe_layer(layer_cfg: MoEConfig, cfg: DefaultMoEConfig | None = None) -> MoELayer:
     """``MoELayer(layer_cfg)`` with Default MoE plugged in (``cfg`` None: the defaults)."""
     return MoELayer(layer_cfg, method=DefaultMoE(layer_cfg, cfg or DefaultMoEConfig()))
