@@ -57,3 +57,38 @@ def test_train_step_profile_lists_the_step_ops():
     assert "aten::mm" in table
     loop = [line for line in table.splitlines() if line.strip().startswith("_ExpertLoop ")]
     assert loop and loop[0].split()[-1] == str(2 * SIZES["quick"].layers)
+
+
+def test_compare_revisions_reads_every_number():
+    from benchmarks.compare_revisions import numbers, printed_json
+
+    value = {"a": 1, "b": {"c": 2.5, "ok": True, "name": "x"}, "rows": [{"ms": 3}, 4]}
+    assert dict(numbers(value)) == {"a": 1.0, "b.c": 2.5, "rows[0].ms": 3.0, "rows[1]": 4.0}
+    out = '# header\n{"ms": 1}\nnot json {\n{"ms": 2, "n": [1]}\n{broken\n'
+    assert printed_json(out) == [{"ms": 1}, {"ms": 2, "n": [1]}]
+
+
+def test_compare_revisions_runs_a_command_at_two_revisions(tmp_path):
+    """HEAD against this checkout: both run the command in their own tree, interleaved."""
+    import shutil
+    import subprocess
+
+    from benchmarks.compare_revisions import ROOT, compare
+
+    if shutil.which("git") is None or subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("needs a git checkout")
+    import sys
+
+    # 'own': moelab was imported from the checkout the command runs in
+    code = ("import json, moelab, pathlib, sys; here = str(pathlib.Path.cwd().resolve()); "
+            "own = str(pathlib.Path(moelab.__file__).resolve()).startswith(here); "
+            "json.dump({'own': int(own), 'v': 2}, open(sys.argv[1], 'w'))")
+    res = compare(("HEAD", "WORKTREE"), [sys.executable, "-c", code, "{out}"], rounds=2)
+    assert res["rows"]["v"] == {"before": 2.0, "after": 2.0, "ratio": 1.0}
+    assert res["rows"]["own"] == {"before": 1.0, "after": 1.0, "ratio": 1.0}
+    assert len(res["samples"]["HEAD"]) == len(res["samples"]["WORKTREE"]) == 2
+    assert res["rows"]["wall_s"]["before"] > 0
+    assert not [w for w in subprocess.run(["git", "-C", str(ROOT), "worktree", "list"],
+                                          capture_output=True, text=True).stdout.splitlines()
+                if "moelab-compare-" in w]

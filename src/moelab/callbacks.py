@@ -1,0 +1,359 @@
+"""The lifecycle of a run as parts the Trainer calls at named points (OLMo-core's callbacks).
+
+The loop in ``moelab.train`` knows only the hooks; each concern is one :class:`Callback`:
+
+    StopSignals      SIGINT / SIGTERM: finish the step, checkpoint, stop (agreed over ranks)
+    RunDirectory     the run directory's lock, and its files at the start (config, command)
+    MetricsLog       the header line, progress, the train-log window, loggers (metrics.jsonl,
+                     TensorBoard, W&B): every train / eval / final record
+    PeriodicEval     validation every ``train.eval_every`` steps
+    Checkpointer     ``ckpt.pt`` every ``train.checkpoint_every`` steps and when the loop ends
+
+Hooks, in the order a ``fit()`` call reaches them (every callback's hook runs, in list order):
+
+    pre_train(trainer)              fit() starts (before its first step)
+    post_step(trainer, result)      after each optimizer step (``result``: see ``Trainer``)
+    post_eval(trainer, ev, final)   after an evaluation (final: the end-of-run one)
+    post_loop(trainer)              the steps of this call are done (finished or stopped)
+    post_final(trainer, summary)    the final summary of a finished run
+    post_train(trainer, failed)     fit() ends, however it ends (also after an exception)
+
+A new concern (a profiler, a speed monitor, garbage collection) is a new Callback in the
+Trainer's ``callbacks`` list; the loop does not change.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from moelab import checkpoint as ckpt
+from moelab import loggers as mlog
+from moelab import rundir
+from moelab.evaluation import excitation_summary
+from moelab.guard import NonFiniteError
+from moelab.interrupt import StopOnSignal
+from moelab.progress import StepProgress, auto_every
+from moelab.runlock import RunDirLockedError, RunLock
+
+if TYPE_CHECKING:
+    from moelab.train import Trainer
+
+__all__ = ["Callback", "Callbacks", "Checkpointer", "MetricsLog", "PeriodicEval",
+           "RunDirectory", "StopSignals"]
+
+
+class Callback:
+    """One part of a run's lifecycle; every hook is a no-op here (see the module docstring)."""
+
+    def pre_train(self, trainer: Trainer) -> None:
+        pass
+
+    def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        pass
+
+    def post_eval(self, trainer: Trainer, ev: dict[str, Any], final: bool) -> None:
+        pass
+
+    def post_loop(self, trainer: Trainer) -> None:
+        pass
+
+    def post_final(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        pass
+
+    def post_train(self, trainer: Trainer, failed: bool) -> None:
+        pass
+
+
+class Callbacks(list):
+    """The Trainer's callbacks, in call order."""
+
+    def call(self, hook: str, *args: Any) -> None:
+        """Run ``hook`` of every callback in order. For ``post_train`` every callback runs
+        even if an earlier one raised (the first error is re-raised at the end)."""
+        error: BaseException | None = None
+        for cb in self:
+            try:
+                getattr(cb, hook)(*args)
+            except BaseException as e:
+                if hook != "post_train":
+                    raise
+                error = error or e
+        if error is not None:
+            raise error
+
+
+def _any_rank(trainer: Trainer, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (itself on one process)."""
+    if trainer.ctx is None:
+        return flag
+    t = torch.tensor([float(flag)], device=trainer.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t) > 0
+
+
+class StopSignals(Callback):
+    """The first SIGINT / SIGTERM during ``fit()`` asks the run to stop: the step in progress
+    finishes, a checkpoint is written and ``fit()`` returns; a second one aborts at once
+    (``moelab.interrupt``). Sets ``trainer.stop_signal`` ("SIGINT" / "SIGTERM"); under torchrun
+    a signal on any rank stops every rank after the same step."""
+
+    def __init__(self) -> None:
+        self._stop: StopOnSignal | None = None
+
+    def pre_train(self, trainer: Trainer) -> None:
+        self._stop = StopOnSignal().__enter__()
+
+    def requested(self, trainer: Trainer) -> bool:
+        """Whether a stop was asked (on any rank); records it in ``trainer.stop_signal``."""
+        name = self._stop.requested if self._stop is not None else None
+        if _any_rank(trainer, name is not None) and name is None:
+            name = "SIGTERM"  # another rank's signal
+        if name is not None and trainer.stop_signal is None:
+            trainer.stop_signal = name
+        return name is not None
+
+    def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        self.requested(trainer)
+
+    def post_loop(self, trainer: Trainer) -> None:
+        if self._stop is not None:  # what the next signal interrupts now
+            self._stop.message = ("stopping the final evaluation (ckpt.pt holds the last "
+                                  "step; a resume redoes just the evaluation)")
+
+    def post_train(self, trainer: Trainer, failed: bool) -> None:
+        if self._stop is not None:
+            self._stop.__exit__()
+            self._stop = None
+
+
+class RunDirectory(Callback):
+    """The run directory: locked (``moelab.runlock``) from :meth:`acquire` (at the latest
+    ``pre_train``) to the end of ``fit()``; at the first ``pre_train`` of a new run it is checked
+    to be fresh and gets ``config.toml`` and an empty ``metrics.jsonl``; a resumed or
+    restarted run has its metrics cut back to the checkpoint's step. Each start appends its
+    command to ``command.txt``. Rank 0 writes; every rank checks."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.lock = RunLock(run_dir)
+        self.started = False  # a later fit() continues the same run
+        self._acquired = False
+
+    def acquire(self, trainer: Trainer) -> None:
+        """Rank 0 locks the run directory (RunDirLockedError if another process holds it);
+        under torchrun every rank learns the outcome. A no-op while held."""
+        if self._acquired:
+            return
+        error = None
+        if trainer.is_main:
+            try:
+                self.lock.acquire()
+            except FileExistsError as e:
+                error = str(e)
+        if trainer.ctx is not None:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise RunDirLockedError(error)
+        self._acquired = True
+        if self.lock.stale:
+            print(f"moelab: note: {trainer.run_dir} was left locked by a process that ended "
+                  f"without unlocking ({self.lock.stale}); taking it over", file=sys.stderr)
+
+    def release(self) -> None:
+        self.lock.release()
+        self._acquired = False
+
+    def pre_train(self, trainer: Trainer) -> None:
+        self.acquire(trainer)
+        if not self.started:
+            self.start(trainer)
+
+    def start(self, trainer: Trainer) -> None:
+        """Check the run directory and write its start files (see the class docstring)."""
+        d = trainer.run_dir
+        continuing = trainer.resumed or trainer.restarted
+        if not continuing:
+            rundir.check_fresh_run_dir(d)  # on every rank, before rank 0 writes anything
+        if trainer.ctx is not None:
+            dist.barrier()
+        if trainer.is_main:
+            if continuing:
+                rundir.truncate_metrics(d, trainer.step)
+            else:
+                rundir.start_run_dir(d, trainer.cfg)
+            command = trainer.command
+            if trainer.ctx is not None and command and command[0] != "torchrun":
+                command = ["torchrun", "--nproc_per_node", str(trainer.world_size), *command]
+            rundir.append_command(d, command)
+        if trainer.ctx is not None:
+            dist.barrier()
+        self.started = True
+
+    def post_train(self, trainer: Trainer, failed: bool) -> None:
+        self.release()
+
+
+def new_window() -> dict[str, float]:
+    """An empty train-log window: sums over the steps since the last train record."""
+    return {"loss": 0.0, "aux": 0.0, "steps": 0, "items": 0, "time": 0.0}
+
+
+class MetricsLog(Callback):
+    """Everything a run reports while it trains: the header line and progress (stderr; none
+    when ``trainer.quiet``), and on rank 0 the records of ``metrics.jsonl`` and the trackers
+    (``moelab.loggers``): a ``train`` record every ``train.log_every`` steps (means over the
+    window since the previous one; skipped steps count only in its time), an ``eval`` record
+    per evaluation, the ``final`` summary. ``window`` is checkpointed, so a resumed run's first
+    record covers the same steps as an uninterrupted one's."""
+
+    def __init__(self) -> None:
+        self.window = new_window()
+        self._loggers: mlog.LoggerGroup | None = None  # open during fit(), on rank 0
+        self._progress: StepProgress | None = None
+        self._fits = 0  # fit() calls so far: a later one continues the trackers' runs
+
+    def log(self, trainer: Trainer, entry: dict[str, Any]) -> None:
+        if trainer.is_main and self._loggers is not None:
+            self._loggers.log(entry)
+
+    def pre_train(self, trainer: Trainer) -> None:
+        tcfg = trainer.cfg.train
+        if trainer.is_main and self._loggers is None:  # closed at the end of each fit()
+            continuing = self._fits > 0 or trainer.resumed or trainer.restarted
+            self._loggers = mlog.open_loggers(trainer.cfg, trainer.run_dir, trainer.model,
+                                              quiet=trainer.quiet,
+                                              resume_step=trainer.step if continuing else None)
+        self._fits += 1
+        trainer.say(self._header(trainer))
+        self._progress = StepProgress(
+            tcfg.steps, trainer.step, trainer.data.unit, enabled=not trainer.quiet,
+            every=tcfg.progress_every or auto_every(tcfg.steps, tcfg.log_every))
+
+    @staticmethod
+    def _header(trainer: Trainer) -> str:
+        tcfg = trainer.cfg.train
+        where = (f"{trainer.device} (train.device=auto)" if tcfg.device == "auto"
+                 else str(trainer.device))
+        if trainer.resumed:
+            return (f"moelab: resuming {trainer.run_dir} at step {trainer.step}/{tcfg.steps} "
+                    f"on {where}")
+        again = " (again: it stopped before its first checkpoint)" if trainer.restarted else ""
+        return (f"moelab: run {trainer.run_dir}{again} | {trainer.cfg.model.kind} model, "
+                f"{trainer.n_params / 1e6:.2f}M params | data: {trainer.cfg.data.dataset} | "
+                f"{tcfg.steps} steps on {where}")
+
+    def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        w = self.window
+        skipped = bool(result.get("skipped"))
+        if not skipped:
+            w["loss"] += result["loss"]
+            w["aux"] += result["aux_loss"]
+            w["steps"] += 1
+            w["items"] += result["items"]
+        w["time"] += result["time_s"]
+        if self._progress is not None:
+            self._progress.update(trainer.step, None if skipped else result["loss"],
+                                  result["items"])
+        if trainer.step % trainer.cfg.train.log_every == 0 or \
+                trainer.step == trainer.cfg.train.steps:
+            self._log_train(trainer, result)
+
+    def _log_train(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        w = self.window
+        n = w["steps"]
+        entry = {"kind": "train", "step": trainer.step,
+                 "loss": w["loss"] / n if n else float("nan"),
+                 "aux_loss": w["aux"] / n if n else float("nan"),
+                 "lr": result["lr"], "grad_norm": result["grad_norm"],
+                 f"{trainer.data.unit}_per_s": w["items"] / max(w["time"], 1e-9),
+                 "elapsed_s": trainer.train_time_s}
+        if trainer.guard.skipped:
+            entry["skipped_steps"] = trainer.guard.skipped  # NaN/inf steps skipped so far
+        self.log(trainer, entry)
+        self.window = new_window()
+
+    def post_eval(self, trainer: Trainer, ev: dict[str, Any], final: bool) -> None:
+        entry = {"kind": "eval", "step": trainer.step, "split": "val", **ev}
+        if final:
+            entry["final"] = True
+        exc = excitation_summary(trainer.excitation)
+        if exc is not None:
+            entry["excitation"] = exc
+        entry.update(mlog.method_summary(trainer.model))  # Default MoE EMA norms, learnable μ/γ
+        self.log(trainer, entry)
+        if not final and self._progress is not None:
+            key = "val_ppl" if trainer.data.is_lm else "val_acc"
+            shown = f"{ev[key]:.2f}" if trainer.data.is_lm else f"{ev[key]:.3f}"
+            self._progress.note(trainer.step, **{key: shown})
+
+    def post_loop(self, trainer: Trainer) -> None:
+        self._close_progress()
+
+    def post_final(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        self.log(trainer, summary)
+
+    def post_train(self, trainer: Trainer, failed: bool) -> None:
+        self._close_progress()
+        if self._loggers is not None:
+            self._loggers.close(failed)
+            self._loggers = None
+
+    def _close_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+
+class PeriodicEval(Callback):
+    """Validation on ``data.eval_batches`` batches every ``train.eval_every`` steps (not at the
+    last step: the final evaluation covers it); its result goes to every ``post_eval``."""
+
+    def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        every, step = trainer.cfg.train.eval_every, trainer.step
+        if every and step % every == 0 and step != trainer.cfg.train.steps:
+            ev = trainer.evaluate("val", trainer.cfg.data.eval_batches)
+            trainer.callbacks.call("post_eval", trainer, ev, False)
+
+
+class Checkpointer(Callback):
+    """``ckpt.pt`` (``moelab.checkpoint``: atomic, per-rank files under expert parallelism)
+    every ``train.checkpoint_every`` steps and when the loop of a ``fit()`` call ends, unless
+    that step is already saved. A model holding NaN/inf is never written (NonFiniteError; the
+    last good checkpoint stays)."""
+
+    def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        every = trainer.cfg.train.checkpoint_every
+        if every and trainer.step % every == 0:
+            self.save(trainer)
+
+    def post_loop(self, trainer: Trainer) -> None:
+        if trainer.checkpoint_step != trainer.step:
+            self.save(trainer)
+
+    @staticmethod
+    def save(trainer: Trainer) -> Path:
+        """Write this rank's checkpoint of ``trainer.state_dict()``; returns ``RUN/ckpt.pt``.
+        Every rank takes part under torchrun (each refuses, or none)."""
+        path = ckpt.rank_checkpoint_path(trainer.run_dir, trainer.rank,
+                                         trainer.cfg.train.expert_parallel)
+        state = trainer.state_dict()  # on every rank: a collective-free snapshot
+        bad = ckpt.check_finite(state)
+        if _any_rank(trainer, bool(bad)) and not bad:
+            bad = ["another rank's experts"]
+        if bad:
+            raise NonFiniteError(
+                f"not writing a checkpoint at step {trainer.step}: the model holds NaN/inf "
+                f"values ({', '.join(bad[:3])}); {trainer.checkpoint_note()}; try a smaller "
+                "optim.lr")
+        if path is not None:
+            ckpt.save_atomic(state, path)
+        if trainer.ctx is not None:
+            dist.barrier()
+        trainer.checkpoint_step = trainer.step
+        return trainer.run_dir / rundir.CHECKPOINT
