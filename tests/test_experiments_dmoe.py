@@ -264,3 +264,26 @@ def test_definitions_have_the_issue_settings():
     none = cfg(COMBINED, "base")
     assert none.model.default_moe is None and none.optim.excitation is None
     assert none.model.momentum is None or none.model.momentum.rule == "none"
+
+
+def test_one_arm_factory_builds_every_default_moe_arm():
+    """dmoe_arm: layout, then Default MoE or Top-K, then extras, in that order (the arms'
+    overrides are the same tuples the experiments used before the factory)."""
+    from moelab.experiments.default_moe import BETA, COMBINED, LR, SPEED, dmoe_arm
+
+    topk = "model.default_moe=none"
+    dm = ("model.default_moe.beta=0.9", "model.default_moe.scored=false",
+          "model.default_moe.straight_through=false")
+    l32 = ("model.moe.n_experts=32", "model.moe.top_k=4", "model.moe.d_ff=64")
+    assert dmoe_arm("x", "32c4").overrides == (*l32, topk)
+    assert SPEED.arm("dmoe+32c4").overrides == (*l32, *dm)
+    assert LR.arm("dmoe-x4").overrides == (*dm, "optim.lr=0.012")
+    assert LR.arm("topk-x2").overrides == (topk, "optim.lr=0.006")
+    assert BETA.arm("b0.99s-32c4").overrides == (
+        *l32, "model.default_moe.beta=0.99", "model.default_moe.scored=true",
+        "model.default_moe.straight_through=false")
+    assert COMBINED.arm("mom+exc").overrides == (
+        topk, 'model.momentum.rule="heavy_ball"', "model.momentum.mu=0.7",
+        "model.momentum.gamma=1.0", 'optim.excitation.strategy="positive_sum"',
+        "optim.excitation.gamma=1.0")
+    assert COMBINED.arm("dmoe").overrides == dm

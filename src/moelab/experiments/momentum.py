@@ -24,18 +24,36 @@ from moelab.experiments.keys import kv
 from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile, Records
 
 __all__ = ["DEPTH", "ROBUSTNESS_IMAGES", "ROBUSTNESS_TEXT", "SENSITIVITY",
-           "attack_metrics", "corruption_metrics", "top_norm_share"]
+           "attack_metrics", "corruption_metrics", "momentum_arm", "momentum_overrides",
+           "top_norm_share"]
 
 PAPER = "Teo & Nguyen, MomentumSMoE (NeurIPS 2024, arXiv 2410.14574)"
 TEST_PPL = Metric.final("ppl", label="test perplexity")
 TEST_ACC = Metric.final("acc", label="test accuracy")
 
-RULES = {  # arm prefix -> momentum overrides (official LM values: mu 0.7, gamma 1)
-    "smoe": (kv(K.MOMENTUM_RULE, "none"),),
-    "mom": (kv(K.MOMENTUM_RULE, "heavy_ball"), kv(K.MOMENTUM_MU, 0.7),
-            kv(K.MOMENTUM_GAMMA, 1.0)),
-    "adam": (kv(K.MOMENTUM_RULE, "adam"), kv(K.MOMENTUM_MU, 0.7), kv(K.MOMENTUM_GAMMA, 1.0)),
-    "robust": (kv(K.MOMENTUM_RULE, "robust"),),
+def momentum_overrides(rule: str, mu: float | None = None,
+                       gamma: float | None = None) -> tuple[str, ...]:
+    """``--set`` overrides of one momentum setting: the rule, then mu and gamma if given."""
+    ov = (kv(K.MOMENTUM_RULE, rule),)
+    if mu is not None:
+        ov += (kv(K.MOMENTUM_MU, mu),)
+    if gamma is not None:
+        ov += (kv(K.MOMENTUM_GAMMA, gamma),)
+    return ov
+
+
+def momentum_arm(name: str, rule: str, mu: float | None = None, gamma: float | None = None,
+                 before: tuple[str, ...] = ()) -> Arm:
+    """The one arm factory of these experiments: ``before`` (e.g. block form, depth), then
+    the momentum setting (``momentum_overrides``)."""
+    return Arm(name, before + momentum_overrides(rule, mu, gamma))
+
+
+RULES = {  # arm prefix -> (rule, mu, gamma) (official LM values: mu 0.7, gamma 1)
+    "smoe": ("none", None, None),
+    "mom": ("heavy_ball", 0.7, 1.0),
+    "adam": ("adam", 0.7, 1.0),
+    "robust": ("robust", None, None),
 }
 FORMS = ("pre", "post", "post_double")
 _FORM_TAG = {"pre": "pre", "post": "post", "post_double": "post2"}  # in arm names
@@ -71,9 +89,9 @@ DEPTH = Experiment(
     paper=PAPER + ", WikiText-103 language modelling (Tables 1-2: 3/6/12 layers)",
     base="default",
     overrides=_LM,
-    arms=tuple(Arm(_arm_name(rule, form, depth),
-                   (kv(K.NORM_POSITION, form), kv(K.N_LAYERS, depth)) + ov)
-               for depth in DEPTHS for form in FORMS for rule, ov in RULES.items()),
+    arms=tuple(momentum_arm(_arm_name(name, form, depth), *setting,
+                            before=(kv(K.NORM_POSITION, form), kv(K.N_LAYERS, depth)))
+               for depth in DEPTHS for form in FORMS for name, setting in RULES.items()),
     claims=tuple(Claim(_arm_name(rule, form, depth), _arm_name("smoe", form, depth), "lower",
                        text=f"{rule} beats SMoE ({_FORM_TEXT[form]}, {depth} MoE layers)")
                  for depth in DEPTHS for form in FORMS for rule in ("mom", "adam", "robust")),
@@ -305,12 +323,8 @@ ROBUSTNESS_IMAGES = Experiment(
     overrides=(kv(K.MODEL_KIND, "vit"), kv(K.D_MODEL, 64), kv(K.N_HEADS, 4),
                kv(K.N_LAYERS, 6), kv(K.MOE_EVERY, 2), kv(K.PATCH_SIZE, 4),
                kv(K.N_EXPERTS, 8), kv(K.TOP_K, 2), kv(K.D_FF, 128), kv(K.BATCH_SIZE, 64)),
-    arms=(
-        Arm("smoe", (kv(K.MOMENTUM_RULE, "none"),)),
-        Arm("mom", (kv(K.MOMENTUM_RULE, "heavy_ball"), kv(K.MOMENTUM_MU, 0.8),
-                    kv(K.MOMENTUM_GAMMA, 1.0))),
-        Arm("robust", (kv(K.MOMENTUM_RULE, "robust"),)),
-    ),
+    arms=(momentum_arm("smoe", "none"), momentum_arm("mom", "heavy_ball", 0.8, 1.0),
+          momentum_arm("robust", "robust")),
     claims=(
         Claim("mom", "smoe", "lower", metric="corruption_drop",
               text="MomentumSMoE degrades less under corruption"),
@@ -391,10 +405,8 @@ SENSITIVITY = Experiment(
     paper=PAPER + ", hyperparameter study and the norm-ordered load (Fig. 5)",
     base="default",
     overrides=_LM + (kv(K.N_LAYERS, SENS_DEPTH), kv(K.NORM_POSITION, "pre")),
-    arms=(Arm("smoe", (kv(K.MOMENTUM_RULE, "none"),)),)
-    + tuple(Arm(_mg(mu, g), (kv(K.MOMENTUM_RULE, "heavy_ball"), kv(K.MOMENTUM_MU, mu),
-                             kv(K.MOMENTUM_GAMMA, g)))
-            for mu in MUS for g in GAMMAS),
+    arms=(momentum_arm("smoe", "none"),)
+    + tuple(momentum_arm(_mg(mu, g), "heavy_ball", mu, g) for mu in MUS for g in GAMMAS),
     claims=tuple(Claim(_mg(mu, g), "smoe", "lower", text=f"mu={mu}, gamma={g} beats SMoE")
                  for mu in MUS for g in GAMMAS)
     + (Claim(_mg(0.7, 1.0), "smoe", "lower", metric="top_norm_share",
