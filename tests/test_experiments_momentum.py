@@ -104,6 +104,9 @@ def test_text_robustness_evaluates_the_source_runs(tmp_path, small_depth):
             attacked = arm["metrics"]["attacked_ppl"]["per_seed"][seed]
             assert attacked - clean == pytest.approx(gaps[seed])
     assert res["claims"][0]["verdict"] in ("supported", "contradicted", "inconclusive")
+    md = (tmp_path / "t-mom-text" / "results.md").read_text()
+    words, swapped = cached["rows"][1]["words"], cached["rows"][1]["swapped"]
+    assert f"| test | {words} | {swapped} | {swapped / words:.2%} | all 4 |" in md
     # the source trained here gets its own results; a second call only reads it, and leaves
     # them (command, time) as the training call wrote them
     depth_md = tmp_path / "t-mom-depth" / "results.md"

@@ -361,6 +361,8 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
             L.append("")
     if not exp.sources:
         L += _render_extra(exp, res)
+    elif exp.extra_sections is not None:
+        L += exp.extra_sections(res)
     n_p = sum(1 for x in _p_rows(res["claims"])
               if x.get("p_bh") is not None and math.isfinite(x["p_bh"]))
     bh = n_p > 1  # one p-value needs no adjustment
