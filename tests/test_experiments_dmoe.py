@@ -327,9 +327,10 @@ def test_quick_profile_end_to_end(tmp_path, name):
                       fashion_dir=None, progress=False, command=["moelab", "reproduce", name])
     res = json.loads((md.parent / "results.json").read_text())
     assert res["failed"] == [] and res["claims"]
-    assert all(c["verdict"] in ("supported", "contradicted", "inconclusive")
-               for c in res["claims"])
-    seeds = [0] if name == "default-moe-beta" else [0, 1]
+    one = name == "default-moe-beta"  # one seed: no verdict
+    ok = ("not enough runs",) if one else ("supported", "contradicted", "inconclusive")
+    assert all(c["verdict"] in ok for c in res["claims"])
+    seeds = [0] if one else [0, 1]
     assert all(a["seeds"] == seeds for a in res["arms"])
     if name in ("default-moe-speed", "methods-combined"):
         eff = res["factorial"]["metrics"][res["experiment"]["metrics"][0]["name"]]

@@ -37,8 +37,8 @@ from moelab.experiments.spec import Experiment, final_record
 from moelab.guard import NonFiniteError
 
 __all__ = ["FASHION_MNIST_DIR", "DataChoice", "RunOutcome", "RunSpec", "choose_image_data",
-           "default_jobs", "execute_run", "execute_runs", "plan_runs", "resolve_config",
-           "run_state"]
+           "default_jobs", "execute_run", "execute_runs", "failure_summary", "plan_runs",
+           "resolve_config", "run_state"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the original IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -140,6 +140,17 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.status != "failed"
+
+
+def invocation() -> list[str]:
+    """The command line this process was started with, as a user would type it: ``moelab
+    ...`` for the console script, else ``python ARGV...`` (a script or ``-m``)."""
+    argv = list(sys.argv) or [""]
+    if Path(argv[0]).name == "moelab":
+        return ["moelab", *argv[1:]]
+    if argv[0] in ("-c", ""):
+        return ["python", "-c", "..."]
+    return ["python", *argv]
 
 
 def _lr_tag(lr: float | None) -> str:
@@ -244,7 +255,7 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
 
     d = Path(spec.run_dir)
     t0 = time.perf_counter()
-    cmd = command or ["moelab", "reproduce", spec.experiment]
+    cmd = command or invocation()
     try:
         cfg = resolve_config(spec)
         state = run_state(spec, cfg)
@@ -290,6 +301,28 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
         except OSError:
             pass
         return RunOutcome(spec, "failed", error=err, wall_s=wall)
+
+
+def _worker_died(spec: RunSpec, e: BaseException) -> RunOutcome:
+    """A failed outcome for a run whose worker process died, recorded in its
+    ``reproduce.json`` (so the results' pointer to it holds)."""
+    err = f"worker process died: {type(e).__name__}: {' '.join(str(e).split())}"
+    try:
+        _write_status(Path(spec.run_dir), {
+            "status": "failed", "run": spec.label, "error": err,
+            "traceback": "".join(traceback.format_exception(e)), "wall_s": 0.0,
+            "overrides": list(spec.overrides)})
+    except OSError:
+        pass
+    return RunOutcome(spec, "failed", error=err)
+
+
+def failure_summary(failed: list[RunOutcome], limit: int = 4) -> str:
+    """One line naming the failed runs and where their tracebacks are."""
+    named = [f"{o.spec.label} ({Path(o.spec.run_dir) / STATUS_FILE})" for o in failed[:limit]]
+    more = f" and {len(failed) - limit} more" if len(failed) > limit else ""
+    return (f"{len(failed)} run(s) failed: {'; '.join(named)}{more}; each reproduce.json holds "
+            "the error and traceback; the same command retries them")
 
 
 def _describe(o: RunOutcome) -> str:
@@ -348,8 +381,7 @@ def execute_runs(specs: Iterable[RunSpec], jobs: int = 1,
                     try:
                         o = f.result()
                     except Exception as e:  # noqa: BLE001 - a worker died (OOM kill, ...)
-                        o = RunOutcome(specs[i], "failed",
-                                       error=f"worker process died: {type(e).__name__}: {e}")
+                        o = _worker_died(specs[i], e)
                     if o.status == "interrupted":
                         ex.shutdown(wait=True, cancel_futures=True)
                         raise KeyboardInterrupt
