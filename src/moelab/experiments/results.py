@@ -35,7 +35,8 @@ from moelab.experiments.stats import (
     verdict,
 )
 
-__all__ = ["aggregate", "arm_key", "render_markdown", "write_results"]
+__all__ = ["aggregate", "arm_key", "compare_arms", "factorial_result", "render_markdown",
+           "write_results"]
 
 
 def arm_key(source: str, arm: str, exp: Experiment) -> str:
@@ -197,7 +198,7 @@ def _divergence_by_lr(grid: Mapping[Any, list[tuple[RunOutcome, list]]]) -> list
     return out
 
 
-def _factorial(exp: Experiment, arms: list[dict[str, Any]]) -> dict[str, Any]:
+def factorial_result(exp: Experiment, arms: list[dict[str, Any]]) -> dict[str, Any]:
     """Main effects and interactions of every non-per-layer metric (``stats``). For a
     steps-to-target metric, the main effect of a factor that changes the target (e.g. the
     sparsity, each with its own Top-K target) is left out: it would compare steps to
@@ -285,6 +286,18 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
         for arm, sel in selected.items():
             arms.append(_arm_result(exp, exp.name, arm, sel, exp.chance, targets))
         all_outcomes = list(outcomes)
+    claims = compare_arms(exp, arms)
+    failed = [{"run": o.spec.label, "run_dir": o.spec.run_dir, "error": o.error}
+              for o in all_outcomes if o.status == "failed"]
+    extra = {"factorial": factorial_result(exp, arms)} if exp.factors else {}
+    return {"arms": arms, "claims": claims, "failed": failed, **extra,
+            "runs": [outcome_dict(o) for o in outcomes],
+            "data_sources": sorted({o.data_source for o in all_outcomes if o.data_source})}
+
+
+def compare_arms(exp: Experiment, arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """From the arms' per-seed values alone: each arm's Δ vs the first arm (``vs_first``,
+    set in ``arms``) and the claims with verdicts and Benjamini-Hochberg p (returned)."""
     by_key = {a["key"]: a for a in arms}
 
     # every arm vs the first arm (same lr grid), on the primary metric
@@ -312,12 +325,7 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
                        "arm": ka, "baseline": kb, "metric": m.name, "direction": c.direction,
                        **cmp})
     _add_bh(claims)
-    failed = [{"run": o.spec.label, "run_dir": o.spec.run_dir, "error": o.error}
-              for o in all_outcomes if o.status == "failed"]
-    extra = {"factorial": _factorial(exp, arms)} if exp.factors else {}
-    return {"arms": arms, "claims": claims, "failed": failed, **extra,
-            "runs": [outcome_dict(o) for o in outcomes],
-            "data_sources": sorted({o.data_source for o in all_outcomes if o.data_source})}
+    return claims
 
 
 # ------------------------------------------------------------------------------ writing
@@ -469,7 +477,11 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
 
 def _wall_line(meta: Mapping[str, Any], name: str, n_failed: int) -> str:
     """Provenance line on time: this experiment's own run time and evaluation time, and the
-    wall time of the invocation it ran in (shared with the others named)."""
+    wall time of the invocation it ran in (shared with the others named). Pages written
+    before these fields existed have only ``wall_s``."""
+    if "invocation_wall_s" not in meta:
+        return (f"- Time: {meta.get('wall_s', 0.0):.0f} s wall ({meta.get('n_run', 0)} runs "
+                f"trained, {meta.get('n_skipped', 0)} already done, {n_failed} failed)")
     others = [n for n in meta["invocation_experiments"] if n != name]
     shared = f", shared with {', '.join(others)}" if others else ""
     return (f"- Time: this experiment's runs {meta['runs_wall_s']:.0f} s summed over runs "
