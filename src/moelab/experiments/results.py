@@ -366,8 +366,12 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
           f"- Dataset actually used: {', '.join(res['data_sources']) or meta.get('data', '–')}",
           f"- Base config: `{exp.base}` with overrides: "
           + (", ".join(f"`{o}`" for o in meta.get("overrides", [])) or "none")]
-    if exp.notes:
+    if exp.notes and meta["profile"] == "full":
         L.append(f"- Notes: {exp.notes}")
+    elif exp.notes:
+        L.append(f"- Profile `{meta['profile']}`: a smoke test of the pipeline; its numbers are "
+                 f"not evidence. The notes below describe the full profile's setting.")
+        L.append(f"- Notes (full profile): {exp.notes}")
     L.append("")
     primary = exp.metric
     if not exp.sources:

@@ -37,8 +37,8 @@ from moelab.experiments.spec import Experiment, final_record
 from moelab.guard import NonFiniteError
 
 __all__ = ["FASHION_MNIST_DIR", "DataChoice", "RunOutcome", "RunSpec", "choose_image_data",
-           "default_jobs", "execute_run", "execute_runs", "failure_summary", "plan_runs",
-           "resolve_config", "run_state"]
+           "default_jobs", "describe_image_choice", "execute_run", "execute_runs",
+           "failure_summary", "plan_runs", "resolve_config", "run_state"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the original IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -97,6 +97,23 @@ def choose_image_data(data_dir: str | Path | None,
         if name == "mnist5k":
             return DataChoice("mnist5k", None, "MNIST-5k (packaged subset of MNIST)")
     raise ValueError(f"none of the datasets {prefer} is available")
+
+
+def describe_image_choice(choice: DataChoice, prefer: tuple[str, ...],
+                          fashion_dir: str | Path | None = FASHION_MNIST_DIR) -> str:
+    """One line for the terminal: the image data a run set uses and, when it is not the
+    experiment's preferred dataset, which ones were skipped and why."""
+    why = {"cifar10": "no --data-dir with CIFAR-10",
+           "fashion-mnist": f"Fashion-MNIST not installed at {fashion_dir} (Debian package "
+                            "dataset-fashion-mnist)"}
+    names = {"cifar10": "cifar10", "idx": "fashion-mnist", "mnist5k": "mnist5k"}
+    chosen = names.get(choice.dataset, choice.dataset)
+    skipped = [why[p] for p in prefer[:prefer.index(chosen)] if p in why] \
+        if chosen in prefer else []
+    # CIFAR-10 is only used when given; skipping it is the normal case, not news
+    skipped = [s for s in skipped if not s.startswith("no --data-dir")]
+    note = f" instead of the preferred dataset ({'; '.join(skipped)})" if skipped else ""
+    return f"image data: {choice.label}{note}"
 
 
 def default_jobs(cores: int | None = None) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moelab.experiments.keys import merge_overrides
 from moelab.experiments.registry import get_experiment, resolve_names
 from moelab.experiments.results import aggregate, write_results
 from moelab.experiments.runner import (
@@ -20,6 +21,7 @@ from moelab.experiments.runner import (
     RunOutcome,
     choose_image_data,
     default_jobs,
+    describe_image_choice,
     execute_runs,
     failure_summary,
     invocation,
@@ -119,6 +121,11 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
                          "experiments uses it")
     data = {e.name: choose_image_data(data_dir, fashion_dir, e.image_datasets)
             if e.image_datasets else None for e in exps}
+    for e in exps:
+        if data[e.name] is not None and progress:
+            print(f"moelab reproduce: {e.name}: "
+                  f"{describe_image_choice(data[e.name], e.image_datasets, fashion_dir)}",
+                  file=sys.stderr)
     plans = {e.name: plan_runs(e, profile, seeds or e.profile(profile).seeds, out,
                                data[e.name], threads) for e in exps}
     cmd = list(command) if command is not None else invocation()
@@ -144,7 +151,7 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             "command": shlex.join(cmd), "torch": torch.__version__,
             "python": platform.python_version(), "moelab": __version__,
             "machine": machine_description(), "data": data[e.name].label if data[e.name] else None,
-            "overrides": list(e.overrides) + list(e.profile(profile).overrides),
+            "overrides": merge_overrides(list(e.overrides) + list(e.profile(profile).overrides)),
             "invocation_wall_s": time.perf_counter() - t0,
             "invocation_experiments": [x.name for x in exps],
             "runs_wall_s": sum(o.wall_s for o in outs), "aggregate_wall_s": agg_s,
