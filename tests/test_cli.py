@@ -81,6 +81,8 @@ def test_resume_finishes_an_interrupted_run(tmp_path, tiny_toml, train_tiny, cap
     (["--set", "data.dataset=wikitext"], "text dataset 'wikitext' reads your own files"),
     (["--set", "data.dataset=textfile", "--set", "data.path=/no/such/file.txt"],
      "file not found: /no/such/file.txt"),
+    (["--set", "data.dataset=textfile", "--set", "data.path=/tmp"],
+     "textfile: /tmp is a directory; this loader reads one file"),
     (["--set", "data.path=/no/such/dir"], "directory not found: /no/such/dir"),
     (["--set", "data.dataset=mnist5k"], "needs a text dataset"),
 ])
