@@ -100,7 +100,24 @@ def readme_figures() -> list[str]:
         f"{f(mxe['ci_high'], '.3f')}]",
         f"level with Top-K alone ({f(claim(comb, 'dmoe+mom+exc')['mean'], '.3f')}, CI containing "
         "0)",
+        *robustness_rerun_figures(),
     ]
+
+
+def robustness_rerun_figures() -> list[str]:
+    """The word-swap rerun and the depth runs trained again for it."""
+    text = page("momentum-robustness-text")
+    again = page("momentum-robustness-text/source-momentum-depth")
+    first = page("momentum-depth")
+    agree = sum(a["verdict"] == b["verdict"] for a, b in
+                zip(first["claims"], again["claims"], strict=True))
+    gaps = [a["metrics"]["attack_gap"]["summary"]["mean"] for a in text["arms"]]
+    post2 = claim(again, "mom beats SMoE (official double post-norm, 8")
+    pre4 = claim(again, "mom beats SMoE (pre-norm, 4")
+    assert post2["verdict"] == "supported" and pre4["verdict"] == "inconclusive"
+    return [f"kept only the 8-layer gain (p (BH) {post2['p_bh']:.3f}) and {agree} of "
+            f"{len(first['claims'])} verdicts",
+            f"rose by {min(gaps):.2f}–{max(gaps):.2f} for every arm"]
 
 
 @pytest.mark.parametrize("i", range(len(readme_figures())))
@@ -181,3 +198,28 @@ def test_python_example_runs_on_its_own(name, code, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, f"{name}:\n{p.stderr[-2000:]}"
+
+
+def test_results_md_word_swap_row_matches_the_rerun():
+    text = page("momentum-robustness-text")
+    again = page("momentum-robustness-text/source-momentum-depth")
+    smoe = [a for a in text["arms"] if a["arm"].startswith("smoe-")]
+    gap = [a["metrics"]["attack_gap"]["summary"]["mean"] for a in smoe]
+    pre2 = next(a for a in smoe if a["arm"] == "smoe-pre-d2")["metrics"]
+    deltas = [c["mean"] for c in text["claims"] if c["metric"] == "attack_gap"]
+    post2 = claim(again, "mom beats SMoE (official double post-norm, 8")
+    md = (ROOT / "docs" / "results" / "reproduce" / "momentum-robustness-text" / "results.md")
+    strength = re.search(r"\| test \| (\d+) \| (\d+) \| ([\d.]+)% \|", md.read_text())
+    words, swapped = int(strength.group(1)), int(strength.group(2))
+    for want in [
+        f"{swapped} of the {words:,} words the evaluation windows cover, "
+        f"{100 * swapped / words:.2f}%",
+        f"SMoE's perplexity rises by {min(gap):.2f}–{max(gap):.2f} (pre-norm, 2 layers: "
+        f"{pre2['clean_ppl']['summary']['mean']:.2f} → "
+        f"{pre2['attacked_ppl']['summary']['mean']:.2f})",
+        f"from {f(min(deltas), '.3f')} to {f(max(deltas), '+.3f')}",
+        f"smallest p (BH) {min(c['p_bh'] for c in text['claims']):.2f}",
+        f"({f(post2['mean'], '.2f')} [{f(post2['ci_low'], '.2f')}, {f(post2['ci_high'], '.2f')}], "
+        f"p (BH) {post2['p_bh']:.3f} there)",
+    ]:
+        assert want in flat(RESULTS_MD), want
