@@ -3,7 +3,9 @@ give one clear line (rc 2 from the CLI) and never run code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 
 import numpy as np
@@ -97,3 +99,46 @@ def test_truncated_checkpoint_suggests_what_to_do(good_run, tmp_path):
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="restore it from a copy, or start the run again"):
         load_checkpoint(f)
+
+
+def test_corruption_is_named_as_damage_not_as_an_attack(good_run, tmp_path):
+    f = tmp_path / "ckpt.pt"
+    for seed in range(5):  # random bytes, and text: the safe unpickler rejects both
+        f.write_bytes(np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8)
+                      .tobytes())
+        with pytest.raises(CheckpointError, match="this is damage, not an unsafe file") as e:
+            load_checkpoint(f)
+        assert "could run code" not in str(e.value)
+    f.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="damage"):
+        load_checkpoint(f)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_a_raw_pickle_that_builds_objects_is_named_unsafe(tmp_path, protocol):
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    f = tmp_path / "ckpt.pt"
+    f.write_bytes(pickle.dumps({"model": _RunsCode(marker)}, protocol=protocol))
+    with pytest.warns(UserWarning) if protocol > 2 else contextlib.nullcontext():
+        with pytest.raises(CheckpointError, match="asks to build posix.system") as e:
+            load_checkpoint(f)
+    assert "could run code" in str(e.value) and not marker.exists()
+
+
+def test_truncated_checkpoint_message_ends_on_a_whole_word(good_run, tmp_path):
+    run = copy_run(good_run, tmp_path)
+    f = run / CHECKPOINT
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(f)
+    inner = re.search(r"not a torch file \((.*)\); restore", str(e.value)).group(1)
+    try:
+        torch.load(f, weights_only=True)
+    except RuntimeError as raw:
+        words = " ".join(str(raw).split()).split()
+    assert len(inner) <= 120
+    if inner.endswith("..."):
+        last = inner[:-3].split()[-1]
+        assert any(w.rstrip(".,;:") == last for w in words), inner

@@ -8,42 +8,6 @@ from moelab.cli import main
 from moelab.config import load_config
 from moelab.rundir import read_metrics
 
-TINY_TOML = """\
-# a tiny variation of the default LM for tests
-base = "default"
-name = "tiny"
-
-[model]
-d_model = 32
-n_layers = 2
-n_heads = 2
-max_seq_len = 32
-
-[model.moe]
-n_experts = 4
-d_ff = 32
-
-[data]
-seq_len = 32
-batch_size = 8
-eval_batches = 2
-final_eval_batches = 2
-
-[train]
-steps = 6
-eval_every = 3
-log_every = 1
-checkpoint_every = 3
-threads = 1
-"""
-
-
-@pytest.fixture
-def tiny_toml(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML)
-    return path
-
 
 def run(capsys, *argv):
     code = main(list(argv))
@@ -94,12 +58,10 @@ def test_train_end_to_end_then_eval_report_and_rerun(tmp_path, tiny_toml, capsys
     assert code == 2 and "already holds a run" in err and "--resume" in err
 
 
-def test_resume_finishes_an_interrupted_run(tmp_path, tiny_toml, capsys):
+def test_resume_finishes_an_interrupted_run(tmp_path, tiny_toml, train_tiny, capsys):
     from moelab.train import Trainer
 
-    straight = tmp_path / "straight"
-    assert run(capsys, "train", "-c", str(tiny_toml), "-o", str(straight), "-q",
-               "--no-report")[0] == 0
+    straight = train_tiny("straight")
     part = tmp_path / "part"
     Trainer(load_config(tiny_toml), part, quiet=True).fit(max_steps=3)
     code, out, err = run(capsys, "train", "--resume", str(part), "--no-report")
@@ -119,6 +81,8 @@ def test_resume_finishes_an_interrupted_run(tmp_path, tiny_toml, capsys):
     (["--set", "data.dataset=wikitext"], "text dataset 'wikitext' reads your own files"),
     (["--set", "data.dataset=textfile", "--set", "data.path=/no/such/file.txt"],
      "file not found: /no/such/file.txt"),
+    (["--set", "data.dataset=textfile", "--set", "data.path=/tmp"],
+     "textfile: /tmp is a directory; this loader reads one file"),
     (["--set", "data.path=/no/such/dir"], "directory not found: /no/such/dir"),
     (["--set", "data.dataset=mnist5k"], "needs a text dataset"),
 ])

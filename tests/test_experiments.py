@@ -4,6 +4,7 @@ aggregation by hand, the quick profile end to end, and the CLI."""
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from moelab.experiments.runner import (
     resolve_config,
 )
 from moelab.experiments.stats import VERDICT_RULE
-from moelab.experiments.suite import reproduce
+from moelab.experiments.suite import RunsFailedError, reproduce
 from moelab.rundir import read_metrics
 from moelab.train import Trainer
 
@@ -119,7 +120,9 @@ def test_choose_image_data(tmp_path):
 def test_suite_records_failures_then_skips_everything(tmp_path, registered, capsys):
     exp = registered(tiny_experiment())
     kw = dict(out=tmp_path, jobs=1, threads=1, fashion_dir=None, command=["moelab", "test"])
-    md = reproduce([exp.name], **kw)[0]
+    with pytest.raises(RunsFailedError, match=r"^2 run\(s\) failed: t-tiny broken seed=0") as e:
+        reproduce([exp.name], **kw)
+    md = e.value.paths[0]
     res = json.loads((md.parent / "results.json").read_text())
     err = capsys.readouterr().err
     assert "[1/6]" in err and "FAILED" in err  # a plain line per run off a TTY
@@ -150,7 +153,7 @@ def test_suite_records_failures_then_skips_everything(tmp_path, registered, caps
     # second invocation: the finished runs are skipped (nothing rewritten), failures retried
     done = Path(arms["base"]["run_dirs"]["0"]) / "metrics.jsonl"
     before = done.stat().st_mtime_ns
-    md = reproduce([exp.name], **kw)[0]
+    md = reproduce([exp.name], check=False, **kw)[0]
     res = json.loads((md.parent / "results.json").read_text())
     statuses = {(r["arm"], r["seed"]): r["status"] for r in res["runs"]}
     assert {statuses[(a, s)] for a in ("base", "zs") for s in (0, 1)} == {"skipped"}
@@ -310,8 +313,10 @@ def test_quick_profile_of_every_experiment_end_to_end(tmp_path):
     for p in paths:
         res = json.loads((p.parent / "results.json").read_text())
         assert res["failed"] == [] and res["claims"]
-        assert all(c["verdict"] in ("supported", "contradicted", "inconclusive")
-                   for c in res["claims"])
+        ok = ("supported", "contradicted", "inconclusive", "not enough runs")
+        assert all(c["verdict"] in ok for c in res["claims"])
+        if all(a["seeds"] == [0] for a in res["arms"]):  # one seed: never a verdict
+            assert {c["verdict"] for c in res["claims"]} == {"not enough runs"}
     spec = json.loads((tmp_path / "excitation-specialization" / "results.json").read_text())
     assert {a["source"] for a in spec["arms"]} == {"excitation-foundation", "excitation-rescue"}
     gini = next(a for a in spec["arms"] if a["key"] == "excitation-rescue/sgd")
@@ -349,3 +354,46 @@ def test_many_arm_plots_get_distinct_lines_and_one_outside_legend(tmp_path):
     fig, ax = plt.subplots()
     assert plots._finish(fig, [ax], tmp_path / "empty.png", drew=False) is None
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_metric_plot_accuracy_in_percent_with_whiskers_inside_0_100():
+    from moelab.experiments.plots import metric_bars
+
+    res = {"arms": [
+        {"key": "a", "metrics": {"test_acc": {"summary": {"mean": 0.99, "std": 0.02, "n": 2}}}},
+        {"key": "b", "metrics": {"test_acc": {"summary": {"mean": 0.5, "std": 0.0, "n": 1}}}},
+        {"key": "c", "metrics": {"test_acc": {"summary": {"mean": None, "std": None, "n": 0}}}},
+    ]}
+    names, means, lo, hi, unit = metric_bars(res, "test_acc")
+    assert (names, unit) == (["a", "b"], "%")
+    # a: 99 ± t(0.975, 1) * 2 / sqrt(2) = 99 ± 17.97; the upper whisker stops at 100
+    assert means == pytest.approx([99.0, 50.0])
+    assert lo == pytest.approx([12.706205 * 2 / 2 ** 0.5, 0.0])
+    assert hi == pytest.approx([1.0, 0.0])
+    loss = {"arms": [{"key": "a", "metrics": {"test_loss": {"summary": {
+        "mean": 2.0, "std": 0.1, "n": 3}}}}]}
+    _, means, lo, hi, unit = metric_bars(loss, "test_loss")
+    assert unit == "" and means == [2.0] and lo == pytest.approx(hi) and lo[0] > 0
+
+
+def test_effective_overrides_and_quick_page_wording(tmp_path, capsys):
+    from moelab.experiments.keys import merge_overrides
+    from moelab.experiments.runner import describe_image_choice
+
+    assert merge_overrides(["data.batch_size=512", "train.steps=100", "data.batch_size=64"]) \
+        == ["data.batch_size=64", "train.steps=100"]
+    fm = describe_image_choice(choose_image_data(None, tmp_path / "none"),
+                               ("cifar10", "fashion-mnist", "mnist5k"), tmp_path / "none")
+    assert fm.startswith("image data: MNIST-5k") and "instead of the preferred dataset" in fm
+    assert "Fashion-MNIST not installed at" in fm
+    # the quick page of an image experiment: effective overrides, notes flagged, data printed
+    paths = reproduce(["excitation-foundation"], profile="quick", seeds=1, out=tmp_path,
+                      jobs=1, threads=1, fashion_dir=tmp_path / "none",
+                      command=["moelab", "reproduce"])
+    err = capsys.readouterr().err
+    assert "moelab reproduce: excitation-foundation: image data: MNIST-5k" in err
+    md = paths[0].read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- Base config"))
+    keys = [o.split("=")[0] for o in re.findall(r"`([^`]+=[^`]+)`", line)]
+    assert len(keys) == len(set(keys)) and "`data.batch_size=64`" in line
+    assert "not evidence" in md and "- Notes (full profile):" in md

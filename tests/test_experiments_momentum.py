@@ -42,6 +42,22 @@ def test_definitions_resolve_to_the_intended_configs(tmp_path):
     assert EXPERIMENTS["momentum-robustness-text"].sources == ("momentum-depth",)
 
 
+def test_one_arm_factory_builds_every_momentum_arm():
+    """momentum_arm: the form/depth overrides, then rule, mu, gamma (the same tuples the three
+    experiments spelled out before the factory)."""
+    hb = ('model.momentum.rule="heavy_ball"',)
+    assert M.DEPTH.arm("mom-post2-d8").overrides == (
+        'model.norm_position="post_double"', "model.n_layers=8", *hb,
+        "model.momentum.mu=0.7", "model.momentum.gamma=1.0")
+    assert M.DEPTH.arm("robust-pre-d2").overrides == (
+        'model.norm_position="pre"', "model.n_layers=2", 'model.momentum.rule="robust"')
+    assert M.ROBUSTNESS_IMAGES.arm("mom").overrides == (
+        *hb, "model.momentum.mu=0.8", "model.momentum.gamma=1.0")
+    assert M.SENSITIVITY.arm("mom-mu0.3-g1.5").overrides == (
+        *hb, "model.momentum.mu=0.3", "model.momentum.gamma=1.5")
+    assert M.SENSITIVITY.arm("smoe").overrides == ('model.momentum.rule="none"',)
+
+
 def test_top_norm_share_reads_the_final_eval():
     records = [{"kind": "eval", "final": True, "layers": [
         {"norm_order_share": [0.0, 0.1, 0.2, 0.3, 0.0, 0.1, 0.3, 0.0]},  # zeros: no tokens
@@ -81,13 +97,16 @@ def test_text_robustness_evaluates_the_source_runs(tmp_path, small_depth):
         assert set(gaps) == {"0", "1"} and all(isinstance(v, float) for v in gaps.values())
         for seed, run_dir in arm["run_dirs"].items():
             cached = json.loads((tmp_path / "t-mom-depth" / "runs" / run_dir.split("/")[-1] /
-                                 "robustness" / "word_swap-r0.025-seed0-b1.json").read_text())
+                                 "robustness" / "word_swap-v2-r0.025-seed0-b1.json").read_text())
             test_row = next(r for r in cached["rows"] if r["split"] == "test")
             assert gaps[seed] == pytest.approx(test_row["gap_ppl"])
             clean = arm["metrics"]["clean_ppl"]["per_seed"][seed]
             attacked = arm["metrics"]["attacked_ppl"]["per_seed"][seed]
             assert attacked - clean == pytest.approx(gaps[seed])
     assert res["claims"][0]["verdict"] in ("supported", "contradicted", "inconclusive")
+    md = (tmp_path / "t-mom-text" / "results.md").read_text()
+    words, swapped = cached["rows"][1]["words"], cached["rows"][1]["swapped"]
+    assert f"| test | {words} | {swapped} | {swapped / words:.2%} | all 4 |" in md
     # the source trained here gets its own results; a second call only reads it, and leaves
     # them (command, time) as the training call wrote them
     depth_md = tmp_path / "t-mom-depth" / "results.md"

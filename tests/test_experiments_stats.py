@@ -5,6 +5,7 @@ import math
 import pytest
 
 from moelab.experiments.stats import (
+    NOT_ENOUGH,
     PairedDiff,
     bh_adjust,
     combine_verdicts,
@@ -72,7 +73,9 @@ def test_verdict_rule(lo, hi, direction, expected):
 
 
 def test_verdict_undefined_interval_and_bad_direction():
-    assert verdict(PairedDiff(1.0, math.nan, math.nan, math.nan, 1), "higher") == "inconclusive"
+    assert verdict(PairedDiff(1.0, math.nan, math.nan, math.nan, 1), "higher") == NOT_ENOUGH
+    assert verdict(PairedDiff(math.nan, math.nan, math.nan, math.nan, 0), "lower") == NOT_ENOUGH
+    assert NOT_ENOUGH == "not enough runs"
     with pytest.raises(ValueError, match="direction"):
         verdict(_d(0.1, 0.2), "up")
 
@@ -81,7 +84,9 @@ def test_combine_verdicts():
     assert combine_verdicts(["supported", "supported"]) == "supported"
     assert combine_verdicts(["supported", "inconclusive"]) == "inconclusive"
     assert combine_verdicts(["supported", "contradicted", "inconclusive"]) == "contradicted"
-    assert combine_verdicts([]) == "inconclusive"
+    assert combine_verdicts([]) == NOT_ENOUGH
+    assert combine_verdicts(["supported", NOT_ENOUGH]) == NOT_ENOUGH
+    assert combine_verdicts(["contradicted", NOT_ENOUGH]) == "contradicted"
 
 
 def test_pick_lr_on_validation_mean():

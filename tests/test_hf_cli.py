@@ -79,3 +79,19 @@ def test_config_errors():
         data = config_to_dict(load_config("default"))
         with pytest.raises(ConfigError, match="hf_path"):
             config_from_dict(apply_overrides(data, [override]))
+
+
+def test_init_note_says_random_init_or_pretrained(tmp_path, mixtral_config):
+    from moelab.hf.model import hf_init_note, hf_weights_file
+
+    folder = mixtral_config.parent  # a folder holding only config.json
+    for path in (mixtral_config, folder):
+        assert hf_weights_file(path) is None
+        assert hf_init_note(path).startswith(f"RANDOM INIT from {folder / 'config.json'}")
+    tr = Trainer(_hf(folder, "train.steps=1", "train.eval_every=0"), tmp_path / "r",
+                 quiet=True)
+    assert tr.model.init_note == hf_init_note(folder)
+    tiny_model("qwen3_moe", vocab_size=300).save_pretrained(tmp_path / "ckpt")
+    weights = hf_weights_file(tmp_path / "ckpt")
+    assert weights is not None and weights.parent == tmp_path / "ckpt"
+    assert hf_init_note(tmp_path / "ckpt") == f"pretrained weights from {weights}"

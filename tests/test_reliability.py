@@ -265,7 +265,13 @@ def test_lock_is_held_across_processes_and_stale_after_a_crash(tmp_path):
     assert (run / LOCK).exists()
     lock = RunLock(run).acquire()
     assert lock.stale is not None and f"pid {proc.pid} " in lock.stale
+    note = lock.stale_note()  # said once, however often the holder checks
+    assert note.startswith(f"{run} was left locked by a process that ended without unlocking")
+    assert f"pid {proc.pid} " in note and lock.acquire() is lock and lock.stale_note() is None
     lock.release()
+    fresh = RunLock(run).acquire()
+    assert fresh.stale is None and fresh.stale_note() is None
+    fresh.release()
     assert not (run / LOCK).exists()
 
 

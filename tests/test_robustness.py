@@ -11,7 +11,18 @@ import pytest
 import torch
 
 from moelab.cli import main
-from moelab.robustness import CORRUPTIONS, SEVERITIES, STOPWORDS, corrupt, swap_count, word_swap
+from moelab.robustness import (
+    CORRUPTIONS,
+    SEVERITIES,
+    STOPWORDS,
+    corrupt,
+    count_words,
+    is_stopword,
+    swap_count,
+    word_swap,
+)
+from moelab.robustness.text import PARAGRAPH_WORDS, choose_swaps, swap_units
+from moelab.rundir import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,19 +43,20 @@ def test_swap_count_rule():
 
 
 def test_word_swap_is_deterministic_and_seeded():
-    a, b = word_swap(TEXT, seed=3), word_swap(TEXT, seed=3)
-    assert a == b
-    assert any(word_swap(TEXT, seed=s) != a for s in range(4, 10))
+    for unit in ("line", "paragraph", "auto"):
+        a, b = word_swap(TEXT, seed=3, unit=unit), word_swap(TEXT, seed=3, unit=unit)
+        assert a == b
+        assert any(word_swap(TEXT, seed=s, unit=unit) != a for s in range(4, 10))
 
 
 @pytest.mark.parametrize("rate", [0.025, 0.1, 0.5])
-def test_exact_swap_count_and_stopwords_never_swapped(rate):
-    out = word_swap(TEXT, rate=rate, seed=1)
+def test_per_line_swap_count_and_stopwords_never_swapped(rate):
+    out = word_swap(TEXT, rate=rate, seed=1, unit="line")
     for before, after in zip(TEXT.split("\n"), out.split("\n"), strict=True):
         words_b = [m.group() for m in WORD.finditer(before)]
         words_a = [m.group() for m in WORD.finditer(after)]
         assert len(words_a) == len(words_b)  # "AAA" is one word in place of one word
-        eligible = [w for w in words_b if w.lower() not in STOPWORDS]
+        eligible = [w for w in words_b if not is_stopword(w)]
         swapped = [(x, y) for x, y in zip(words_b, words_a, strict=True) if x != y]
         assert len(swapped) == min(swap_count(len(words_b), rate), len(eligible))
         assert all(y == "AAA" and x.lower() not in STOPWORDS for x, y in swapped)
@@ -68,6 +80,79 @@ def test_word_swap_choice_is_uniform_over_eligible_words():
 def test_word_swap_validation():
     with pytest.raises(ValueError, match="^rate="):
         word_swap(TEXT, rate=0.0)
+    with pytest.raises(ValueError, match="^unit='lines' is invalid"):
+        word_swap(TEXT, unit="lines")
+
+
+def _swapped(before: str, after: str) -> list[tuple[str, str]]:
+    wb = [m.group() for m in WORD.finditer(before)]
+    wa = [m.group() for m in WORD.finditer(after)]
+    assert len(wa) == len(wb) and WORD.sub("", before) == WORD.sub("", after)
+    return [(x, y) for x, y in zip(wb, wa, strict=True) if x != y]
+
+
+# a vocabulary with contractions whose pieces are stopwords, and plain content words
+_VOCAB = ("don't it's we're I'll you've she'd can't the and of to my thou love king night "
+          "sword crown heaven blood lord death honour grace").split()
+
+
+def _verse(n_lines: int, words_per_line: int, seed: int = 0) -> str:
+    """Synthetic text of short lines drawn from _VOCAB (known word count)."""
+    import random
+
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(_VOCAB) for _ in range(words_per_line)) + ","
+                     for _ in range(n_lines))
+
+
+@pytest.mark.parametrize("words_per_line,unit", [(6, "paragraph"), (20, "paragraph"),
+                                                 (120, "line")])
+def test_swapped_fraction_is_the_rate_on_short_and_long_lines(words_per_line, unit):
+    text = _verse(24_000 // words_per_line, words_per_line)
+    def spans(u):
+        return [[m.span() for m in words] for words in swap_units(text, u)]
+
+    assert spans("auto") == spans(unit)  # "auto" picks the expected unit
+    for seed in (0, 1):
+        sw = _swapped(text, word_swap(text, 0.025, seed))
+        frac = len(sw) / count_words(text)
+        assert abs(frac - 0.025) <= 0.005, frac
+        assert all(y == "AAA" and not is_stopword(x) for x, y in sw)
+    # the official per-line rule on the same short lines: far above the rate
+    if words_per_line < 40:
+        frac_line = len(_swapped(text, word_swap(text, 0.025, unit="line"))) / count_words(text)
+        assert frac_line > 0.8 / words_per_line > 1.5 * 0.025
+
+
+def test_shakespeare_test_split_gets_the_papers_rate():
+    from moelab.data import load_text_dataset
+
+    text = load_text_dataset("shakespeare").test
+    sw = _swapped(text, word_swap(text, 0.025, 0))
+    assert abs(len(sw) / count_words(text) - 0.025) <= 0.005
+    assert not any(is_stopword(x) for x, _ in sw)
+
+
+def test_paragraph_units_hold_200_words_and_their_swap_count():
+    text = _verse(700, 7, seed=2)  # 4900 words
+    units = swap_units(text, "paragraph")
+    assert sum(map(len, units)) == 4900
+    assert all(len(u) >= PARAGRAPH_WORDS for u in units)
+    assert all(len(u) < PARAGRAPH_WORDS + 7 for u in units[:-1])  # lines are never split
+    spans = choose_swaps(text, 0.025, 0, "paragraph")
+    for u in units:
+        lo, hi = u[0].start(), u[-1].end()
+        assert sum(1 for a, _ in spans if lo <= a < hi) == len(u) * 25 // 1000  # floor
+
+
+def test_contractions_of_stopwords_are_stopwords():
+    for w in ("don't", "It's", "we're", "I'll", "you've", "she'd", "THE"):
+        assert is_stopword(w), w
+    for w in ("o'er", "king's", "crown"):
+        assert not is_stopword(w), w
+    text = "don't it's we're I'll you've she'd can't crown"
+    for s in range(20):  # one unit of 8 words: one swap, and only "crown" is eligible
+        assert word_swap(text, seed=s) == "don't it's we're I'll you've she'd can't AAA"
 
 
 # --- corruptions ------------------------------------------------------------------------------
@@ -165,24 +250,12 @@ threads = 1
 """
 
 
-def _train(tmp_path, capsys, name, *sets, toml=None):
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(toml or LM_TOML)
-    out = tmp_path / name
-    argv = ["train", "--config", str(cfg), "--out", str(out), "--quiet", "--no-report"]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 0, capsys.readouterr().err
-    capsys.readouterr()
-    return out
-
-
-def test_eval_attack_cli(tmp_path, capsys):
-    run_dir = _train(tmp_path, capsys, "lm")
+def test_eval_attack_cli(train_tiny, capsys):
+    run_dir = train_tiny("lm", toml=LM_TOML)
     assert main(["eval", str(run_dir), "--attack", "word_swap:0.1", "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "| val |" in out and "| test |" in out
-    path = run_dir / "robustness" / "word_swap-r0.1-seed0-b2.json"
+    path = run_dir / "robustness" / "word_swap-v2-r0.1-seed0-b2.json"
     res = json.loads(path.read_text())
     assert path.with_suffix(".md").is_file()
     for r in res["rows"]:
@@ -227,9 +300,9 @@ threads = 1
 """
 
 
-def test_eval_corrupt_cli_with_baseline(tmp_path, capsys):
-    base = _train(tmp_path, capsys, "base", toml=VIT_TOML)
-    mom = _train(tmp_path, capsys, "mom", "model.momentum.rule=\"heavy_ball\"", toml=VIT_TOML)
+def test_eval_corrupt_cli_with_baseline(train_tiny, capsys):
+    base = train_tiny("base", toml=VIT_TOML)
+    mom = train_tiny("mom", "model.momentum.rule=\"heavy_ball\"", toml=VIT_TOML)
     assert main(["eval", str(mom), "--corrupt", "gaussian_noise,contrast", "--batches", "1",
                  "--baseline", str(base), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -248,18 +321,57 @@ def test_eval_corrupt_cli_with_baseline(tmp_path, capsys):
     assert main(["eval", str(base), "--corrupt", "fog"]) == 2
 
 
-def test_attack_touches_only_the_eval_splits(tmp_path, capsys, monkeypatch):
+def test_attack_touches_only_the_eval_splits(train_tiny, monkeypatch):
     from moelab.data import load_text_dataset
     from moelab.robustness import evaluate
 
-    run_dir = _train(tmp_path, capsys, "lm2")
+    run_dir = train_tiny("lm2", toml=LM_TOML)
     seen = []
 
     def spy(text, rate, seed):
         seen.append(text)
-        return word_swap(text, rate, seed)
+        return choose_swaps(text, rate, seed)
 
-    monkeypatch.setattr(evaluate, "word_swap", spy)
+    monkeypatch.setattr(evaluate, "choose_swaps", spy)
     evaluate.evaluate_attack(run_dir, 0.025, 0, batches=1)
     splits = load_text_dataset("shakespeare")
     assert seen == [splits.valid, splits.test]
+
+
+def test_clean_and_attacked_evaluations_score_the_same_span(train_tiny, monkeypatch):
+    """The clean windows are the run's own first `batches` windows; the attacked tokens are
+    that same stretch of text with its chosen words replaced (fewer tokens: "AAA" is short)."""
+    import moelab.train
+    from moelab.data import ByteTokenizer, load_text_dataset
+    from moelab.robustness import evaluate
+
+    run_dir = train_tiny("lm3", toml=LM_TOML)
+    final = [r for r in read_metrics(run_dir) if r.get("kind") == "final"][-1]
+    scored: list[tuple[str, torch.Tensor]] = []
+    real = moelab.train.load_trained
+
+    def load(d):
+        trainer = real(d)
+        ev = trainer.evaluate
+
+        def spy(split, batches=None, **kw):
+            scored.append((split, trainer.tokens[split].clone()))
+            return ev(split, batches, **kw)
+
+        trainer.evaluate = spy
+        return trainer
+
+    monkeypatch.setattr(moelab.train, "load_trained", load)
+    res = evaluate.evaluate_attack(run_dir, 0.025, 0, batches=2, cache=False)
+    splits = load_text_dataset("shakespeare")
+    tok = ByteTokenizer()
+    for row, text in zip(res["rows"], (splits.valid, splits.test), strict=True):
+        (s1, clean), (s2, attacked) = [x for x in scored if x[0] == row["split"]]
+        n = 2 * 8 * 32 + 1  # 2 batches x 8 windows x 32 tokens, + the last target
+        assert clean.numel() == n and tok.decode(clean) == text[:row["span_chars"]]
+        att = tok.decode(attacked)
+        assert attacked.numel() < n and att.count("AAA") == row["swapped"] > 0
+        assert _swapped(text[:row["span_chars"]], att)  # same words, same skeleton
+        assert row["words"] == count_words(text[:row["span_chars"]])
+    test_row = res["rows"][1]  # the clean test windows are those of the run's final eval
+    assert test_row["clean_ppl"] == pytest.approx(final["test_ppl"], rel=1e-6)

@@ -72,6 +72,45 @@ _FIX = ("restore it from a copy, or start the run again (`moelab train --config 
         "RUN/config.toml --out NEW_DIR`)")
 
 
+def requested_globals(path: Path) -> list[str] | None:
+    """The Python objects the pickle data of ``path`` asks to import (GLOBAL, STACK_GLOBAL,
+    INST), read with ``pickletools`` without executing anything; None if the data does not
+    parse as a pickle stream (corruption). A torch zip file is read through its data.pkl."""
+    import io
+    import pickletools
+
+    data = path.read_bytes()
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member) if member else b""
+        except (zipfile.BadZipFile, OSError, KeyError):
+            return None
+    stream, names, strings, parsed = io.BytesIO(data), [], [], False
+    while stream.tell() < len(data):  # a legacy torch file holds several pickles
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except (ValueError, EOFError, UnicodeDecodeError):
+            break  # the rest is not pickle data (legacy tensor bytes, or damage)
+        parsed = True
+    return list(dict.fromkeys(names)) if parsed else None
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, marked with "..."."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 3].rsplit(" ", 1)[0].rstrip(" .,;:")
+    return cut + "..."
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """A moelab checkpoint loaded with ``torch.load(weights_only=True)``: tensors, plain
     Python values and the numpy RNG array only, so a crafted file cannot run code.
@@ -90,19 +129,25 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     except pickle.UnpicklingError as e:
         msg = " ".join(str(e).split())
         found = re.search(r"GLOBAL ([\w.]+)", msg)
-        if found or "Unsupported" in msg:
-            what = found.group(1).rstrip(".") if found else "an unsupported object"
+        names = [found.group(1).rstrip(".")] if found else requested_globals(path)
+        if names:  # a well-formed pickle that names a Python object to build: unsafe
             raise CheckpointError(
-                f"checkpoint {path} asks to build {what}, which moelab refuses to load "
-                "(a moelab checkpoint holds only tensors, numbers and strings; loading it "
-                "could run code): do not use this file unless you know where it came from"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt ({msg[:120]}); {_FIX}") from None
+                f"checkpoint {path} asks to build {', '.join(names[:3])}, which moelab "
+                "refuses to load (a moelab checkpoint holds only tensors, numbers and strings; "
+                "loading it could run code): do not use this file unless you know where it "
+                "came from") from None
+        # bytes that do not even parse as a pickle stream (an unknown opcode, ...) asked for
+        # nothing: that is damage, not an attack
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", msg)
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a checkpoint: its data is not a valid pickle "
+            f"stream ({_clip(detail.group(1) if detail else msg)}); this is damage, not an "
+            f"unsafe file; {_FIX}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, UnicodeDecodeError, zipfile.BadZipFile, MemoryError,
             OverflowError) as e:
         # what torch.load raises on a truncated zip, random bytes or a cut pickle stream
-        msg = " ".join(str(e).split())[:120] or type(e).__name__
+        msg = _clip(" ".join(str(e).split()) or type(e).__name__)
         raise CheckpointError(f"checkpoint {path} is unreadable: truncated, corrupt or not "
                               f"a torch file ({msg}); {_FIX}") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:

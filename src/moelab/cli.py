@@ -116,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="`moelab reproduce list` lists the experiments; `moelab reproduce NAME "
         "[NAME ...] | all` trains every run (arms x lr grid x seeds; finished runs with the "
         "same config are skipped, interrupted ones resumed) and writes OUT/NAME/results.md, "
-        "results.json and plots.")
-    rp.add_argument("names", nargs="+", metavar="NAME", help="'list', 'all' or experiment names")
+        "results.json and plots. `moelab reproduce PATH.py [NAME ...]` runs the experiments "
+        "defined in your own Python file (all of them, or those named; PATH.py list lists "
+        "them). A failed run makes the exit status 1, after the results are written.")
+    rp.add_argument("names", nargs="+", metavar="NAME",
+                    help="'list', 'all', experiment names, or PATH.py [NAME ...]")
     rp.add_argument("--seeds", type=int, default=None, metavar="N",
                     help="seeds 0..N-1 (default: the profile's)")
     rp.add_argument("--profile", choices=("quick", "full"), default="quick",
@@ -321,45 +324,62 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_experiments(exps: Sequence, how: str) -> None:
+    width = max((len(e.name) for e in exps), default=0)
+    print(f"experiments ({how} [--profile quick|full]):")
+    for e in exps:
+        full, quick = e.profile("full"), e.profile("quick")
+        cost = (f"~{full.cpu_minutes:.0f} min full, ~{quick.cpu_minutes * 60:.0f} s quick "
+                "(2 CPU cores)") if not e.sources else "analyses " + ", ".join(e.sources)
+        print(f"  {e.name:<{width}}  {e.claim}\n  {'':<{width}}  paper: {e.paper}\n"
+              f"  {'':<{width}}  CPU time: {cost}")
+
+
 def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from moelab.experiments import EXPERIMENTS, reproduce
+    from moelab.experiments.userfile import is_experiment_file, load_experiments
 
-    if args.names == ["list"]:
-        width = max(map(len, EXPERIMENTS), default=0)
-        print("experiments (moelab reproduce NAME [--profile quick|full]):")
-        for e in EXPERIMENTS.values():
-            full, quick = e.profile("full"), e.profile("quick")
-            cost = (f"~{full.cpu_minutes:.0f} min full, ~{quick.cpu_minutes * 60:.0f} s quick "
-                    "(2 CPU cores)") if not e.sources else "analyses " + ", ".join(e.sources)
-            print(f"  {e.name:<{width}}  {e.claim}\n  {'':<{width}}  paper: {e.paper}\n"
-                  f"  {'':<{width}}  CPU time: {cost}")
+    names = list(args.names)
+    if is_experiment_file(names[0]):  # moelab reproduce PATH.py [NAME ...]
+        try:
+            mine = load_experiments(names[0])
+        except USER_ERRORS as e:
+            return _fail(_one_line(e))
+        if names[1:] == ["list"]:
+            _print_experiments(mine, f"moelab reproduce {names[0]} NAME")
+            return 0
+        names = names[1:] or [e.name for e in mine]
+    if names == ["list"]:
+        _print_experiments(list(EXPERIMENTS.values()), "moelab reproduce NAME")
         return 0
-    if "list" in args.names:
+    if "list" in names:
         return _fail("'list' takes no other names")
+    if any(is_experiment_file(n) for n in names):
+        return _fail("give the experiment file first: moelab reproduce PATH.py [NAME ...]")
     if args.seeds is not None and args.seeds < 1:
         return _fail(f"--seeds={args.seeds} is invalid: need >= 1")
     if args.jobs is not None and args.jobs < 1:
         return _fail(f"--jobs={args.jobs} is invalid: need >= 1")
+    from moelab.experiments.suite import RunsFailedError
+
+    failed = None
     try:
-        paths = reproduce(args.names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
+        paths = reproduce(names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
                           out=args.out, data_dir=args.data_dir, command=["moelab", *argv])
+    except RunsFailedError as e:
+        paths, failed = e.paths, str(e)
     except USER_ERRORS as e:
         return _fail(_one_line(e))
     except KeyboardInterrupt:
         print("\nmoelab: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    failed = 0
     for p in paths:
-        import json as _json
-
-        res = _json.loads((p.parent / "results.json").read_text(encoding="utf-8"))
-        failed += len(res["failed"]) if not res["experiment"]["sources"] else 0
+        res = json.loads((p.parent / "results.json").read_text(encoding="utf-8"))
         verdicts = ", ".join(f"{c['text']}: {c['verdict']}" for c in res["claims"])
         print(f"{p.parent.name}: {verdicts}")
         print(f"  results: {p}")
     if failed:
-        print(f"moelab reproduce: {failed} run(s) failed; see the results' 'Failed runs'",
-              file=sys.stderr)
+        print(f"moelab reproduce: {failed}", file=sys.stderr)
         return 1
     return 0
 

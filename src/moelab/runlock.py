@@ -38,10 +38,21 @@ class RunLock:
         self.path = self.run_dir / LOCK
         self.stale: str | None = None  # what a crashed holder left in the lock file
         self._fd: int | None = None
+        self._stale_noted = False
 
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def stale_note(self) -> str | None:
+        """The note to print when this lock was taken over from a process that ended
+        without unlocking, the first time it is asked for; None afterwards and when there
+        was no stale holder (the lock may be acquired, or checked, more than once per run)."""
+        if self.stale is None or self._stale_noted:
+            return None
+        self._stale_noted = True
+        return (f"{self.run_dir} was left locked by a process that ended without unlocking "
+                f"({self.stale}); taking it over")
 
     def acquire(self) -> RunLock:
         if self._fd is not None:

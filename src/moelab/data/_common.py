@@ -31,7 +31,11 @@ def package_dir(package: str, pip_command: str) -> Path:
 
 
 def require_file(path: Path, what: str, how_to_get: str) -> Path:
-    """Return ``path`` if it is a file, else raise FileNotFoundError saying what and how."""
+    """Return ``path`` if it is a file, else raise FileNotFoundError saying what and how (a
+    directory is named as such: this loader reads one file)."""
+    if path.is_dir():
+        raise FileNotFoundError(f"{what}: {path} is a directory; this loader reads one file: "
+                                f"give the file's path\n{how_to_get}")
     if not path.is_file():
         raise FileNotFoundError(f"{what}: file not found: {path}\n{how_to_get}")
     return path

@@ -6,15 +6,17 @@ Layout: ``spec`` (Experiment, Arm, Claim, Metric, Profile), ``keys`` (every conf
 (summaries, paired t CIs, verdicts), ``results`` (aggregation, results.md / .json),
 ``plots`` (figures), ``suite`` (``reproduce``: the whole pipeline).
 
-Your own experiment::
+Your own experiment, in a file ``my_exp.py`` (``moelab reproduce my_exp.py`` runs it; the
+worked example is in docs/REPRODUCE.md)::
 
-    from moelab.experiments import Arm, Claim, Experiment, Metric, Profile, register
+    from moelab.experiments import Arm, Claim, Experiment, Metric, Profile, register, reproduce
     register(Experiment(
         name="my-claim", claim="zero_sum beats AdamW", paper="me",
         base="mnist_mlp", arms=(Arm("adamw"), Arm("zs", ("optim.excitation.strategy=zero_sum",))),
         claims=(Claim("zs", "adamw", "higher"),), metrics=(Metric.final("acc"),),
         profiles={"quick": Profile(("train.steps=20",)), "full": Profile(seeds=5)}))
-    reproduce(["my-claim"], profile="full", out="repro")
+    if __name__ == "__main__":   # python my_exp.py: worker processes import this file
+        reproduce(["my-claim"], profile="full", out="repro")
 """
 
 from moelab.experiments.registry import EXPERIMENTS, get_experiment, register

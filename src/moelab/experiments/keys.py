@@ -61,6 +61,15 @@ DEFAULT_MOE_SCORED = "model.default_moe.scored"
 DEFAULT_MOE_STRAIGHT_THROUGH = "model.default_moe.straight_through"
 
 
+def merge_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``KEY=VALUE`` overrides as they take effect: one entry per key, at the key's first
+    position, with its last value (later overrides win)."""
+    last: dict[str, str] = {}
+    for ov in overrides:  # a dict keeps a key's first position when its value is replaced
+        last[ov.split("=", 1)[0].strip()] = ov
+    return list(last.values())
+
+
 def kv(key: str, value: object) -> str:
     """``KEY=VALUE`` override text (strings quoted as TOML strings)."""
     if isinstance(value, bool):

@@ -24,18 +24,36 @@ from moelab.experiments.keys import kv
 from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile, Records
 
 __all__ = ["DEPTH", "ROBUSTNESS_IMAGES", "ROBUSTNESS_TEXT", "SENSITIVITY",
-           "attack_metrics", "corruption_metrics", "top_norm_share"]
+           "attack_metrics", "corruption_metrics", "momentum_arm", "momentum_overrides",
+           "top_norm_share"]
 
 PAPER = "Teo & Nguyen, MomentumSMoE (NeurIPS 2024, arXiv 2410.14574)"
 TEST_PPL = Metric.final("ppl", label="test perplexity")
 TEST_ACC = Metric.final("acc", label="test accuracy")
 
-RULES = {  # arm prefix -> momentum overrides (official LM values: mu 0.7, gamma 1)
-    "smoe": (kv(K.MOMENTUM_RULE, "none"),),
-    "mom": (kv(K.MOMENTUM_RULE, "heavy_ball"), kv(K.MOMENTUM_MU, 0.7),
-            kv(K.MOMENTUM_GAMMA, 1.0)),
-    "adam": (kv(K.MOMENTUM_RULE, "adam"), kv(K.MOMENTUM_MU, 0.7), kv(K.MOMENTUM_GAMMA, 1.0)),
-    "robust": (kv(K.MOMENTUM_RULE, "robust"),),
+def momentum_overrides(rule: str, mu: float | None = None,
+                       gamma: float | None = None) -> tuple[str, ...]:
+    """``--set`` overrides of one momentum setting: the rule, then mu and gamma if given."""
+    ov = (kv(K.MOMENTUM_RULE, rule),)
+    if mu is not None:
+        ov += (kv(K.MOMENTUM_MU, mu),)
+    if gamma is not None:
+        ov += (kv(K.MOMENTUM_GAMMA, gamma),)
+    return ov
+
+
+def momentum_arm(name: str, rule: str, mu: float | None = None, gamma: float | None = None,
+                 before: tuple[str, ...] = ()) -> Arm:
+    """The one arm factory of these experiments: ``before`` (e.g. block form, depth), then
+    the momentum setting (``momentum_overrides``)."""
+    return Arm(name, before + momentum_overrides(rule, mu, gamma))
+
+
+RULES = {  # arm prefix -> (rule, mu, gamma) (official LM values: mu 0.7, gamma 1)
+    "smoe": ("none", None, None),
+    "mom": ("heavy_ball", 0.7, 1.0),
+    "adam": ("adam", 0.7, 1.0),
+    "robust": ("robust", None, None),
 }
 FORMS = ("pre", "post", "post_double")
 _FORM_TAG = {"pre": "pre", "post": "post", "post_double": "post2"}  # in arm names
@@ -71,9 +89,9 @@ DEPTH = Experiment(
     paper=PAPER + ", WikiText-103 language modelling (Tables 1-2: 3/6/12 layers)",
     base="default",
     overrides=_LM,
-    arms=tuple(Arm(_arm_name(rule, form, depth),
-                   (kv(K.NORM_POSITION, form), kv(K.N_LAYERS, depth)) + ov)
-               for depth in DEPTHS for form in FORMS for rule, ov in RULES.items()),
+    arms=tuple(momentum_arm(_arm_name(name, form, depth), *setting,
+                            before=(kv(K.NORM_POSITION, form), kv(K.N_LAYERS, depth)))
+               for depth in DEPTHS for form in FORMS for name, setting in RULES.items()),
     claims=tuple(Claim(_arm_name(rule, form, depth), _arm_name("smoe", form, depth), "lower",
                        text=f"{rule} beats SMoE ({_FORM_TEXT[form]}, {depth} MoE layers)")
                  for depth in DEPTHS for form in FORMS for rule in ("mom", "adam", "robust")),
@@ -121,20 +139,51 @@ def _final_eval_batches(run_dir: Path) -> int | None:
     return read_config(run_dir).data.final_eval_batches
 
 
-def attack_metrics(run_dir: Path, rate: float = ATTACK_RATE) -> dict[str, float] | None:
-    """Clean / word-swap-attacked test perplexity of an LM run (over the run's
-    ``final_eval_batches`` windows; cached in ``RUN_DIR/robustness/``)."""
+def _attack_eval(run_dir: Path, rate: float = ATTACK_RATE) -> dict[str, Any] | None:
+    """``evaluate_attack`` of a run over its ``final_eval_batches`` windows (cached in
+    ``RUN_DIR/robustness/``); None for a run without a usable checkpoint."""
     from moelab.guard import NonFiniteError
     from moelab.robustness import evaluate_attack
 
     try:
-        res = evaluate_attack(run_dir, rate, seed=0, batches=_final_eval_batches(run_dir))
+        return evaluate_attack(run_dir, rate, seed=0, batches=_final_eval_batches(run_dir))
     except (NonFiniteError, FileNotFoundError):
+        return None
+
+
+def attack_metrics(run_dir: Path, rate: float = ATTACK_RATE) -> dict[str, float] | None:
+    """Clean / word-swap-attacked test perplexity of an LM run (same span of text; see
+    ``evaluate_attack``) and the attacked validation perplexity."""
+    res = _attack_eval(run_dir, rate)
+    if res is None:
         return None
     row = next(r for r in res["rows"] if r["split"] == "test")
     val = next(r for r in res["rows"] if r["split"] == "val")
     return {"clean": row["clean_ppl"], "attacked": row["attacked_ppl"], "gap": row["gap_ppl"],
             "val_attacked": val["attacked_ppl"]}
+
+
+def attack_sections(res: Mapping[str, Any]) -> list[str]:
+    """results.md table: per split, the words in the evaluated span and the share the attack
+    swapped (the same text, seed and span in every run; runs that disagree are listed)."""
+    seen: dict[tuple, list[str]] = {}
+    for a in res["arms"]:
+        for seed, run_dir in sorted(a.get("run_dirs", {}).items()):
+            ev = _attack_eval(Path(run_dir))
+            if ev is not None:
+                key = tuple((r["split"], r["words"], r["swapped"]) for r in ev["rows"])
+                seen.setdefault(key, []).append(f"{a['key']} s{seed}")
+    if not seen:
+        return []
+    L = ["## The attack's strength", "",
+         "Words of the evaluated span (the runs' final_eval_batches windows, clean and attacked "
+         "alike) and how many the attack replaced by 'AAA'.", "",
+         "| split | words | swapped | share | runs |", "|---|---|---|---|---|"]
+    for key, runs in seen.items():
+        who = f"all {len(runs)}" if len(seen) == 1 else ", ".join(runs)
+        for split, words, swapped in key:
+            L.append(f"| {split} | {words} | {swapped} | {swapped / words:.2%} | {who} |")
+    return L + [""]
 
 
 def _field(compute: Callable[[Path], dict[str, float] | None], key: str, name: str):
@@ -178,18 +227,26 @@ ROBUSTNESS_TEXT = Experiment(
     metrics=(ATTACK_GAP, ATTACKED_PPL, CLEAN_PPL),
     profiles={"quick": Profile(cpu_minutes=0.5), "full": Profile(cpu_minutes=17.0)},
     image_datasets=(),
+    extra_sections=attack_sections,
     notes="Trains nothing: evaluates every momentum-depth run (each at the lr its source "
           "selected) on its own val/test text attacked by moelab.robustness.word_swap "
           "(rate 0.025, seed 0, stopword list moelab.robustness.STOPWORDS, the literal 'AAA'), "
-          "over the run's final_eval_batches windows (32 x 16 x 128 bytes at the full "
-          "profile). The attack is applied per line of the text; Shakespeare's verse lines "
-          "are short (about 8 words), so max(floor(0.025 n), 1) swaps 1 word in most lines "
-          "(about 12% of words): a much stronger attack than on WikiText-103's paragraphs. "
-          "The official attack script is not in rachtsy/MomentumSMoE (checked), so the rule "
-          "follows the issue's description. Cost: 2 extra passes over val and test per run "
-          "(estimate from momentum-depth's timing: ~3.5 s per pass of 32 batches, 4 passes per "
-          "run, 72 runs, one process = ~17 min). Changes after test results were "
-          "seen: none.",
+          "clean and attacked over the same span of text: the one the run's "
+          "final_eval_batches windows cover (32 x 16 x 128 bytes at the full profile). The "
+          "paper's rule (TextAttack: max(floor(0.025 n), 1) non-stopwords per line of "
+          "WikiText-103, whose lines are paragraphs) swaps ~2.5% of words there. Cost: 2 "
+          "extra passes over val and test per run (estimate from momentum-depth's timing: "
+          "~3.5 s per pass of 32 batches, 4 passes per run, 72 runs, one process = ~17 min). "
+          "Changes after test results were seen (issue 30, 2026-12-04; the first results "
+          "page had been read): (1) the rule was applied per line of Shakespeare, whose "
+          "verse lines have ~6 words, so the floor of one swap per line replaced 16.3% of "
+          "the test split's words (32.9% of its non-stopwords), about 6x the paper's rate; it "
+          "now applies to units of >= 200 words (lines joined; per line only where the lines "
+          "already are paragraphs), which swaps 2.46% of the test split's words. (2) "
+          "Contractions whose pieces are stopwords (don't, it's) are stopwords. (3) The "
+          "attacked evaluation scored the same number of windows as the clean one, which "
+          "covered more text (AAA is shorter than the words it replaces); both now score the "
+          "same span. The first page's numbers are kept in git history (commit 4d16e3c).",
 )
 
 # ----------------------------------------------------------- 3. robustness: images
@@ -305,12 +362,8 @@ ROBUSTNESS_IMAGES = Experiment(
     overrides=(kv(K.MODEL_KIND, "vit"), kv(K.D_MODEL, 64), kv(K.N_HEADS, 4),
                kv(K.N_LAYERS, 6), kv(K.MOE_EVERY, 2), kv(K.PATCH_SIZE, 4),
                kv(K.N_EXPERTS, 8), kv(K.TOP_K, 2), kv(K.D_FF, 128), kv(K.BATCH_SIZE, 64)),
-    arms=(
-        Arm("smoe", (kv(K.MOMENTUM_RULE, "none"),)),
-        Arm("mom", (kv(K.MOMENTUM_RULE, "heavy_ball"), kv(K.MOMENTUM_MU, 0.8),
-                    kv(K.MOMENTUM_GAMMA, 1.0))),
-        Arm("robust", (kv(K.MOMENTUM_RULE, "robust"),)),
-    ),
+    arms=(momentum_arm("smoe", "none"), momentum_arm("mom", "heavy_ball", 0.8, 1.0),
+          momentum_arm("robust", "robust")),
     claims=(
         Claim("mom", "smoe", "lower", metric="corruption_drop",
               text="MomentumSMoE degrades less under corruption"),
@@ -391,10 +444,8 @@ SENSITIVITY = Experiment(
     paper=PAPER + ", hyperparameter study and the norm-ordered load (Fig. 5)",
     base="default",
     overrides=_LM + (kv(K.N_LAYERS, SENS_DEPTH), kv(K.NORM_POSITION, "pre")),
-    arms=(Arm("smoe", (kv(K.MOMENTUM_RULE, "none"),)),)
-    + tuple(Arm(_mg(mu, g), (kv(K.MOMENTUM_RULE, "heavy_ball"), kv(K.MOMENTUM_MU, mu),
-                             kv(K.MOMENTUM_GAMMA, g)))
-            for mu in MUS for g in GAMMAS),
+    arms=(momentum_arm("smoe", "none"),)
+    + tuple(momentum_arm(_mg(mu, g), "heavy_ball", mu, g) for mu in MUS for g in GAMMAS),
     claims=tuple(Claim(_mg(mu, g), "smoe", "lower", text=f"mu={mu}, gamma={g} beats SMoE")
                  for mu in MUS for g in GAMMAS)
     + (Claim(_mg(0.7, 1.0), "smoe", "lower", metric="top_norm_share",

@@ -128,31 +128,48 @@ def _gini(records: list[dict[str, Any]]) -> list[float] | None:
     return None
 
 
+def metric_bars(res: Mapping[str, Any], name: str
+                ) -> tuple[list[str], list[float], list[float], list[float], str]:
+    """Bars of ``metric.png``: arm keys, means, lower and upper whisker lengths (95% Student-t
+    CI of the mean) and the unit. Accuracy (``*_acc``) is in % like the results table, and
+    its whiskers stop at 0 and 100 (a t interval of a mean near 100% can pass it)."""
+    pct = name.endswith("_acc")
+    scale = 100.0 if pct else 1.0
+    names, means, lo_err, hi_err = [], [], [], []
+    for a in res["arms"]:
+        s = a["metrics"][name]["summary"]
+        if not s["n"]:
+            continue
+        half = (float(_st.t.ppf(0.975, s["n"] - 1)) * s["std"] / math.sqrt(s["n"])
+                if s["n"] > 1 else 0.0) * scale
+        mean = s["mean"] * scale
+        lo, hi = mean - half, mean + half
+        if pct:
+            lo, hi = max(lo, 0.0), min(hi, 100.0)
+        names.append(a["key"])
+        means.append(mean)
+        lo_err.append(mean - lo)
+        hi_err.append(hi - mean)
+    return names, means, lo_err, hi_err, "%" if pct else ""
+
+
 def plot_metric(plt, exp: Experiment, res: Mapping[str, Any], out: Path) -> Path | None:
     m = exp.metric if not exp.metric.per_layer else next(
         (x for x in exp.metrics if not x.per_layer), None)
     if m is None:
         return None
-    names, means, errs = [], [], []
-    for a in res["arms"]:
-        s = a["metrics"][m.name]["summary"]
-        if not s["n"]:
-            continue
-        half = (float(_st.t.ppf(0.975, s["n"] - 1)) * s["std"] / math.sqrt(s["n"])
-                if s["n"] > 1 else 0.0)
-        names.append(a["key"])
-        means.append(s["mean"])
-        errs.append(half)
+    names, means, lo_err, hi_err, unit = metric_bars(res, m.name)
     if not names:
         return None
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 4))
-    ax.bar(range(len(names)), means, yerr=errs, capsize=4, color="#7aa6c2")
+    ax.bar(range(len(names)), means, yerr=[lo_err, hi_err], capsize=4, color="#7aa6c2")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    lo = min(mu - e for mu, e in zip(means, errs, strict=True))
-    hi = max(mu + e for mu, e in zip(means, errs, strict=True))
+    lo = min(mu - e for mu, e in zip(means, lo_err, strict=True))
+    hi = max(mu + e for mu, e in zip(means, hi_err, strict=True))
     pad = 0.15 * (hi - lo or abs(hi) or 1.0)
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set(title=f"{exp.name}: {m.label} (mean, 95% t CI)", ylabel=m.label)
+    label = f"{m.label} ({unit})" if unit else m.label
+    ax.set(title=f"{exp.name}: {label} (mean, 95% t CI)", ylabel=label)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, out / "metric.png")
 

@@ -17,6 +17,7 @@ from moelab.experiments.spec import (
     Experiment,
     Metric,
     divergence,
+    factorial_arm_name,
     factorial_factors,
     final_record,
 )
@@ -34,7 +35,8 @@ from moelab.experiments.stats import (
     verdict,
 )
 
-__all__ = ["aggregate", "arm_key", "render_markdown", "write_results"]
+__all__ = ["aggregate", "arm_key", "compare_arms", "factorial_result", "render_markdown",
+           "write_results"]
 
 
 def arm_key(source: str, arm: str, exp: Experiment) -> str:
@@ -45,7 +47,9 @@ def arm_key(source: str, arm: str, exp: Experiment) -> str:
 def _records(o: RunOutcome) -> list[dict[str, Any]]:
     from moelab.rundir import read_metrics
 
-    return [] if o.status == "failed" else read_metrics(o.spec.run_dir)
+    if o.status == "failed" or not Path(o.spec.run_dir).is_dir():
+        return []
+    return read_metrics(o.spec.run_dir)
 
 
 def _value(metric: Metric, records: list[dict[str, Any]], val: bool = False,
@@ -78,22 +82,40 @@ def _target_value(exp: Experiment, m: Metric, sel: dict[str, dict[str, Any]]
     return out
 
 
+def _planned_steps(o: RunOutcome) -> float | None:
+    """The run's ``train.steps`` (from its definition; None if that cannot be resolved)."""
+    from moelab.experiments.runner import resolve_config
+
+    try:
+        return float(resolve_config(o.spec).train.steps)
+    except (ValueError, FileNotFoundError, KeyError, TypeError):
+        return None
+
+
 def _steps_values(m: Metric, runs: Mapping[int, tuple[RunOutcome, list]],
-                  target: float | None) -> tuple[dict[int, float | None], list[int]]:
-    """Steps-to-target per seed (censored runs at their last evaluated step) and the
-    censored seeds; None for a run without an evaluation or without a target."""
+                  target: float | None
+                  ) -> tuple[dict[int, float | None], list[int], list[int]]:
+    """Steps-to-target per seed, the censored seeds and the diverged seeds (``Target``): a
+    run that never reaches the target is censored at its last evaluated step; a diverged run
+    at its planned final step. None for a run without an evaluation or without a target."""
     assert m.target is not None
     values: dict[int, float | None] = {}
-    censored = []
-    for seed, (_, records) in runs.items():
+    censored, diverged = [], []
+    for seed, (o, records) in runs.items():
         curve = _value(m, records)
-        if target is None or not curve:
+        if target is None or (not curve and o.status != "diverged"):
             values[seed] = None
+            continue
+        if divergence(records, o.status) is not None:
+            planned = _planned_steps(o)
+            values[seed] = planned if planned is not None else (curve[-1][0] if curve else None)
+            censored.append(seed)
+            diverged.append(seed)
             continue
         values[seed], cens = steps_to_target(curve, target, m.target.interpolate)
         if cens:
             censored.append(seed)
-    return values, sorted(censored)
+    return values, sorted(censored), sorted(diverged)
 
 
 def _summary(values: Mapping[int, Any], per_layer: bool) -> Any:
@@ -148,8 +170,8 @@ def _arm_result(exp: Experiment, source: str, arm: str, sel: dict[str, Any],
         extra: dict[str, Any] = {}
         if m.target is not None:
             target = (targets or {}).get(m.name, {}).get(arm)
-            values, censored = _steps_values(m, runs, target)
-            extra = {"target": target, "censored": censored}
+            values, censored, diverged = _steps_values(m, runs, target)
+            extra = {"target": target, "censored": censored, "diverged": diverged}
         else:
             values = {s: _value(m, r, run=o) for s, (o, r) in runs.items()}
         res["metrics"][m.name] = {"per_seed": {str(s): v for s, v in sorted(values.items())},
@@ -176,15 +198,39 @@ def _divergence_by_lr(grid: Mapping[Any, list[tuple[RunOutcome, list]]]) -> list
     return out
 
 
-def _factorial(exp: Experiment, arms: list[dict[str, Any]]) -> dict[str, Any]:
-    """Main effects and interactions of every non-per-layer metric (``stats``)."""
+def factorial_result(exp: Experiment, arms: list[dict[str, Any]]) -> dict[str, Any]:
+    """Main effects and interactions of every non-per-layer metric (``stats``). For a
+    steps-to-target metric, the main effect of a factor that changes the target (e.g. the
+    sparsity, each with its own Top-K target) is left out: it would compare steps to
+    different targets. Its interactions, differences of within-target gains, are kept."""
     out: dict[str, Any] = {"factors": list(exp.factors), "metrics": {}}
     for m in exp.metrics:
         if m.per_layer:
             continue
         cells = {factorial_factors(a["arm"], exp.factors): _per_seed(a, m.name) for a in arms}
-        out["metrics"][m.name] = [e.as_dict() for e in factorial_effects(cells, exp.factors)]
+        effects = [e.as_dict() for e in factorial_effects(cells, exp.factors)]
+        if m.target is not None:
+            moves = _target_factors(exp, m)
+            effects = [e for e in effects if not (len(e["factors"]) == 1
+                                                  and e["factors"][0] in moves)]
+            if moves:
+                out.setdefault("omitted", {})[m.name] = sorted(moves)
+        out["metrics"][m.name] = effects
     return out
+
+
+def _target_factors(exp: Experiment, m: Metric) -> set[str]:
+    """The factors whose switch changes an arm's steps-to-target target."""
+    assert m.target is not None
+    names = {a.name for a in exp.arms}
+    moves = set()
+    for a in names:
+        on = factorial_factors(a, exp.factors)
+        for f in exp.factors:
+            b = factorial_arm_name(on ^ {f}, exp.factors)
+            if b in names and not m.target.shared(a, b):
+                moves.add(f)
+    return moves
 
 
 def _per_seed(arm_res: dict[str, Any], metric: str) -> dict[int, Any]:
@@ -240,6 +286,18 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
         for arm, sel in selected.items():
             arms.append(_arm_result(exp, exp.name, arm, sel, exp.chance, targets))
         all_outcomes = list(outcomes)
+    claims = compare_arms(exp, arms)
+    failed = [{"run": o.spec.label, "run_dir": o.spec.run_dir, "error": o.error}
+              for o in all_outcomes if o.status == "failed"]
+    extra = {"factorial": factorial_result(exp, arms)} if exp.factors else {}
+    return {"arms": arms, "claims": claims, "failed": failed, **extra,
+            "runs": [outcome_dict(o) for o in outcomes],
+            "data_sources": sorted({o.data_source for o in all_outcomes if o.data_source})}
+
+
+def compare_arms(exp: Experiment, arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """From the arms' per-seed values alone: each arm's Δ vs the first arm (``vs_first``,
+    set in ``arms``) and the claims with verdicts and Benjamini-Hochberg p (returned)."""
     by_key = {a["key"]: a for a in arms}
 
     # every arm vs the first arm (same lr grid), on the primary metric
@@ -247,6 +305,8 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
     if not exp.sources and not m0.per_layer:
         first = exp.arms[0]
         for a in arms[1:]:
+            if m0.target is not None and not m0.target.shared(a["arm"], first.name):
+                continue  # steps to different targets do not compare
             if exp.arm(a["arm"]).lr_grid == first.lr_grid:
                 a["vs_first"] = {"baseline": first.name, **_compare(
                     _per_seed(a, m0.name), _per_seed(by_key[first.name], m0.name), m0,
@@ -265,12 +325,7 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
                        "arm": ka, "baseline": kb, "metric": m.name, "direction": c.direction,
                        **cmp})
     _add_bh(claims)
-    failed = [{"run": o.spec.label, "run_dir": o.spec.run_dir, "error": o.error}
-              for o in all_outcomes if o.status == "failed"]
-    extra = {"factorial": _factorial(exp, arms)} if exp.factors else {}
-    return {"arms": arms, "claims": claims, "failed": failed, **extra,
-            "runs": [outcome_dict(o) for o in outcomes],
-            "data_sources": sorted({o.data_source for o in all_outcomes if o.data_source})}
+    return claims
 
 
 # ------------------------------------------------------------------------------ writing
@@ -311,8 +366,12 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
           f"- Dataset actually used: {', '.join(res['data_sources']) or meta.get('data', '–')}",
           f"- Base config: `{exp.base}` with overrides: "
           + (", ".join(f"`{o}`" for o in meta.get("overrides", [])) or "none")]
-    if exp.notes:
+    if exp.notes and meta["profile"] == "full":
         L.append(f"- Notes: {exp.notes}")
+    elif exp.notes:
+        L.append(f"- Profile `{meta['profile']}`: a smoke test of the pipeline; its numbers are "
+                 f"not evidence. The notes below describe the full profile's setting.")
+        L.append(f"- Notes (full profile): {exp.notes}")
     L.append("")
     primary = exp.metric
     if not exp.sources:
@@ -341,6 +400,10 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
         if exp.chance is not None:
             L += ["", f"Escaped: share of seeds with test accuracy > chance "
                   f"({exp.chance:.0%}) + 10 points."]
+        if primary.target is not None:
+            L += ["", f"Δ only for arms with the same target as {exp.arms[0].name} (steps to "
+                  "different targets do not compare; the claims pair each arm with its own "
+                  "baseline)."]
         L.append("")
     else:
         for m in exp.metrics:
@@ -361,6 +424,8 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
             L.append("")
     if not exp.sources:
         L += _render_extra(exp, res)
+    elif exp.extra_sections is not None:
+        L += exp.extra_sections(res)
     n_p = sum(1 for x in _p_rows(res["claims"])
               if x.get("p_bh") is not None and math.isfinite(x["p_bh"]))
     bh = n_p > 1  # one p-value needs no adjustment
@@ -416,7 +481,11 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
 
 def _wall_line(meta: Mapping[str, Any], name: str, n_failed: int) -> str:
     """Provenance line on time: this experiment's own run time and evaluation time, and the
-    wall time of the invocation it ran in (shared with the others named)."""
+    wall time of the invocation it ran in (shared with the others named). Pages written
+    before these fields existed have only ``wall_s``."""
+    if "invocation_wall_s" not in meta:
+        return (f"- Time: {meta.get('wall_s', 0.0):.0f} s wall ({meta.get('n_run', 0)} runs "
+                f"trained, {meta.get('n_skipped', 0)} already done, {n_failed} failed)")
     others = [n for n in meta["invocation_experiments"] if n != name]
     shared = f", shared with {', '.join(others)}" if others else ""
     return (f"- Time: this experiment's runs {meta['runs_wall_s']:.0f} s summed over runs "
@@ -452,17 +521,23 @@ def _render_extra(exp: Experiment, res: Mapping[str, Any]) -> list[str]:
                if m.target.interpolate else "the first evaluation step at or below it")
         L += [f"## {m.label}: targets and censoring", "",
               f"Target of each arm: the mean final {m.target.key} of its baseline arm's runs "
-              f"(fixed from those runs alone). Steps: {how}. A run that never reaches its "
-              "target is *censored*: counted at its last evaluated step (a lower bound, which "
-              "shrinks any difference toward 0) and listed here.", "",
-              "| arm | baseline | target | reached | censored seeds |", "|---|---|---|---|---|"]
+              "(fixed from those runs alone), read on the evaluations that use the same "
+              f"windows as the final one. Steps: {how}. Only arms with the same target are "
+              "compared. A run that never reaches its target is *censored*: counted at its "
+              "last evaluated step, a lower bound on its true value. That favours the arm "
+              "holding the censored run: it shrinks a difference toward 0 when that arm is the "
+              "slower one, and can exaggerate it when that arm is the faster one. A diverged "
+              "run never reaches the target: it is censored at its planned final step.", "",
+              "| arm | baseline | target | reached | censored seeds | diverged seeds |",
+              "|---|---|---|---|---|---|"]
         for a in res["arms"]:
             x = a["metrics"][m.name]
             n = sum(1 for v in x["per_seed"].values() if v is not None)
             cens = x.get("censored", [])
+            div = ", ".join(map(str, x.get("diverged", []))) or "–"
             L.append(f"| {a['arm']} | {m.target.baseline_of(a['arm'])} | "
                      f"{_f(x.get('target'))} | {n - len(cens)} of {n} | "
-                     f"{', '.join(map(str, cens)) or '–'} |")
+                     f"{', '.join(map(str, cens)) or '–'} | {div} |")
         L.append("")
     if exp.report_divergence:
         L += ["## Divergence", "",
@@ -487,8 +562,12 @@ def _render_extra(exp: Experiment, res: Mapping[str, Any]) -> list[str]:
               "seeds; an interaction whose CI excludes 0 means the methods do not add.", ""]
         for name, effects in fac["metrics"].items():
             pct = _is_pct(name)
-            L += [f"### {exp.metric_named(name).label}", "",
-                  "| effect | mean | 95% CI | p | n |", "|---|---|---|---|---|"]
+            L += [f"### {exp.metric_named(name).label}", ""]
+            omitted = fac.get("omitted", {}).get(name)
+            if omitted:
+                L += [f"Main effect of {', '.join(omitted)} left out: switching it changes the "
+                      "target, and steps to different targets do not compare.", ""]
+            L += ["| effect | mean | 95% CI | p | n |", "|---|---|---|---|---|"]
             for e in effects:
                 mean, ci, p = _diff(e, pct)
                 L.append(f"| {e['name']} | {mean} | {ci} | {p} | {e['n']} |")

@@ -37,8 +37,8 @@ from moelab.experiments.spec import Experiment, final_record
 from moelab.guard import NonFiniteError
 
 __all__ = ["FASHION_MNIST_DIR", "DataChoice", "RunOutcome", "RunSpec", "choose_image_data",
-           "default_jobs", "execute_run", "execute_runs", "plan_runs", "resolve_config",
-           "run_state"]
+           "default_jobs", "describe_image_choice", "execute_run", "execute_runs",
+           "failure_summary", "plan_runs", "resolve_config", "run_state"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the original IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -99,6 +99,23 @@ def choose_image_data(data_dir: str | Path | None,
     raise ValueError(f"none of the datasets {prefer} is available")
 
 
+def describe_image_choice(choice: DataChoice, prefer: tuple[str, ...],
+                          fashion_dir: str | Path | None = FASHION_MNIST_DIR) -> str:
+    """One line for the terminal: the image data a run set uses and, when it is not the
+    experiment's preferred dataset, which ones were skipped and why."""
+    why = {"cifar10": "no --data-dir with CIFAR-10",
+           "fashion-mnist": f"Fashion-MNIST not installed at {fashion_dir} (Debian package "
+                            "dataset-fashion-mnist)"}
+    names = {"cifar10": "cifar10", "idx": "fashion-mnist", "mnist5k": "mnist5k"}
+    chosen = names.get(choice.dataset, choice.dataset)
+    skipped = [why[p] for p in prefer[:prefer.index(chosen)] if p in why] \
+        if chosen in prefer else []
+    # CIFAR-10 is only used when given; skipping it is the normal case, not news
+    skipped = [s for s in skipped if not s.startswith("no --data-dir")]
+    note = f" instead of the preferred dataset ({'; '.join(skipped)})" if skipped else ""
+    return f"image data: {choice.label}{note}"
+
+
 def default_jobs(cores: int | None = None) -> int:
     """Worker processes when ``--jobs`` is not given: one per core (measured faster than one
     process with all cores for these small models; see the README)."""
@@ -140,6 +157,17 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.status != "failed"
+
+
+def invocation() -> list[str]:
+    """The command line this process was started with, as a user would type it: ``moelab
+    ...`` for the console script, else ``python ARGV...`` (a script or ``-m``)."""
+    argv = list(sys.argv) or [""]
+    if Path(argv[0]).name == "moelab":
+        return ["moelab", *argv[1:]]
+    if argv[0] in ("-c", ""):
+        return ["python", "-c", "..."]
+    return ["python", *argv]
 
 
 def _lr_tag(lr: float | None) -> str:
@@ -244,7 +272,7 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
 
     d = Path(spec.run_dir)
     t0 = time.perf_counter()
-    cmd = command or ["moelab", "reproduce", spec.experiment]
+    cmd = command or invocation()
     try:
         cfg = resolve_config(spec)
         state = run_state(spec, cfg)
@@ -290,6 +318,28 @@ def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
         except OSError:
             pass
         return RunOutcome(spec, "failed", error=err, wall_s=wall)
+
+
+def _worker_died(spec: RunSpec, e: BaseException) -> RunOutcome:
+    """A failed outcome for a run whose worker process died, recorded in its
+    ``reproduce.json`` (so the results' pointer to it holds)."""
+    err = f"worker process died: {type(e).__name__}: {' '.join(str(e).split())}"
+    try:
+        _write_status(Path(spec.run_dir), {
+            "status": "failed", "run": spec.label, "error": err,
+            "traceback": "".join(traceback.format_exception(e)), "wall_s": 0.0,
+            "overrides": list(spec.overrides)})
+    except OSError:
+        pass
+    return RunOutcome(spec, "failed", error=err)
+
+
+def failure_summary(failed: list[RunOutcome], limit: int = 4) -> str:
+    """One line naming the failed runs and where their tracebacks are."""
+    named = [f"{o.spec.label} ({Path(o.spec.run_dir) / STATUS_FILE})" for o in failed[:limit]]
+    more = f" and {len(failed) - limit} more" if len(failed) > limit else ""
+    return (f"{len(failed)} run(s) failed: {'; '.join(named)}{more}; each reproduce.json holds "
+            "the error and traceback; the same command retries them")
 
 
 def _describe(o: RunOutcome) -> str:
@@ -348,8 +398,7 @@ def execute_runs(specs: Iterable[RunSpec], jobs: int = 1,
                     try:
                         o = f.result()
                     except Exception as e:  # noqa: BLE001 - a worker died (OOM kill, ...)
-                        o = RunOutcome(specs[i], "failed",
-                                       error=f"worker process died: {type(e).__name__}: {e}")
+                        o = _worker_died(specs[i], e)
                     if o.status == "interrupted":
                         ex.shutdown(wait=True, cancel_futures=True)
                         raise KeyboardInterrupt

@@ -27,7 +27,7 @@ from typing import Any
 from moelab.experiments.stats import DIRECTIONS
 
 __all__ = ["Arm", "Claim", "Experiment", "Metric", "Profile", "Records", "Target", "divergence",
-           "eval_curve", "final_record"]
+           "eval_curve", "final_record", "target_curve"]
 
 #: The entries of one run's metrics.jsonl, in order.
 Records = Sequence[dict[str, Any]]
@@ -60,6 +60,18 @@ def eval_curve(records: Records, key: str = "val_loss") -> list[tuple[float, flo
     return sorted(out, key=lambda sv: sv[0])
 
 
+def target_curve(records: Records, key: str = "val_loss") -> list[tuple[float, float]]:
+    """``eval_curve`` restricted to the evaluations on the same windows as the final one
+    (the same ``val_items``; records without it are kept): a steps-to-target target is a mean
+    of final values, so the curve it is read on must come from the same windows."""
+    fin = next((r for r in reversed(records) if r.get("kind") == "eval" and r.get("final")),
+               None)
+    items = None if fin is None else fin.get("val_items")
+    if items is None:
+        return eval_curve(records, key)
+    return eval_curve([r for r in records if r.get("val_items", items) == items], key)
+
+
 def divergence(records: Records, status: str | None = None) -> str | None:
     """Why a run counts as diverged, or None: it stopped at a non-finite loss (runner status
     ``"diverged"``: ``moelab.guard.NonFiniteError``), or it finished with a non-finite final
@@ -85,11 +97,17 @@ class Target:
     """Steps-to-target: each arm's target is the mean final ``key`` (``val_loss``) of its
     baseline arm's runs (at that arm's picked lr); a run's value is the first step its
     validation curve reaches the target (linearly interpolated between evaluations when
-    ``interpolate``; see ``stats.steps_to_target``). A run that never reaches it is censored:
-    its value is its last evaluated step (a lower bound) and it is counted as censored.
+    ``interpolate``; see ``stats.steps_to_target``), read on the evaluations that use the
+    same windows as the final one (``target_curve``).
+
+    Censoring: a run that never reaches its target is counted at its last evaluated step (a
+    lower bound) and listed as censored. A diverged run (``spec.divergence``: stopped at a
+    non-finite loss, or finished above its initial loss) never reaches the target, whatever
+    its curve did before: it is censored at the planned final step (``train.steps``), listed
+    as diverged.
 
     baseline: ``(arm, baseline arm)`` pairs, one for every arm of the experiment (a baseline
-    arm maps to itself).
+    arm maps to itself). Only arms with the same baseline share a target and are compared.
     """
 
     baseline: tuple[tuple[str, str], ...]
@@ -101,6 +119,10 @@ class Target:
             if a == arm:
                 return b
         raise KeyError(f"steps-to-target: arm {arm!r} has no baseline")
+
+    def shared(self, a: str, b: str) -> bool:
+        """Whether arms ``a`` and ``b`` have the same target (the same baseline arm)."""
+        return self.baseline_of(a) == self.baseline_of(b)
 
 
 @dataclass(frozen=True)
@@ -135,7 +157,7 @@ class Metric:
         """Steps until the validation ``key`` reaches the baseline arm's mean final ``key``
         (``baseline``: arm -> its baseline arm, every arm listed); lower is better."""
         return cls(f"steps_to_{key}", label or f"steps to the baseline's final {key}",
-                   lambda records: eval_curve(records, key), None, higher_is_better=False,
+                   lambda records: target_curve(records, key), None, higher_is_better=False,
                    target=Target(tuple(sorted(baseline.items())), key, interpolate))
 
     @classmethod

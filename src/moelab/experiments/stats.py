@@ -18,18 +18,22 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["DIRECTIONS", "MULTIPLICITY_NOTE", "VERDICT_RULE", "ArmSummary", "Effect",
+__all__ = ["DIRECTIONS", "MULTIPLICITY_NOTE", "NOT_ENOUGH", "VERDICT_RULE", "ArmSummary", "Effect",
            "PairedDiff", "bh_adjust", "combine_verdicts", "escape_fraction", "factorial_effects",
            "paired_difference", "pick_lr", "steps_to_target", "summarize", "verdict"]
 
 DIRECTIONS = ("higher", "lower")
+#: The verdict of a claim with fewer than 2 paired seeds: no interval, so no verdict.
+NOT_ENOUGH = "not enough runs"
 
 VERDICT_RULE = (
     "Verdict rule: for each claim, the per-seed difference (arm − baseline, same seed) is "
     "averaged and given a 95% Student-t confidence interval over seeds. *supported*: the "
     "interval excludes 0 on the claimed side; *contradicted*: it excludes 0 on the other side; "
-    "*inconclusive*: it contains 0 (or fewer than 2 paired seeds). A claim over several "
-    "quantities (e.g. every depth) is supported only if each one is, contradicted if any one is.")
+    "*inconclusive*: it contains 0. With fewer than 2 paired seeds there is no interval and no "
+    "verdict: *not enough runs*. A claim over several quantities (e.g. every layer) is "
+    "supported only if each one is, contradicted if any one is, and has no verdict if one of "
+    "them has none.")
 
 MULTIPLICITY_NOTE = (
     "p (BH): the p-values of this table adjusted together for the false-discovery rate "
@@ -120,12 +124,12 @@ def bh_adjust(p_values: Sequence[float | None]) -> list[float]:
 def verdict(diff: PairedDiff, direction: str) -> str:
     """``supported`` if the CI excludes 0 in ``direction`` ("higher": arm > baseline;
     "lower": arm < baseline), ``contradicted`` if it excludes 0 the other way, else
-    ``inconclusive`` (also when the CI is undefined)."""
+    ``inconclusive``; ``not enough runs`` (:data:`NOT_ENOUGH`) with fewer than 2 pairs."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is invalid: choose one of {DIRECTIONS}")
     lo, hi = diff.ci_low, diff.ci_high
     if diff.n < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
-        return "inconclusive"
+        return NOT_ENOUGH
     above, below = lo > 0, hi < 0
     if direction == "higher":
         return "supported" if above else "contradicted" if below else "inconclusive"
@@ -133,12 +137,13 @@ def verdict(diff: PairedDiff, direction: str) -> str:
 
 
 def combine_verdicts(verdicts: Sequence[str]) -> str:
-    """One verdict for a claim over several quantities: supported only if all are,
-    contradicted if any is, else inconclusive (and inconclusive for an empty list)."""
-    if not verdicts:
-        return "inconclusive"
+    """One verdict for a claim over several quantities: contradicted if any is; else
+    ``not enough runs`` if any has no verdict (or there is none); else supported only if all
+    are, inconclusive otherwise."""
     if any(v == "contradicted" for v in verdicts):
         return "contradicted"
+    if not verdicts or any(v == NOT_ENOUGH for v in verdicts):
+        return NOT_ENOUGH
     return "supported" if all(v == "supported" for v in verdicts) else "inconclusive"
 
 

@@ -13,18 +13,35 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moelab.experiments.keys import merge_overrides
 from moelab.experiments.registry import get_experiment, resolve_names
 from moelab.experiments.results import aggregate, write_results
 from moelab.experiments.runner import (
     FASHION_MNIST_DIR,
+    RunOutcome,
     choose_image_data,
     default_jobs,
+    describe_image_choice,
     execute_runs,
+    failure_summary,
+    invocation,
     plan_runs,
 )
 from moelab.experiments.spec import Experiment
 
-__all__ = ["machine_description", "reproduce", "with_sources"]
+__all__ = ["RunsFailedError", "machine_description", "reproduce", "with_sources"]
+
+
+class RunsFailedError(RuntimeError):
+    """Some runs of ``reproduce`` failed (results were still written for the others).
+
+    ``paths``: the results.md files written; ``failed``: the failed runs' outcomes. The
+    message is one line naming them and where their tracebacks are."""
+
+    def __init__(self, failed: list[RunOutcome], paths: list[Path]) -> None:
+        super().__init__(failure_summary(failed))
+        self.failed = failed
+        self.paths = paths
 
 
 def with_sources(exps: Sequence[Experiment]) -> list[Experiment]:
@@ -58,7 +75,8 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
               jobs: int | None = None, out: str | Path = "reproduce",
               data_dir: str | Path | None = None, fashion_dir: str | Path | None =
               FASHION_MNIST_DIR, command: Sequence[str] | None = None,
-              progress: bool = True, threads: int | None = None) -> list[Path]:
+              progress: bool = True, threads: int | None = None,
+              check: bool = True) -> list[Path]:
     """Run the named experiments (or ``["all"]``) and write ``OUT/NAME/results.md`` for each;
     returns those paths. Runs already finished with the same config are skipped. An
     experiment's sources (e.g. the trained runs a robustness evaluation reads) are run or
@@ -66,8 +84,21 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     runs.
 
     jobs: worker processes (default: one per core); threads: torch threads per run (default:
-    cores // jobs).
+    cores // jobs). command: what results.md records as the command (default: this
+    process's own command line). check: raise :class:`RunsFailedError` (after writing the
+    results) if any run failed, so a script that calls this exits non-zero.
+
+    Spawn-safe: called while a worker process imports the script that calls it (``--jobs``
+    > 1 without an ``if __name__ == "__main__":`` guard), it does nothing and returns [].
     """
+    if _in_spawned_import():
+        return []
+    from moelab.experiments.userfile import loading
+
+    if (path := loading()) is not None:
+        print(f"moelab reproduce: {path} calls reproduce() when imported; skipped (the "
+              "command line runs the experiments it names)", file=sys.stderr)
+        return []
     import torch
 
     from moelab import __version__
@@ -90,9 +121,14 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
                          "experiments uses it")
     data = {e.name: choose_image_data(data_dir, fashion_dir, e.image_datasets)
             if e.image_datasets else None for e in exps}
+    for e in exps:
+        if data[e.name] is not None and progress:
+            print(f"moelab reproduce: {e.name}: "
+                  f"{describe_image_choice(data[e.name], e.image_datasets, fashion_dir)}",
+                  file=sys.stderr)
     plans = {e.name: plan_runs(e, profile, seeds or e.profile(profile).seeds, out,
                                data[e.name], threads) for e in exps}
-    cmd = list(command) if command is not None else ["moelab", *sys.argv[1:]]
+    cmd = list(command) if command is not None else invocation()
     all_specs = [s for e in exps for s in plans[e.name]]
     outcomes = execute_runs(all_specs, jobs=jobs, command=cmd, progress=progress)
     by_exp: dict[str, list] = {e.name: [] for e in exps}
@@ -115,7 +151,7 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             "command": shlex.join(cmd), "torch": torch.__version__,
             "python": platform.python_version(), "moelab": __version__,
             "machine": machine_description(), "data": data[e.name].label if data[e.name] else None,
-            "overrides": list(e.overrides) + list(e.profile(profile).overrides),
+            "overrides": merge_overrides(list(e.overrides) + list(e.profile(profile).overrides)),
             "invocation_wall_s": time.perf_counter() - t0,
             "invocation_experiments": [x.name for x in exps],
             "runs_wall_s": sum(o.wall_s for o in outs), "aggregate_wall_s": agg_s,
@@ -133,4 +169,15 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             print(f"moelab reproduce: no plots: {err}", file=sys.stderr)
             meta["plots"] = []
         written.append(write_results(exp_dir, e, res, meta))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed and check:
+        raise RunsFailedError(failed, written)
     return written
+
+
+def _in_spawned_import() -> bool:
+    """Whether this process is a multiprocessing child still importing its parent's main
+    module (what ``spawn`` does before it runs a worker)."""
+    import multiprocessing
+
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))

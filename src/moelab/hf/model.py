@@ -29,9 +29,31 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json")
 
 
+def hf_weights_file(path: str | Path) -> Path | None:
+    """The weights file ``model.hf_path`` loads (None: there is none, so the model starts
+    from a random init of its config.json). ``path``: a checkpoint directory or a
+    config.json."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    return next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
+
+
+def hf_init_note(path: str | Path) -> str:
+    """How ``model.hf_path`` initialises the model, for the run's header line: pretrained
+    weights from a file, or a random init (only a config.json there)."""
+    found = hf_weights_file(path)
+    if found is not None:
+        return f"pretrained weights from {found}"
+    config = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    return (f"RANDOM INIT from {config} (no weights file: "
+            f"{', '.join(_WEIGHT_FILES[::2])} not found)")
+
+
 def load_hf_causal_lm(path: str | Path, vocab_size: int) -> nn.Module:
     """The ``transformers`` causal LM at ``path``: pretrained weights if the directory holds
-    them, else a random init from its config.json with ``vocab_size`` tokens."""
+    them (``hf_weights_file``), else a random init from its config.json with ``vocab_size``
+    tokens."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -39,9 +61,8 @@ def load_hf_causal_lm(path: str | Path, vocab_size: int) -> nn.Module:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model.hf_path={str(path)!r} does not exist")
-    directory = path if path.is_dir() else path.parent
-    if path.is_dir() and any((directory / f).is_file() for f in _WEIGHT_FILES):
-        model = AutoModelForCausalLM.from_pretrained(directory)
+    if hf_weights_file(path) is not None:
+        model = AutoModelForCausalLM.from_pretrained(path)
         if model.config.vocab_size < vocab_size:
             raise ValueError(f"model.hf_path={str(path)!r}: vocab_size="
                              f"{model.config.vocab_size} < the data tokenizer's {vocab_size}")
@@ -54,9 +75,10 @@ def load_hf_causal_lm(path: str | Path, vocab_size: int) -> nn.Module:
 class HFCausalLM(nn.Module):
     """A patched HF causal LM with moelab's model interface; ``self.hf`` is the HF model."""
 
-    def __init__(self, hf: nn.Module) -> None:
+    def __init__(self, hf: nn.Module, init_note: str = "") -> None:
         super().__init__()
         self.hf = hf
+        self.init_note = init_note  # hf_init_note: pretrained weights or a random init
 
     def forward(self, x: Tensor) -> ModelOutput:
         """x: [B, S] token ids -> ModelOutput(logits [B, S, V], aux_loss: HF's router aux
@@ -104,4 +126,4 @@ def build_hf_lm(cfg: Any, vocab_size: int) -> HFCausalLM:
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     momentum = cfg.momentum if cfg.momentum.rule != "none" else None
     patch(hf, default_moe=cfg.default_moe, momentum=momentum, dispatch=cfg.moe.dispatch)
-    return HFCausalLM(hf.train())
+    return HFCausalLM(hf.train(), hf_init_note(cfg.hf_path))

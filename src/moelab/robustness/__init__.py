@@ -11,7 +11,7 @@
 
 from moelab.robustness.evaluate import evaluate_attack, evaluate_corruptions, parse_corrupt
 from moelab.robustness.images import CORRUPTIONS, SEVERITIES, corrupt
-from moelab.robustness.text import STOPWORDS, swap_count, word_swap
+from moelab.robustness.text import STOPWORDS, count_words, is_stopword, swap_count, word_swap
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "STOPWORDS", "corrupt", "evaluate_attack",
-           "evaluate_corruptions", "parse_corrupt", "swap_count", "word_swap"]
+__all__ = ["CORRUPTIONS", "SEVERITIES", "STOPWORDS", "corrupt", "count_words", "evaluate_attack",
+           "evaluate_corruptions", "is_stopword", "parse_corrupt", "swap_count", "word_swap"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.robustness.images import CORRUPTIONS, SEVERITIES, corrupt
-from moelab.robustness.text import word_swap
+from moelab.robustness.text import apply_swaps, choose_swaps, count_words
 
 __all__ = ["evaluate_attack", "evaluate_corruptions", "parse_attack", "parse_corrupt",
            "render_attack", "render_corruptions"]
@@ -79,16 +79,44 @@ def _tag(batches: int | None) -> str:
     return "all" if batches is None else str(batches)
 
 
+def _scored_tokens(n_tokens: int, batches: int | None, batch_size: int, seq_len: int) -> int:
+    """Tokens of a stream of ``n_tokens`` that the first ``batches`` evaluation batches read
+    (``data.EvalWindows``: windows of ``seq_len`` + 1 tokens, overlapping by one)."""
+    windows = (n_tokens - 1) // seq_len
+    if batches is not None:
+        windows = min(windows, batches * batch_size)
+    return windows * seq_len + 1
+
+
+def _prefix_chars(text: str, encode, n_tokens: int) -> int:
+    """The longest prefix of ``text`` (in characters) that encodes to <= ``n_tokens`` tokens
+    (binary search: the token count grows with the prefix)."""
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(encode(text[:mid]).numel()) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def evaluate_attack(run_dir: str | Path, rate: float = 0.025, seed: int = 0,
                     batches: int | None = None, *, cache: bool = True,
                     progress: bool = False) -> dict[str, Any]:
-    """Clean and word-swap-attacked loss/perplexity of an LM run on its val and test splits
-    (first ``batches`` windows of each; None: all). The training text is not touched."""
+    """Clean and word-swap-attacked loss/perplexity of an LM run on its val and test splits.
+
+    Both score the same span of the original text: the span the first ``batches`` clean
+    evaluation windows cover (None: the whole split). The attack is chosen on the whole split
+    (``word_swap``'s units) and applied inside that span; since "AAA" is shorter than most
+    words, the attacked span has fewer tokens, and is scored over all of its windows (up to
+    its last partial window, < seq_len tokens). Each row also gives the span's words and the
+    share swapped. The training text is not touched."""
     from moelab.data import load_text_dataset
     from moelab.train import load_trained
 
     run_dir = Path(run_dir)
-    path = run_dir / OUT_DIR / f"word_swap-r{rate:g}-seed{seed}-b{_tag(batches)}.json"
+    path = run_dir / OUT_DIR / f"word_swap-v2-r{rate:g}-seed{seed}-b{_tag(batches)}.json"
     if cache and (hit := _cached(path, run_dir)) is not None:
         return hit
     trainer = load_trained(run_dir)
@@ -98,18 +126,31 @@ def evaluate_attack(run_dir: str | Path, rate: float = 0.025, seed: int = 0,
     trainer.quiet = not progress
     dcfg = trainer.cfg.data
     splits = load_text_dataset(dcfg.dataset, dcfg.path)
+    encode = trainer.tokenizer.encode
     rows = []
     for split, text in (("val", splits.valid), ("test", splits.test)):
-        clean = trainer.evaluate(split, batches, routing=False, progress=progress)
         dtype = trainer.tokens[split].dtype
-        trainer.tokens[split] = trainer.tokenizer.encode(word_swap(text, rate, seed)).to(dtype)
-        att = trainer.evaluate(split, batches, routing=False, progress=progress)
+        n_tok = _scored_tokens(trainer.tokens[split].numel(), batches, dcfg.batch_size,
+                               dcfg.seq_len)
+        end = _prefix_chars(text, encode, n_tok)
+        spans = choose_swaps(text, rate, seed)
+        swapped = sum(1 for _, b in spans if b <= end)
+        attacked_text = apply_swaps(text, spans, end=end)
+        trainer.tokens[split] = encode(text[:end]).to(dtype)
+        clean = trainer.evaluate(split, None, routing=False, progress=progress)
+        trainer.tokens[split] = encode(attacked_text).to(dtype)
+        att = trainer.evaluate(split, None, routing=False, progress=progress)
+        words = count_words(text[:end])
         rows.append({"split": split, "clean_loss": clean[f"{split}_loss"],
                      "clean_ppl": clean[f"{split}_ppl"], "attacked_loss": att[f"{split}_loss"],
                      "attacked_ppl": att[f"{split}_ppl"],
-                     "gap_ppl": att[f"{split}_ppl"] - clean[f"{split}_ppl"]})
+                     "gap_ppl": att[f"{split}_ppl"] - clean[f"{split}_ppl"],
+                     "span_chars": end, "words": words, "swapped": swapped,
+                     "swapped_frac": swapped / words if words else 0.0,
+                     "clean_tokens": clean[f"{split}_items"],
+                     "attacked_tokens": att[f"{split}_items"]})
     res = {"run": str(run_dir), "step": trainer.step, "attack": "word_swap", "rate": rate,
-           "seed": seed, "batches": batches, "rows": rows}
+           "seed": seed, "batches": batches, "unit": "auto", "rows": rows}
     _write(path, res, render_attack(res))
     return res
 
@@ -118,10 +159,12 @@ def render_attack(res: dict[str, Any]) -> str:
     """Markdown table of :func:`evaluate_attack`'s result."""
     lines = [f"# word_swap attack (rate {res['rate']:g}, seed {res['seed']}) on {res['run']} "
              f"(step {res['step']})", "",
-             "| split | clean ppl | attacked ppl | gap (ppl) |", "|---|---|---|---|"]
+             "| split | clean ppl | attacked ppl | gap (ppl) | words in the span | swapped |",
+             "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['split']} | {r['clean_ppl']:.3f} | {r['attacked_ppl']:.3f} | "
-                     f"{r['gap_ppl']:+.3f} |")
+                     f"{r['gap_ppl']:+.3f} | {r['words']} | {r['swapped']} "
+                     f"({r['swapped_frac']:.2%}) |")
     return "\n".join(lines) + "\n"
 
 
