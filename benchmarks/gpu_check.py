@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
             for compiled in (False, True):
                 recipe = train_step.Recipe(args.device, "bf16", compiled, backend)
                 key = f"{size}{'_compiled' if compiled else ''}"
-                rows[key] = train_step.measure(train_step.SIZES[size], reps, 0, True, recipe,
-                                               peak)
+                rows[key] = train_step.measure(train_step.ALL_SIZES[size], reps, 0, True,
+                                               recipe, peak)
                 train_step._print_row(key, rows[key])
         return rows
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["methods"] = {"ok": False, "error": f"skipped: past {args.budget_s} s"}
     else:
         section("methods", lambda: train_step.measure_methods(
-            train_step.SIZES[methods_size], reps, 0, False,
+            train_step.ALL_SIZES[methods_size], reps, 0, False,
             train_step.Recipe(args.device, "bf16", True, backend)))
     result["total_s"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(result, indent=1) + "\n")
