@@ -302,3 +302,27 @@ def test_cli_precision_flag_for_new_and_resumed_runs(tmp_path, capsys):
     assert "trained in bf16 up to step 2; it continues in fp32" in capsys.readouterr().err
     assert load_checkpoint(run / CHECKPOINT)["precision"] == "fp32"
     assert main(["eval", str(run), "--batches", "1", "--precision", "bf16", "--json"]) == 0
+
+
+def test_a_patched_hf_block_runs_experts_in_bf16_and_its_router_in_fp32():
+    pytest.importorskip("transformers")
+    from hf_tiny import tiny_model
+
+    from moelab.hf import patch, patched_blocks
+
+    hf = tiny_model("mixtral", intermediate_size=F).train()  # E = 4 experts, F = 24
+    patch(hf, default_moe=DefaultMoEConfig(beta=0.9), dispatch="grouped_mm")
+    routing = []
+    for _, block in patched_blocks(hf):
+        block.moelab.router.register_forward_hook(lambda m, a, out: routing.append(out))
+    x = torch.randint(0, 64, (2, 10))
+    with MatmulDtypes() as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = hf(input_ids=x, labels=x).loss
+        loss.backward()
+    assert all(r.logits.dtype == r.probs.dtype == torch.float32 for r in routing)
+    experts = {d for name, d, shapes in rec.seen
+               if name == "_grouped_mm" and any(2 * F in s for s in shapes)}
+    assert experts == {torch.bfloat16}
+    router = {d for name, d, shapes in rec.seen if any(s[-1:] == (E,) for s in shapes[1:2])}
+    assert router == {torch.float32}
