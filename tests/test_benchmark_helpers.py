@@ -121,3 +121,13 @@ def test_gpu_shapes_have_the_documented_sizes():
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2)
     assert active_params(s) == matmul - expert + expert * s.top_k // s.experts
     assert flops_per_token(s) == 6 * active_params(s) + 12 * s.layers * s.d_model * s.seq
+
+
+def test_trainer_run_prints_its_throughput(capsys):
+    import json
+
+    from benchmarks.trainer_run import main
+
+    out = main(["--steps", "2", "--set", "model.n_layers=1", "--set", "data.batch_size=4"])
+    assert out["steps"] == 2 and out["tokens_per_s"] > 0 and out["final_loss"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out

@@ -326,3 +326,24 @@ def test_a_patched_hf_block_runs_experts_in_bf16_and_its_router_in_fp32():
     assert experts == {torch.bfloat16}
     router = {d for name, d, shapes in rec.seen if any(s[-1:] == (E,) for s in shapes[1:2])}
     assert router == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_training_step_does_not_sync(tmp_path):
+    """On a GPU: a Trainer step (bf16, fused AdamW, Default MoE + heavy ball) under
+    ``torch.cuda.set_sync_debug_mode("error")``, after two warm-up steps."""
+    cfg = tiny("train.device=cuda", "train.steps=8", "train.eval_every=0", "train.log_every=100",
+               "model.default_moe.beta=0.9", "model.momentum.rule=heavy_ball")
+    tr = Trainer(cfg, tmp_path / "run", quiet=True)
+    assert tr.precision == "bf16" and tr.guard.deferred
+    tr.fit(max_steps=2)
+    with tr._runtime():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            result = tr.train_step()
+            tr.metrics.post_step(tr, {**result, "time_s": 0.0})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    tr.flush_guard()
+    assert tr.guard.skipped == 0
