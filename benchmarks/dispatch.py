@@ -11,6 +11,13 @@ Contenders, per E/K in {8/2, 32/4, 64/8} at fixed active FLOPs (K * d_ff = const
 Ratios are against dense (and moelab vs hf_eager), all measured in one interleaved run.
 
     python -m benchmarks.dispatch            # CPU fp32, 2 threads, 2048 tokens, D=512, K*F=2048
+    python -m benchmarks.dispatch --device cuda --dtype bf16 --gpu-shapes   # the GPU table
+
+``--gpu-shapes``: the layer alone on four shapes (D, E/K, F) = (2048, 8/2, 5632),
+(2048, 64/8, 1024), (2048, 128/8, 768), (1024, 32/4, 512), 16384 tokens, weights and
+activations in ``--dtype``; each contender's achieved TFLOP/s (forward + backward =
+``18 * T * K * D * F`` FLOPs for SwiGLU experts), moelab's share of the dense FFN's, and the
+moelab / HF grouped_mm time ratio.
 Needs the ``bench`` extra (transformers>=5) for the HF rows; without it they are skipped.
 """
 
@@ -100,14 +107,64 @@ def run(tokens: int, d_model: int, active_ff: int, reps: int) -> list[dict]:
     return rows
 
 
+#: (d_model, n_experts, top_k, d_ff) of --gpu-shapes
+GPU_SHAPES = ((2048, 8, 2, 5632), (2048, 64, 8, 1024), (2048, 128, 8, 768), (1024, 32, 4, 512))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def layer_table(shapes, tokens: int, reps: int, device: str, dtype: torch.dtype) -> list[dict]:
+    """moelab's layer (its default dispatch on ``device``), with Default MoE, HF's grouped_mm
+    block and a dense SwiGLU FFN of the same active FLOPs, forward + backward, in ``dtype``:
+    time and achieved TFLOP/s of each."""
+    rows = []
+    for d_model, n_experts, top_k, d_ff in shapes:
+        torch.manual_seed(0)
+        kw = {"device": device, "dtype": dtype}
+        x = torch.randn(1, tokens, d_model, requires_grad=True, **kw)
+        grad = torch.randn(1, tokens, d_model, **kw)
+        cfg = MoEConfig(d_model=d_model, n_experts=n_experts, top_k=top_k, d_ff=d_ff,
+                        aux_loss_coef=0.0)
+        moe = MoELayer(cfg).to(**kw)
+        dmoe = default_moe_layer(cfg).to(**kw)
+        dmoe.load_state_dict(moe.state_dict(), strict=False)
+        fns = {"dense": fwd_bwd(DenseSwiGLU(d_model, top_k * d_ff).to(**kw), x, grad),
+               "moelab": fwd_bwd(moe, x, grad, lambda o: o.y),
+               "moelab_default_moe": fwd_bwd(dmoe.train(), x, grad, lambda o: o.y)}
+        block = hf_block(d_model, n_experts, top_k, d_ff, "grouped_mm")
+        if block is not None:
+            fns["hf_grouped_mm"] = fwd_bwd(block.to(**kw), x, grad)
+        secs = time_interleaved(fns, reps=reps)
+        flops = 18.0 * tokens * top_k * d_model * d_ff
+        row = {"d_model": d_model, "E/K": f"{n_experts}/{top_k}", "d_ff": d_ff,
+               "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
+               "ms": {k: round(v * 1e3, 3) for k, v in secs.items()},
+               "tflops": {k: round(flops / v / 1e12, 1) for k, v in secs.items()},
+               "moelab/dense_flops": round(secs["dense"] / secs["moelab"], 3)}
+        if "hf_grouped_mm" in secs:
+            row["moelab/hf_time"] = round(secs["moelab"] / secs["hf_grouped_mm"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="default 2048 (16384 with --gpu-shapes)")
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--active-ff", type=int, default=2048, help="K * d_ff")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--gpu-shapes", action="store_true", help="the four GPU shapes (docstring)")
     args = ap.parse_args()
+    if args.gpu_shapes:
+        print(f"# torch {torch.__version__}, {args.device}, {args.dtype}")
+        layer_table(GPU_SHAPES, args.tokens or 16384, args.reps, args.device,
+                    DTYPES[args.dtype])
+        return
+    args.tokens = args.tokens or 2048
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, fp32, tokens={args.tokens}, D={args.d_model}, "

@@ -20,16 +20,32 @@ state are equal and excluded).
     python -m benchmarks.train_step --methods           # moelab only: each method's overhead
     python -m benchmarks.train_step --quick             # tiny smoke run (numbers meaningless)
     python -m benchmarks.train_step --profile 3 --sizes default   # moelab's top ops, 3 steps
+    python -m benchmarks.train_step --device cuda --precision bf16 [--compile] \
+        --sizes gpu620m olmoe                           # the GPU recipe: see below
+
+The recipe (``--device``, ``--precision``, ``--compile``) is the same for both libraries:
+fp32 weights and AdamW state (fused AdamW on CUDA), the forward and loss under
+``torch.autocast(bfloat16)`` for ``--precision bf16`` (TF32 matmuls for ``tf32``), and with
+``--compile`` every block compiled (moelab: ``moelab.parallel.compile_blocks``, fullgraph; HF:
+each decoder layer's ``Module.compile()``). On CUDA each row also gives the model FLOP
+utilisation: ``MFU = tokens/s * flops_per_token / peak``, with
+``flops_per_token = 6 * N_active + 12 * layers * d_model * seq`` (N_active: the parameters one
+token's matmuls use, i.e. every non-expert weight but the embedding lookup, K of the E experts
+per layer, and the tied output head; the second term is causal attention's score and value
+products, forward and backward, counted in full as in PaLM's formula), and ``peak`` the bf16
+throughput of a dense 8192^3 ``torch.mm`` measured in the same run.
 
 ``--methods`` times moelab's LM at each size with the methods off, each method alone (Default
 MoE, heavy-ball MomentumSMoE, Excitation positive_sum on the AdamW) and all three together,
 on the same weights and batch, and reports each arm's step-time and peak-memory ratio to
 methods off (the overhead targets: Default MoE <= 3%, momentum <= 2%, Excitation <= 5%).
 
-Sizes (name: d_model, layers, heads, experts top-K, expert width F, batch x seq):
-    default: 128, 4, 4, 8 top-2, 256, 32 x 128   (``moelab train``'s built-in LM, byte vocab)
-    medium:  512, 4, 8, 32 top-4, 512, 8 x 256
-    wide:   1024, 4, 16, 64 top-8, 256, 4 x 256
+Sizes (name: d_model, layers, heads, experts top-K, expert width F, batch x seq, vocab):
+    default: 128, 4, 4, 8 top-2, 256, 32 x 128, 256   (``moelab train``'s built-in LM)
+    medium:  512, 4, 8, 32 top-4, 512, 8 x 256, 256
+    wide:   1024, 4, 16, 64 top-8, 256, 4 x 256, 256
+    gpu620m: 1024, 8, 16, 8 top-2, 2816, 8 x 1024, 32000   (620 M parameters, 205 M active)
+    olmoe:  2048, 4, 16, 64 top-8, 1024, 8 x 1024, 50304   (OLMoE-like, 1.78 B parameters)
 Needs the ``bench`` extra (``transformers>=5``).
 """
 
@@ -71,6 +87,55 @@ SIZES = {
     "wide": Shape(1024, 4, 16, 64, 8, 256, 4, 256),
     "quick": Shape(32, 2, 2, 4, 2, 32, 2, 16),
 }
+#: the GPU shapes (too big to build on a CPU in tests; their sizes are checked on "meta")
+GPU_SIZES = {
+    "gpu620m": Shape(1024, 8, 16, 8, 2, 2816, 8, 1024, vocab=32000),
+    "olmoe": Shape(2048, 4, 16, 64, 8, 1024, 8, 1024, vocab=50304),
+}
+ALL_SIZES = {**SIZES, **GPU_SIZES}
+CPU_SIZES = ("default", "medium", "wide")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How both libraries train: device, precision (``moelab.precision``), compiled blocks."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    compile: bool = False
+    backend: str = "inductor"  # of torch.compile ("aot_eager" for CPU smoke runs)
+
+    def autocast(self):
+        from moelab.precision import autocast
+
+        return autocast(self.precision, torch.device(self.device))
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                 fused=torch.device(self.device).type == "cuda")
+
+
+def active_params(s: Shape) -> int:
+    """Parameters one token's matmuls use (tied output head once, embedding lookup not, K of
+    E experts): the N of ``6 N`` in ``flops_per_token``."""
+    attn = 4 * s.d_model ** 2
+    router = s.d_model * s.experts
+    experts = s.top_k * 3 * s.d_model * s.d_ff  # SwiGLU: [D, 2F] + [F, D] per expert
+    return s.layers * (attn + router + experts) + s.d_model * s.vocab
+
+
+def flops_per_token(s: Shape) -> float:
+    """Training FLOPs per token: ``6 * N_active + 12 * layers * d_model * seq``."""
+    return 6.0 * active_params(s) + 12.0 * s.layers * s.d_model * s.seq
+
+
+def dense_peak_flops(device: str, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
+                     reps: int = 20) -> float:
+    """FLOP/s of a dense ``n^3`` matmul in ``dtype`` on ``device`` (the MFU denominator)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    secs = time_interleaved({"mm": lambda: torch.mm(a, b)}, reps=reps, warmup=3)["mm"]
+    return 2.0 * n ** 3 / secs
 
 # --sweep: d_model grows at E=8 top-2 (F = 2 * d_model), then E grows at d_model 256
 # (top-K = E/4, F = 256); 8 x 128 tokens per step throughout.
@@ -150,13 +215,15 @@ def _batch(s: Shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def moelab_step(model: torch.nn.Module, opt, inp: torch.Tensor, target: torch.Tensor):
+def moelab_step(model: torch.nn.Module, opt, inp: torch.Tensor, target: torch.Tensor,
+                recipe: Recipe = Recipe()):
     """One moelab training step closure (``opt``: an optimizer or an Excitation wrapper)."""
 
     def loss() -> torch.Tensor:
-        out = model(inp)
-        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
-                               target.reshape(-1)) + out.aux_loss
+        with recipe.autocast():
+            out = model(inp)
+            return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
+                                   target.reshape(-1)) + out.aux_loss
 
     def step() -> None:
         loss().backward()  # the logits are freed before the optimizer step, as in HF's arm
@@ -166,25 +233,49 @@ def moelab_step(model: torch.nn.Module, opt, inp: torch.Tensor, target: torch.Te
     return step
 
 
-def method_step_fns(s: Shape, seed: int) -> dict:
+def prepare_moelab(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """``model`` on the recipe's device, its blocks compiled if asked."""
+    from moelab import parallel
+
+    model.to(recipe.device)
+    if recipe.compile:
+        backend, parallel.COMPILE_BACKEND = parallel.COMPILE_BACKEND, recipe.backend
+        try:
+            parallel.compile_blocks(model, "bf16" if recipe.precision == "bf16" else "fp32")
+        finally:
+            parallel.COMPILE_BACKEND = backend
+    return model
+
+
+def prepare_hf(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """``model`` on the recipe's device, each decoder layer compiled if asked."""
+    model.to(recipe.device)
+    if recipe.compile:
+        for layer in model.model.layers:
+            layer.compile(backend=recipe.backend)
+    return model
+
+
+def method_step_fns(s: Shape, seed: int, recipe: Recipe = Recipe()) -> dict:
     """Step closures of moelab's LM for each of ``METHOD_ARMS``, same weights and batch."""
     from moelab.methods.excitation import Excitation
 
-    inp, target = _batch(s, seed)
+    inp, target = (t.to(recipe.device) for t in _batch(s, seed))
     fns = {}
     for name, (dmoe, rule, strategy) in METHOD_ARMS.items():
         torch.manual_seed(seed)
-        model = moelab_model(s, default_moe=dmoe, momentum=rule)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model = prepare_moelab(moelab_model(s, default_moe=dmoe, momentum=rule), recipe)
+        opt = recipe.optimizer(model)
         if strategy is not None:
             opt = Excitation(opt, model, strategy=strategy)
-        fns[name] = moelab_step(model, opt, inp, target)
+        fns[name] = moelab_step(model, opt, inp, target, recipe)
     return fns
 
 
-def measure_methods(s: Shape, reps: int, seed: int, memory: bool) -> dict:
+def measure_methods(s: Shape, reps: int, seed: int, memory: bool,
+                    recipe: Recipe = Recipe()) -> dict:
     """Step time (and peak step memory) of each method arm, and its ratio to methods off."""
-    fns = method_step_fns(s, seed)
+    fns = method_step_fns(s, seed, recipe)
     times = time_interleaved(fns, reps=reps, warmup=2)
     row = {"shape": vars(s) | {"tokens": s.tokens},
            "step_ms": {k: v * 1e3 for k, v in times.items()},
@@ -196,7 +287,7 @@ def measure_methods(s: Shape, reps: int, seed: int, memory: bool) -> dict:
     return row
 
 
-def step_fns(s: Shape, seed: int) -> tuple[dict, dict]:
+def step_fns(s: Shape, seed: int, recipe: Recipe = Recipe()) -> tuple[dict, dict]:
     """The two step closures on one shared batch, and each model's parameter count."""
     torch.manual_seed(seed)
     ours, theirs = moelab_model(s), hf_model(s)
@@ -204,26 +295,35 @@ def step_fns(s: Shape, seed: int) -> tuple[dict, dict]:
     if counts["moelab"] != counts["hf_mixtral"]:
         raise RuntimeError(f"parameter counts differ at {s}: {counts}; the comparison needs "
                            "models of exactly the same size")
-    inp, target = _batch(s, seed)
-    ours_step = moelab_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), inp, target)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    ours, theirs = prepare_moelab(ours, recipe), prepare_hf(theirs, recipe)
+    inp, target = (t.to(recipe.device) for t in _batch(s, seed))
+    ours_step = moelab_step(ours, recipe.optimizer(ours), inp, target, recipe)
+    opt_theirs = recipe.optimizer(theirs)
 
     def theirs_step() -> None:
-        theirs(inp, labels=inp).loss.backward()
+        with recipe.autocast():
+            loss = theirs(inp, labels=inp).loss
+        loss.backward()
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
 
     return {"moelab": ours_step, "hf_mixtral": theirs_step}, counts
 
 
-def measure(s: Shape, reps: int, seed: int, memory: bool) -> dict:
-    """Times (and optionally peak step memory) of both models at shape ``s``."""
-    fns, counts = step_fns(s, seed)
+def measure(s: Shape, reps: int, seed: int, memory: bool, recipe: Recipe = Recipe(),
+            peak_flops: float | None = None) -> dict:
+    """Times (and optionally peak step memory) of both models at shape ``s``; with
+    ``peak_flops`` also each one's MFU."""
+    fns, counts = step_fns(s, seed, recipe)
     times = time_interleaved(fns, reps=reps, warmup=2)
     row = {"shape": vars(s) | {"tokens": s.tokens}, "params": counts["moelab"],
+           "active_params": active_params(s), "recipe": vars(recipe),
            "step_ms": {k: v * 1e3 for k, v in times.items()},
            "ratio": times["moelab"] / times["hf_mixtral"],
            "tokens_per_s": {k: s.tokens / v for k, v in times.items()}}
+    if peak_flops:
+        row["mfu"] = {k: s.tokens / v * flops_per_token(s) / peak_flops
+                      for k, v in times.items()}
     if memory:
         peaks = {k: step_peak_bytes(fn) for k, fn in fns.items()}
         row["peak_mib"] = {k: v / 2**20 for k, v in peaks.items()}
@@ -236,6 +336,8 @@ def _print_row(name: str, r: dict) -> None:
     line = (f"{name:>8s} {r['params'] / 1e6:7.2f}M  moelab {ms['moelab']:8.1f} ms "
             f"({tps['moelab']:7.0f} tok/s)  HF {ms['hf_mixtral']:8.1f} ms "
             f"({tps['hf_mixtral']:7.0f} tok/s)  ratio {r['ratio']:.3f}")
+    if "mfu" in r:
+        line += f"  MFU {r['mfu']['moelab']:.1%} / {r['mfu']['hf_mixtral']:.1%}"
     if "peak_mib" in r:
         pk = r["peak_mib"]
         line += (f"  peak {pk['moelab']:7.1f} / {pk['hf_mixtral']:7.1f} MiB"
@@ -270,8 +372,12 @@ def profile_moelab(s: Shape, steps: int, seed: int, top: int = 15) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=["default", "medium", "wide"],
-                   choices=[k for k in SIZES if k != "quick"])
+    p.add_argument("--sizes", nargs="+", default=list(CPU_SIZES),
+                   choices=[k for k in ALL_SIZES if k != "quick"])
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="the recipe of both libraries (see the module docstring)")
+    p.add_argument("--compile", action="store_true", help="compile every block of both")
     p.add_argument("--sweep", action="store_true",
                    help="time the step over growing d_model and E instead of --sizes")
     p.add_argument("--methods", action="store_true",
@@ -286,29 +392,42 @@ def main(argv: list[str] | None = None) -> dict:
                    help="instead of timing: print the top ops of STEPS moelab steps per size")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    recipe = Recipe(args.device, args.precision, args.compile)
+    from moelab.precision import matmul_flags
+
+    with matmul_flags(args.precision):
+        return _run(args, argv, recipe)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, recipe: Recipe) -> dict:
     if args.profile:
         for name in args.sizes:
             print(f"{name}: {args.profile} moelab steps, {args.threads} threads")
-            print(profile_moelab(SIZES[name], args.profile, args.seed), flush=True)
+            print(profile_moelab(ALL_SIZES[name], args.profile, args.seed), flush=True)
         return {}
     if args.quick:
         shapes, args.reps = {"quick": SIZES["quick"]}, 2
     elif args.sweep:
         shapes = {f"s{i}": s for i, s in enumerate(SWEEP)}
     else:
-        shapes = {name: SIZES[name] for name in args.sizes}
+        shapes = {name: ALL_SIZES[name] for name in args.sizes}
+    peak = dense_peak_flops(recipe.device) if recipe.device.startswith("cuda") else None
     rows = {}
     for name, shape in shapes.items():
         if args.methods:
-            rows[name] = measure_methods(shape, args.reps, args.seed, memory=not args.no_memory)
+            rows[name] = measure_methods(shape, args.reps, args.seed, not args.no_memory,
+                                         recipe)
             _print_methods(name, rows[name])
         else:
-            rows[name] = measure(shape, args.reps, args.seed, memory=not args.no_memory)
+            rows[name] = measure(shape, args.reps, args.seed, not args.no_memory, recipe,
+                                 peak)
             _print_row(name, rows[name])
     result = {"command": "python -m benchmarks.train_step " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "settings": vars(args), "torch": torch.__version__,
-              "machine": platform.platform(), "rows": rows}
+              "machine": platform.platform(), "dense_bf16_peak_flops": peak, "rows": rows}
+    if recipe.device.startswith("cuda"):
+        result["gpu"] = torch.cuda.get_device_name()
     write_result(result, args.out)
     return result
 

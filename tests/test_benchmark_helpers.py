@@ -92,3 +92,42 @@ def test_compare_revisions_runs_a_command_at_two_revisions(tmp_path):
     assert not [w for w in subprocess.run(["git", "-C", str(ROOT), "worktree", "list"],
                                           capture_output=True, text=True).stdout.splitlines()
                 if "moelab-compare-" in w]
+
+
+def test_gpu_shapes_have_the_documented_sizes():
+    """The GPU step table's shapes (built on the meta device: no memory): equal parameter
+    counts for moelab and HF Mixtral, 620 M / 205 M active and 1.78 B, and the MFU formula's
+    active count equals the model's matmul parameters."""
+    pytest.importorskip("transformers")
+    from benchmarks.train_step import (
+        GPU_SIZES,
+        SIZES,
+        active_params,
+        flops_per_token,
+        hf_model,
+        moelab_model,
+        n_params,
+    )
+
+    with torch.device("meta"):
+        sizes = {k: (n_params(moelab_model(s)), n_params(hf_model(s)))
+                 for k, s in GPU_SIZES.items()}
+    assert sizes["gpu620m"][0] == sizes["gpu620m"][1] and 619e6 < sizes["gpu620m"][0] < 621e6
+    assert sizes["olmoe"][0] == sizes["olmoe"][1] and 1.77e9 < sizes["olmoe"][0] < 1.79e9
+    assert active_params(GPU_SIZES["gpu620m"]) == 204_800_000
+    s = SIZES["quick"]
+    model = moelab_model(s)
+    expert = sum(p.numel() for n, p in model.named_parameters() if "experts" in n)
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2)
+    assert active_params(s) == matmul - expert + expert * s.top_k // s.experts
+    assert flops_per_token(s) == 6 * active_params(s) + 12 * s.layers * s.d_model * s.seq
+
+
+def test_trainer_run_prints_its_throughput(capsys):
+    import json
+
+    from benchmarks.trainer_run import main
+
+    out = main(["--steps", "2", "--set", "model.n_layers=1", "--set", "data.batch_size=4"])
+    assert out["steps"] == 2 and out["tokens_per_s"] > 0 and out["final_loss"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out

@@ -34,10 +34,12 @@ def stand_in(run_dir: Path, *extra: str, **attrs) -> SimpleNamespace:
                         train_time_s=0.0, resumed=False, restarted=False, stop_signal=None,
                         checkpoint_step=None, command=["moelab", "train"],
                         guard=NonFiniteGuard(), excitation=None, model=torch.nn.Linear(2, 2),
-                        data=SimpleNamespace(unit="tokens", is_lm=True), n_params=6)
+                        data=SimpleNamespace(unit="tokens", is_lm=True), n_params=6,
+                        precision="fp32")
     t.say = lambda msg: None
     t.callbacks = Callbacks()
     t.checkpoint_note = lambda: "no checkpoint"
+    t.flush_guard = lambda: None
     for k, v in attrs.items():
         setattr(t, k, v)
     return t

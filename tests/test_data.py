@@ -624,7 +624,7 @@ def test_iter_image_batches_in_order():
 
 
 def test_registry_names_and_errors(tmp_path):
-    assert TEXT_DATASETS == ("shakespeare", "wikitext", "textfile")
+    assert TEXT_DATASETS == ("shakespeare", "wikitext", "textfile", "docs")
     assert IMAGE_DATASETS == ("mnist5k", "cifar10", "npz", "idx")
     with pytest.raises(ValueError, match="unknown text dataset 'wikitext2'.*'shakespeare'"):
         load_text_dataset("wikitext2")

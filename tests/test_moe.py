@@ -184,13 +184,17 @@ def test_capacity_drops_exactly_the_assignments_over_capacity():
 
 def test_capacity_prefers_first_choices():
     ids = torch.tensor([[0, 1], [0, 1], [1, 0]])  # expert 0: first choice of t0,t1; 2nd of t2
-    plan = plan_dispatch(ids, torch.ones(3, 2), n_experts=2, capacity=2)
-    assert plan.n_dropped == 2
-    # expert 0 keeps the first choices of t0, t1 and drops t2's second choice; expert 1 keeps
-    # t2's first choice, then t0's second choice, and drops t1's
-    kept = list(zip(plan.expert_ids.tolist(), plan.token_idx.tolist(), strict=True))
-    assert kept == [(0, 0), (0, 1), (1, 2), (1, 0)]
+    plan = plan_dispatch(ids, torch.full((3, 2), 0.5), n_experts=2, capacity=2)
+    assert int(plan.n_dropped) == 2
+    # every assignment stays in the plan, in dispatch order: expert 0 keeps the first choices
+    # of t0, t1 and drops t2's second choice; expert 1 keeps t2's first choice, then t0's
+    # second choice, and drops t1's (weight 0, keep False)
+    rows = list(zip(plan.expert_ids.tolist(), plan.token_idx.tolist(), strict=True))
+    assert rows == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 0), (1, 1)]
+    assert plan.keep.tolist() == [True, True, False, True, True, False]
+    assert plan.weights.tolist() == [0.5, 0.5, 0.0, 0.5, 0.5, 0.0]
     assert plan.kept_counts.tolist() == [2, 2] and plan.routed_counts.tolist() == [3, 3]
+    assert plan.offsets.tolist() == [3, 6]
 
 
 def test_routing_stats_are_computed_only_when_read(monkeypatch):
@@ -412,6 +416,8 @@ def test_layer_method_seam_gets_weighted_expert_sums(backend, capacity_factor):
     want_ED, want_E = torch.zeros(4, 8), torch.zeros(4)
     with torch.no_grad():
         for n in range(w_N.shape[0]):
+            if plan.keep is not None and not plan.keep[n]:
+                continue  # dropped by capacity
             e, t = int(plan.expert_ids[n]), int(plan.token_idx[n])
             want_ED[e] += w_N[n] * expert_forward(layer, e, x[t])
             want_E[e] += w_N[n]

@@ -4,6 +4,7 @@ The loop in ``moelab.train`` knows only the hooks; each concern is one :class:`C
 
     StopSignals      SIGINT / SIGTERM: finish the step, checkpoint, stop (agreed over ranks)
     RunDirectory     the run directory's lock, and its files at the start (config, command)
+    GuardCheck       reads the deferred non-finite guard at each logged step (fused optimizer)
     MetricsLog       the header line, progress, the train-log window, loggers (metrics.jsonl,
                      TensorBoard, W&B): every train / eval / final record
     PeriodicEval     validation every ``train.eval_every`` steps
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from moelab import checkpoint as ckpt
 from moelab import loggers as mlog
 from moelab import rundir
+from moelab.config import dump_toml
 from moelab.evaluation import excitation_summary
 from moelab.guard import NonFiniteError
 from moelab.interrupt import StopOnSignal
@@ -43,7 +45,7 @@ from moelab.runlock import RunDirLockedError, RunLock
 if TYPE_CHECKING:
     from moelab.train import Trainer
 
-__all__ = ["Callback", "Callbacks", "Checkpointer", "MetricsLog", "PeriodicEval",
+__all__ = ["Callback", "Callbacks", "Checkpointer", "GuardCheck", "MetricsLog", "PeriodicEval",
            "RunDirectory", "StopSignals"]
 
 
@@ -199,6 +201,26 @@ class RunDirectory(Callback):
         self.release()
 
 
+def is_log_step(trainer: Trainer) -> bool:
+    """Whether this step writes a train record (every ``train.log_every`` and the last)."""
+    return (trainer.step % trainer.cfg.train.log_every == 0
+            or trainer.step == trainer.cfg.train.steps)
+
+
+class GuardCheck(Callback):
+    """With a deferred non-finite guard (a fused optimizer skips bad steps on the device),
+    read it at each logged step and when the loop ends: raise NonFiniteError past the budget
+    (``train.skip_nonfinite_steps``), and count the skipped steps. Runs before MetricsLog, so
+    the train record's ``skipped_steps`` is current."""
+
+    def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        if is_log_step(trainer):
+            trainer.flush_guard()
+
+    def post_loop(self, trainer: Trainer) -> None:
+        trainer.flush_guard()
+
+
 def new_window() -> dict[str, float]:
     """An empty train-log window: sums over the steps since the last train record."""
     return {"loss": 0.0, "aux": 0.0, "steps": 0, "items": 0, "time": 0.0}
@@ -217,6 +239,7 @@ class MetricsLog(Callback):
         self._loggers: mlog.LoggerGroup | None = None  # open during fit(), on rank 0
         self._progress: StepProgress | None = None
         self._fits = 0  # fit() calls so far: a later one continues the trackers' runs
+        self._last_loss: float | None = None  # of the latest train record (deferred steps)
 
     def log(self, trainer: Trainer, entry: dict[str, Any]) -> None:
         if trainer.is_main and self._loggers is not None:
@@ -242,39 +265,68 @@ class MetricsLog(Callback):
                  else str(trainer.device))
         if trainer.resumed:
             return (f"moelab: resuming {trainer.run_dir} at step {trainer.step}/{tcfg.steps} "
-                    f"on {where}")
+                    f"on {where} | {MetricsLog._how(trainer)}")
         again = " (again: it stopped before its first checkpoint)" if trainer.restarted else ""
         return (f"moelab: run {trainer.run_dir}{again} | {trainer.cfg.model.kind} model, "
                 f"{trainer.n_params / 1e6:.2f}M params | data: {trainer.cfg.data.dataset} | "
-                f"{tcfg.steps} steps on {where}")
+                f"{tcfg.steps} steps on {where} | {MetricsLog._how(trainer)}")
+
+    @staticmethod
+    def _how(trainer: Trainer) -> str:
+        """The precision and whether the blocks are compiled."""
+        how = f"precision {trainer.precision}"
+        if trainer.cfg.train.precision == "auto":
+            how += " (train.precision=auto)"
+        return how + (", compiled" if trainer.cfg.train.compile else "")
 
     def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
         w = self.window
-        skipped = bool(result.get("skipped"))
-        if not skipped:
+        ok = result.get("ok")  # a device bool: the step's values stay on the device
+        if ok is not None:
+            w["loss"] = w["loss"] + torch.where(ok, result["loss"].double(), 0.0)
+            w["aux"] = w["aux"] + torch.where(ok, result["aux_loss"].double(), 0.0)
+            w["steps"] = w["steps"] + ok.long()
+            w["items"] = w["items"] + ok.long() * result["items"]
+        elif not result.get("skipped"):
             w["loss"] += result["loss"]
             w["aux"] += result["aux_loss"]
             w["steps"] += 1
             w["items"] += result["items"]
         w["time"] += result["time_s"]
-        if self._progress is not None:
-            self._progress.update(trainer.step, None if skipped else result["loss"],
-                                  result["items"])
-        if trainer.step % trainer.cfg.train.log_every == 0 or \
-                trainer.step == trainer.cfg.train.steps:
+        logged = is_log_step(trainer)
+        if logged:
             self._log_train(trainer, result)
+        if self._progress is not None:
+            if ok is not None:  # the loss is read only when logged: show the latest record's
+                loss = self._last_loss
+            else:
+                loss = None if result.get("skipped") else result["loss"]
+            self._progress.update(trainer.step, loss, result["items"])
+
+    def window_state(self, **extra: Any) -> dict[str, float]:
+        """The open window (and ``extra`` values) as plain numbers, with one read of whatever
+        is on the device (for the checkpoint and the train record)."""
+        values = {**self.window, **extra}
+        on_device = [k for k, v in values.items() if torch.is_tensor(v)]
+        if on_device:
+            read = torch.stack([values[k].double() for k in on_device]).tolist()
+            values.update(zip(on_device, read, strict=True))
+            for k in ("steps", "items"):
+                values[k] = int(values[k])
+        return values
 
     def _log_train(self, trainer: Trainer, result: dict[str, Any]) -> None:
-        w = self.window
+        w = self.window_state(grad_norm=result["grad_norm"])
         n = w["steps"]
         entry = {"kind": "train", "step": trainer.step,
                  "loss": w["loss"] / n if n else float("nan"),
                  "aux_loss": w["aux"] / n if n else float("nan"),
-                 "lr": result["lr"], "grad_norm": result["grad_norm"],
+                 "lr": result["lr"], "grad_norm": w["grad_norm"],
                  f"{trainer.data.unit}_per_s": w["items"] / max(w["time"], 1e-9),
                  "elapsed_s": trainer.train_time_s}
         if trainer.guard.skipped:
             entry["skipped_steps"] = trainer.guard.skipped  # NaN/inf steps skipped so far
+        self._last_loss = entry["loss"]
         self.log(trainer, entry)
         self.window = new_window()
 
@@ -337,11 +389,54 @@ class Checkpointer(Callback):
             self.save(trainer)
 
     @staticmethod
+    def state(trainer: Trainer) -> dict[str, Any]:
+        """Everything needed to continue the run bit-for-bit (see ``moelab.checkpoint``)."""
+        return {
+            "version": ckpt.CKPT_VERSION,
+            "step": trainer.step,
+            "items_seen": trainer.items_seen,
+            "train_time_s": trainer.train_time_s,
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "batcher": trainer.data.batcher.state_dict(),
+            "rng": ckpt.capture_rng(trainer.device),
+            "window": trainer.metrics.window_state(),
+            "nonfinite_skipped": trainer.guard.skipped,
+            "precision": trainer.precision,
+            "config_toml": dump_toml(trainer.cfg),
+            "parallel": {"world_size": trainer.world_size,
+                         "expert_parallel": trainer.cfg.train.expert_parallel},
+        }
+
+    @staticmethod
+    def restore(trainer: Trainer, state: dict[str, Any]) -> None:
+        """Put ``trainer`` back in the state :meth:`state` saved; a change of precision is
+        allowed, with a one-line note."""
+        ckpt.check_version(state)
+        ckpt.check_parallel(state, trainer.world_size, trainer.cfg.train.expert_parallel)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.data.batcher.load_state_dict(state["batcher"])
+        trainer.step = int(state["step"])
+        trainer.items_seen = int(state["items_seen"])
+        trainer.train_time_s = float(state["train_time_s"])
+        trainer.metrics.window = dict(state["window"])
+        trainer.guard.skipped = int(state.get("nonfinite_skipped", 0))
+        trainer.checkpoint_step = trainer.step
+        ckpt.restore_rng(state["rng"], trainer.device)
+        before = state.get("precision", "fp32")
+        if before != trainer.precision and trainer.is_main:  # even when quiet: it matters
+            print(f"moelab: note: {trainer.run_dir} trained in {before} up to step "
+                  f"{trainer.step}; it continues in {trainer.precision} (train.precision)",
+                  file=sys.stderr)
+
+    @staticmethod
     def save(trainer: Trainer) -> Path:
         """Write this rank's checkpoint of ``trainer.state_dict()``; returns ``RUN/ckpt.pt``.
         Every rank takes part under torchrun (each refuses, or none)."""
         path = ckpt.rank_checkpoint_path(trainer.run_dir, trainer.rank,
                                          trainer.cfg.train.expert_parallel)
+        trainer.flush_guard()  # the skipped-step count it saves must be current
         state = trainer.state_dict()  # on every rank: a collective-free snapshot
         bad = ckpt.check_finite(state)
         if _any_rank(trainer, bool(bad)) and not bad:

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, metavar="DEVICE",
                    help="where to train: auto (CUDA when available, else CPU; the default, "
                    "train.device), cpu, cuda, cuda:N or mps; with --resume it moves the run")
+    t.add_argument("--precision", default=None, choices=("auto", "fp32", "tf32", "bf16"),
+                   help="train.precision: auto (bf16 mixed precision on a CUDA GPU that has "
+                   "it, else fp32; the default), fp32, tf32 (CUDA) or bf16 (fp32 weights, bf16 "
+                   "autocast); with --resume it changes the run's precision from there on")
     t.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar or progress lines (the final results still print); "
                    "when stderr is not a terminal, progress is a plain line every "
@@ -91,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=None, metavar="N",
                    help="evaluate only the first N batches of each split (default: all)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--precision", default=None, choices=("auto", "fp32", "tf32", "bf16"),
+                   help="evaluate in this precision (default: the run's train.precision)")
     e.add_argument("--attack", metavar="word_swap[:RATE]", default=None,
                    help="LM runs: clean vs word-swap-attacked val/test perplexity (rate "
                         "default 0.025); writes RUN_DIR/robustness/*.json and .md")
@@ -167,11 +173,13 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 return _fail("--resume uses the run's own config.toml and directory; drop "
                              "--config/--set/--out (edit RUN_DIR/config.toml to change it)")
             trainer = Trainer.resume(args.resume, quiet=args.quiet, command=command,
-                                     device=args.device)
+                                     device=args.device, precision=args.precision)
         else:
             overrides = list(args.overrides)
             if args.device is not None:
                 overrides.append(f"train.device={args.device}")
+            if args.precision is not None:
+                overrides.append(f"train.precision={args.precision}")
             cfg = load_config(args.config or "default", overrides)
             out = args.out or cfg.train.out_dir
             if out is not None:
@@ -252,7 +260,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.baseline is not None or args.seed is not None:
         return _fail("--baseline / --seed are invalid without --corrupt / --attack")
     try:
-        trainer = load_trained(args.run_dir)
+        trainer = load_trained(args.run_dir, precision=args.precision)
     except USER_ERRORS as e:
         return _fail(_one_line(e))
     n = args.batches if args.batches is not None else trainer.cfg.data.final_eval_batches

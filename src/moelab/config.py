@@ -140,6 +140,9 @@ class OptimConfig:
     schedule: "cosine" (to ``min_lr_ratio * lr`` at the last step), "linear" (same end),
         "constant".  grad_clip: max global grad norm, 0 = off.
     excitation: wrap the optimizer in Excitation (None = off).
+    fused: torch's fused optimizer kernels (one kernel for all parameters; a non-finite step
+        is skipped on the device, so the step reads nothing back). None: fused on CUDA, the
+        for-each implementation elsewhere (CPU results unchanged).
     """
 
     name: str = "adamw"
@@ -155,9 +158,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     excitation: ExcitationConfig | None = None
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.name in OPTIMIZERS, "name", self.name, f"choose one of {OPTIMIZERS}")
+        require(self.fused is None or isinstance(self.fused, bool), "fused", self.fused,
+                "need true, false or none (fused on CUDA)")
         require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "need lr > 0")
         require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
                "betas", self.betas, "need two values in [0, 1)")
@@ -219,6 +225,10 @@ class TrainConfig:
         skip (no update applied) before it stops; 0: stop at the first.
     progress_every: a plain progress line every N steps when stderr is not a terminal
         (0: about 20 lines per run).
+    precision: "auto" (bf16 mixed precision on a CUDA GPU that has it, fp32 elsewhere),
+        "fp32" (TF32 off), "tf32" (CUDA) or "bf16" (fp32 weights and optimizer state, forward
+        under bf16 autocast; ``moelab.precision``).
+    compile: ``torch.compile`` each block (fullgraph; ``moelab.parallel.compile_blocks``).
     """
 
     steps: int = 1000
@@ -237,6 +247,8 @@ class TrainConfig:
     tracker_group: str | None = None
     skip_nonfinite_steps: int = 0
     progress_every: int = 0
+    precision: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         require(_is_int(self.steps) and self.steps >= 1, "steps", self.steps,
@@ -260,6 +272,11 @@ class TrainConfig:
                 "a logger is listed twice")
         require(self.tracker_group is None or self.tracker_group.strip() != "",
                 "tracker_group", self.tracker_group, "need a non-empty string or none")
+        from moelab.precision import PRECISIONS
+
+        require(self.precision in PRECISIONS, "precision", self.precision,
+                f"choose one of {', '.join(PRECISIONS)}")
+        require(isinstance(self.compile, bool), "compile", self.compile, "need true or false")
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None = None,
                 track_out_norm: bool = False) -> ExpertsOutput:
         n_local, n_ranks = self.local.n_experts, self.group_size
-        send_PE = plan.kept_counts.view(n_ranks, n_local).contiguous()
+        send_PE = plan.routed_counts.view(n_ranks, n_local).contiguous()
         recv_PE = torch.empty_like(send_PE)
         dist.all_to_all_single(recv_PE, send_PE, group=self.group)
         send_splits, recv_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
@@ -194,7 +194,7 @@ class ExpertParallelExperts(nn.Module):
         kept = recv_PE.sum(0)
         ones = torch.ones(order.numel(), device=x_TD.device)
         local_plan = DispatchPlan(order, sorted_ids, ones, kept, kept,
-                                  torch.cumsum(kept, 0).to(torch.int32), 0)
+                                  torch.cumsum(kept, 0).to(torch.int32), kept.new_zeros(()))
         y_recv = self.local(x_recv, local_plan).y_TD
         y_ND = all_to_all(y_recv, send_splits, recv_splits, self.group)
         y_TD = combine(y_ND * plan.weights.to(y_ND.dtype).unsqueeze(1), plan, x_TD.shape[0])
@@ -202,7 +202,10 @@ class ExpertParallelExperts(nn.Module):
         with torch.no_grad():
             rows = y_ND.detach().float()
             if track_out_norm:
-                norm_sums_E = add_per_expert_(rows.new_zeros(self.n_experts), rows.norm(dim=1),
+                norms = rows.norm(dim=1)
+                if plan.keep is not None:  # rows dropped by capacity were computed, not used
+                    norms = norms * plan.keep
+                norm_sums_E = add_per_expert_(rows.new_zeros(self.n_experts), norms,
                                               plan.expert_ids)
             if row_weight_N is not None:
                 sums_ED = add_per_expert_(rows.new_zeros(self.n_experts, rows.shape[1]), rows,

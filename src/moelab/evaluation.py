@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from moelab.data import EvalWindows, RunData, iter_image_batches
 from moelab.guard import NonFiniteError
 from moelab.metrics import LayerAccumulator
+from moelab.precision import autocast
 from moelab.progress import EvalProgress
 
 __all__ = ["EvalInterrupted", "evaluate", "eval_batches", "excitation_summary",
@@ -67,7 +68,7 @@ def evaluate(model: nn.Module, data: RunData, split: str, *, batch_size: int, se
              routing: bool = True, progress: bool = False,
              should_stop: Callable[[], bool] | None = None,
              layer_blocks: list[int] | None = None, step: int | None = None,
-             run_dir: object = None) -> dict[str, Any]:
+             run_dir: object = None, precision: str = "fp32") -> dict[str, Any]:
     """Loss and perplexity (LM) or accuracy of ``model`` on ``split`` ("val" | "test"), plus,
     with ``routing``, one metrics dict per MoE layer under ``layers`` (``moelab.metrics``
     ``layer_metrics`` over the counts of the whole evaluation, expert output norms on;
@@ -77,6 +78,7 @@ def evaluate(model: nn.Module, data: RunData, split: str, *, batch_size: int, se
     (tokens or images scored), ``layers``. ``progress``: an EvalProgress bar / lines.
     ``should_stop`` is asked before each batch; True raises :class:`EvalInterrupted`. A NaN
     or infinite loss raises NonFiniteError (naming ``step`` and ``run_dir`` when given).
+    ``precision``: the run's (``moelab.precision``); "bf16" runs the forward under autocast.
     The model's train/eval mode is restored afterwards.
     """
     if split not in ("val", "test"):
@@ -95,8 +97,9 @@ def evaluate(model: nn.Module, data: RunData, split: str, *, batch_size: int, se
             if should_stop is not None and should_stop():
                 raise EvalInterrupted
             x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss_sum += float(loss_fn(out.logits, y, reduction="sum"))
+            with autocast(precision, device):
+                out = model(x)
+                loss_sum += float(loss_fn(out.logits, y, reduction="sum"))
             if not math.isfinite(loss_sum):  # before the routing metrics see NaNs
                 break
             n_items += y.numel()

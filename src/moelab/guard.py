@@ -4,12 +4,20 @@ norm is NaN or infinite, before the optimizer applies it.
     guard = NonFiniteGuard(max_skips=cfg.train.skip_nonfinite_steps)
     if not guard.ok(loss, grad_norm):          # a bad step: raises NonFiniteError when the
         guard.skip(step, loss, grad_norm, lr, checkpoint_note)   # budget is spent
+
+Deferred (``deferred=True``, with a fused optimizer that skips a step on the device when
+given ``found_inf``): nothing is read back per step; ``record`` notes each step's finiteness
+on the device and ``flush`` reads what was noted (once, e.g. at each logged step), counts the
+skipped steps and raises when the budget is spent, naming the first bad step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "divergence_message"]
 
@@ -41,6 +49,10 @@ class NonFiniteGuard:
 
     max_skips: int = 0
     skipped: int = 0
+    deferred: bool = False
+    #: deferred mode, since the last flush: [bad steps, their items, first bad step, its loss,
+    #: its grad norm, its lr] on the device (None: nothing recorded)
+    _noted: Tensor | None = field(default=None, repr=False)
 
     @staticmethod
     def ok(*values: float) -> bool:
@@ -54,3 +66,36 @@ class NonFiniteGuard:
             raise NonFiniteError(divergence_message(step, loss, grad_norm, lr, checkpoint_note,
                                                     self.skipped))
         self.skipped += 1
+
+    def record(self, ok: Tensor, step: int, loss: Tensor, grad_norm: Tensor, lr: float,
+               items: int) -> None:
+        """Deferred mode: note (on ``ok``'s device, no sync) whether step ``step`` was finite
+        (``ok``: a bool tensor; a False step was not applied)."""
+        dtype = torch.float32 if ok.device.type == "mps" else torch.float64
+        bad = (~ok).to(dtype)
+        this = torch.stack([bad, bad * items, bad * step, loss.to(dtype), grad_norm.to(dtype),
+                            torch.full((), lr, dtype=dtype, device=ok.device)])
+        if self._noted is None:
+            self._noted = torch.cat([this[:2], torch.where(bad > 0, this[2:], 0.0)])
+            return
+        first = (self._noted[0] == 0) & (bad > 0)  # the first bad step since the last flush
+        self._noted = torch.cat([self._noted[:2] + this[:2],
+                                 torch.where(first, this[2:], self._noted[2:])])
+
+    def flush(self, checkpoint_note: str, now: int) -> int:
+        """Deferred mode: read what ``record`` noted (one device read) at step ``now``;
+        returns the items of the steps that were skipped. Raises NonFiniteError when the skips
+        pass ``max_skips``."""
+        if self._noted is None:
+            return 0
+        n_bad, bad_items, step, loss, grad_norm, lr = self._noted.tolist()
+        self._noted = None
+        if n_bad == 0:
+            return 0
+        if self.skipped + n_bad > self.max_skips:
+            note = (f"{checkpoint_note}; noticed at step {now} (the guard is read at logged "
+                    "steps; no non-finite step was applied)")
+            raise NonFiniteError(divergence_message(int(step), loss, grad_norm, lr, note,
+                                                    self.skipped))
+        self.skipped += int(n_bad)
+        return int(bad_items)

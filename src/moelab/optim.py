@@ -19,10 +19,13 @@ if TYPE_CHECKING:
 __all__ = ["build_optimizer", "set_lr"]
 
 
-def build_optimizer(model: nn.Module, ocfg: OptimConfig, *, all_reduce_counts: bool
-                    ) -> tuple[torch.optim.Optimizer, Any]:
+def build_optimizer(model: nn.Module, ocfg: OptimConfig, *, all_reduce_counts: bool,
+                    device: torch.device | None = None) -> tuple[torch.optim.Optimizer, Any]:
     """``(optimizer, excitation)`` for ``model``'s trainable parameters. Parameters with two
-    or more dimensions get ``weight_decay``, the others none. ``excitation`` is None unless
+    or more dimensions get ``weight_decay``, the others none. The optimizer is torch's fused
+    implementation when ``optim.fused`` says so (None: when ``device`` is CUDA); a fused
+    optimizer skips a step on the device when ``optimizer.found_inf`` is set (what
+    ``Trainer.train_step`` uses to avoid host syncs). ``excitation`` is None unless
     ``optim.excitation`` is set; then it is hooked onto the optimizer (its step applies Φ, its
     state_dict carries Excitation's state), found by the model itself when it knows how
     (``build_excitation``: ``moelab.hf``), and ``all_reduce_counts`` makes its utilization the
@@ -34,14 +37,17 @@ def build_optimizer(model: nn.Module, ocfg: OptimConfig, *, all_reduce_counts: b
     groups = [{"params": decay, "weight_decay": ocfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    fused = ocfg.fused if ocfg.fused is not None else (
+        device is not None and device.type == "cuda")
+    kw = {"fused": True} if fused else {}
     opt: torch.optim.Optimizer
     if ocfg.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps)
+        opt = torch.optim.AdamW(groups, lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, **kw)
     elif ocfg.name == "adam":
-        opt = torch.optim.Adam(groups, lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps)
+        opt = torch.optim.Adam(groups, lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, **kw)
     else:
         opt = torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum,
-                              nesterov=ocfg.nesterov and ocfg.momentum > 0)
+                              nesterov=ocfg.nesterov and ocfg.momentum > 0, **kw)
     for g in opt.param_groups:
         g["initial_lr"] = ocfg.lr
     excitation = None

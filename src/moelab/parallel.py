@@ -9,12 +9,15 @@ model runs (torchtitan's ``parallelize_fn`` is the pattern).
    (``moelab.distributed.shard_experts``);
 3. **global statistics** (any world size > 1): every MoE layer sums its routing counts and
    Default MoE's statistics over the ranks, so the balance loss and Ê are the global batch's;
-4. **data parallel**: DDP over the non-expert parameters (the sharded experts' gradients are
+4. **compile** (``train.compile``): ``torch.compile(fullgraph=True)`` of each block in place
+   (:func:`compile_blocks`; activation checkpointing lives inside each block, so it is
+   compiled with it);
+5. **data parallel**: DDP over the non-expert parameters (the sharded experts' gradients are
    reduced by ``moelab.distributed.sync_expert_grads`` after backward).
 
-Where the scale-phase steps plug in (same function, same order as torchtitan): a precision
-policy after 3 (autocast settings, or FSDP2's ``MixedPrecisionPolicy``), ``torch.compile`` per
-block after that, and FSDP2 (``fully_shard`` per block) in place of DDP in 4.
+The precision policy (``moelab.precision``) is not a wrapper: autocast surrounds the forward
+in the step, and :func:`runtime_settings` holds the TF32 switches. FSDP2 (``fully_shard`` per
+block) will take the place of DDP in step 5, with its ``MixedPrecisionPolicy``.
 
 :func:`init_parallel` resolves ``train.device`` and joins the process group under torchrun;
 ``moelab.distributed`` keeps the collectives themselves; :func:`runtime_settings` holds the
@@ -26,18 +29,24 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moelab import distributed as mdist
+from moelab.precision import matmul_flags
 
 if TYPE_CHECKING:
     from moelab.config import TrainConfig
 
-__all__ = ["init_parallel", "resolve_device", "runtime_settings", "wrap_model"]
+#: The ``torch.compile`` backend of :func:`compile_blocks` (tests on slow CPUs use "aot_eager",
+#: which traces the same graphs without generating code).
+COMPILE_BACKEND = "inductor"
+
+__all__ = ["COMPILE_BACKEND", "broadcast_from_main", "compile_blocks", "init_parallel",
+           "model_blocks", "resolve_device", "runtime_settings", "wrap_model"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,28 +86,104 @@ def init_parallel(tcfg: TrainConfig, global_batch: int
     return ctx, device
 
 
-def wrap_model(model: nn.Module, ctx: mdist.ParallelContext | None, device: torch.device
+def broadcast_from_main(value: Any, ctx: mdist.ParallelContext | None) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object); ``value`` itself on one
+    process."""
+    if ctx is None:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def wrap_model(model: nn.Module, ctx: mdist.ParallelContext | None, device: torch.device,
+               *, compile: bool = False, precision: str = "fp32"
                ) -> tuple[nn.Module, list[nn.Parameter]]:
     """Prepare ``model`` (in place) for training and return ``(train_model, expert_params)``:
     ``train_model`` is what the training step calls (``model`` itself on one process, its DDP
     wrapper under torchrun); ``expert_params`` are the expert-parallel shards whose gradients
     the step reduces itself (empty without expert parallelism). ``model`` stays the module to
-    evaluate, checkpoint and hand to the optimizer. Steps and their order: module docstring."""
+    evaluate, checkpoint and hand to the optimizer. ``precision``: the run's resolved
+    precision (what compiled experts must support). Steps and their order: module
+    docstring."""
     model.to(device)
+    expert_params: list[nn.Parameter] = []
+    if ctx is not None:
+        mdist.shard_experts(model, ctx)
+        mdist.enable_global_stats(model)
+        expert_params = mdist.expert_parameters(model)
+    if compile:
+        compile_blocks(model, precision)
     if ctx is None:
-        return model, []
-    mdist.shard_experts(model, ctx)
-    mdist.enable_global_stats(model)
-    expert_params = mdist.expert_parameters(model)
+        return model, expert_params
     return mdist.wrap_ddp(model, ctx), expert_params
 
 
+def model_blocks(model: nn.Module) -> tuple[list[nn.Module], bool]:
+    """The repeated blocks of ``model`` and whether they are moelab's own: a moelab model's
+    ``blocks``, or the decoder layers of a Hugging Face model (``moelab.hf``); empty if it has
+    neither."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        return list(blocks), True
+    hf = getattr(model, "hf", model)
+    layers = getattr(getattr(hf, "model", None), "layers", None)
+    return (list(layers) if layers is not None else []), False
+
+
+def compile_blocks(model: nn.Module, precision: str = "fp32") -> int:
+    """``torch.compile`` each block of ``model`` in place (``Module.compile``: parameter
+    names and state dicts do not change), as torchtitan does; returns how many. moelab's blocks
+    compile with ``fullgraph=True`` (a graph break is an error); a Hugging Face model's decoder
+    layers without it (transformers' own code breaks the graph, e.g. on a ``ContextVar`` in
+    its attention; each break splits a layer into several compiled graphs).
+
+    Inside a block the MoE layers always take the grouped-GEMM path (no data-dependent shapes,
+    no host sync), so grouped GEMM must run on the model's device in the precision's compute
+    dtype: checked here, outside tracing, with a clear error if not. Activation checkpointing
+    inside a compiled block recomputes in the compiled backward and does not run the forward's
+    side effects again (Default MoE's EMA and the routing counts update once per step)."""
+    from moelab.moe import MoELayer
+    from moelab.moe.gemm import grouped_mm_supported
+
+    blocks, ours = model_blocks(model)
+    if not blocks:
+        raise ValueError(f"train.compile: {type(model).__name__} has no blocks to compile "
+                         "(need a moelab model's `blocks` or an HF model's decoder layers)")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        if isinstance(layer.experts, mdist.ExpertParallelExperts):
+            raise ValueError("train.compile is not supported with train.expert_parallel > 1 "
+                             "yet (the all-to-all's split sizes are read on the host)")
+        w_in, w_out = layer.experts.w_in, layer.experts.w_out
+        if layer.experts.backend == "loop":
+            raise ValueError("train.compile is invalid with model.moe.dispatch='loop' (the "
+                             "loop reads expert sizes on the host): use 'auto' or 'grouped_mm'")
+        device = w_in.device.type
+        if not (grouped_mm_supported(device, dtype, w_in.shape[1], w_in.shape[2])
+                and grouped_mm_supported(device, dtype, w_out.shape[1], w_out.shape[2])):
+            raise ValueError(f"train.compile needs grouped GEMM, and torch {torch.__version__} "
+                             f"has none for {dtype} on {device} with expert weights of shapes "
+                             f"{tuple(w_in.shape)} / {tuple(w_out.shape)} (it needs torch >= "
+                             "2.8 and row strides that are multiples of 16 bytes)")
+    config = torch._dynamo.config
+    config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # blocks differ in small ints (their MoE layer's index): one graph each, not a fallback
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 2 * len(blocks) + 8))
+    for block in blocks:
+        block.compile(fullgraph=ours, backend=COMPILE_BACKEND)
+    return len(blocks)
+
+
 @contextlib.contextmanager
-def runtime_settings(tcfg: TrainConfig, device: torch.device) -> Iterator[None]:
-    """``train.threads`` (torch's CPU thread count, 0: unchanged) and
-    ``train.deterministic`` (``torch.use_deterministic_algorithms``, warn-only; on CUDA with
-    cuBLAS's deterministic workspace) for the duration of the block; the previous settings
-    are restored afterwards, so a run leaves no global state behind."""
+def runtime_settings(tcfg: TrainConfig, device: torch.device, precision: str = "fp32"
+                     ) -> Iterator[None]:
+    """``train.threads`` (torch's CPU thread count, 0: unchanged), ``train.deterministic``
+    (``torch.use_deterministic_algorithms``, warn-only; on CUDA with cuBLAS's deterministic
+    workspace) and the TF32 switches of ``precision`` (``moelab.precision.matmul_flags``) for
+    the duration of the block; the previous settings are restored afterwards, so a run leaves
+    no global state behind."""
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -109,7 +194,8 @@ def runtime_settings(tcfg: TrainConfig, device: torch.device) -> Iterator[None]:
             if device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        yield
+        with matmul_flags(precision):
+            yield
     finally:
         if tcfg.threads > 0:
             torch.set_num_threads(prev_threads)

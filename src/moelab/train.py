@@ -52,17 +52,19 @@ from moelab import rundir
 from moelab.callbacks import (
     Callbacks,
     Checkpointer,
+    GuardCheck,
     MetricsLog,
     PeriodicEval,
     RunDirectory,
     StopSignals,
 )
-from moelab.config import RunConfig, dump_toml
+from moelab.config import RunConfig
 from moelab.data import load_run_data
 from moelab.evaluation import EvalInterrupted, evaluate, final_summary
 from moelab.guard import NonFiniteError, NonFiniteGuard
 from moelab.optim import build_optimizer, set_lr
-from moelab.parallel import init_parallel, runtime_settings, wrap_model
+from moelab.parallel import broadcast_from_main, init_parallel, runtime_settings, wrap_model
+from moelab.precision import autocast, resolve_precision
 
 __all__ = ["Trainer", "load_trained"]
 
@@ -95,8 +97,11 @@ class Trainer:
         tcfg = cfg.train
         self.command = list(command) if command is not None else ["moelab", *sys.argv[1:]]
         self.ctx, self.device = init_parallel(tcfg, cfg.data.batch_size)
+        self.precision = resolve_precision(tcfg.precision, self.device)
         self.is_main = self.ctx is None or self.ctx.is_main
-        self.run_dir = self._shared_run_dir(run_dir)
+        if run_dir is None:
+            run_dir = tcfg.out_dir or rundir.default_run_dir(cfg)
+        self.run_dir = Path(broadcast_from_main(str(run_dir), self.ctx))  # rank 0's choice
         self.quiet = quiet or not self.is_main
         self.step = self.items_seen = 0
         self.train_time_s = 0.0
@@ -109,8 +114,8 @@ class Trainer:
         self.run = RunDirectory(self.run_dir)
         self.metrics = MetricsLog()
         self.checkpointer = Checkpointer()
-        self.callbacks = Callbacks([self.signals, self.run, self.metrics, PeriodicEval(),
-                                    self.checkpointer])
+        self.callbacks = Callbacks([self.signals, self.run, GuardCheck(), self.metrics,
+                                    PeriodicEval(), self.checkpointer])
         with self._runtime():
             _seed_everything(tcfg.seed)
             self.data = load_run_data(cfg.data, lm=self.is_lm, seed=tcfg.seed,
@@ -120,25 +125,17 @@ class Trainer:
 
             self.model = build_model(cfg.model, **self.data.model_kwargs())
             self.n_params = sum(p.numel() for p in self.model.parameters())  # before sharding
-            self._train_model, self._expert_params = wrap_model(self.model, self.ctx,
-                                                                self.device)
+            self._train_model, self._expert_params = wrap_model(
+                self.model, self.ctx, self.device, compile=tcfg.compile,
+                precision=self.precision)
             self.optimizer, self.excitation = build_optimizer(
-                self.model, cfg.optim, all_reduce_counts=self.ctx is not None)
+                self.model, cfg.optim, all_reduce_counts=self.ctx is not None,
+                device=self.device)
+            # a fused optimizer skips a non-finite step itself: nothing to read back per step
+            self.guard.deferred = getattr(self.optimizer, "_step_supports_amp_scaling", False)
             _seed_everything(tcfg.seed)  # the run starts from the same RNG state always
 
     # ------------------------------------------------------------------ what the run is
-
-    def _shared_run_dir(self, run_dir: str | Path | None) -> Path:
-        """The run directory: the given one, ``train.out_dir`` or a fresh default; under
-        torchrun rank 0's choice for all ranks."""
-        tcfg = self.cfg.train
-        path = Path(run_dir) if run_dir is not None else (
-            Path(tcfg.out_dir) if tcfg.out_dir else rundir.default_run_dir(self.cfg))
-        if self.ctx is not None:
-            shared = [str(path)]
-            dist.broadcast_object_list(shared, src=0)
-            path = Path(shared[0])
-        return path
 
     @property
     def world_size(self) -> int:
@@ -166,7 +163,7 @@ class Trainer:
 
     def _runtime(self) -> contextlib.AbstractContextManager[None]:
         """The run's global torch settings for the duration of a call (``moelab.parallel``)."""
-        return runtime_settings(self.cfg.train, self.device)
+        return runtime_settings(self.cfg.train, self.device, self.precision)
 
     def say(self, msg: str) -> None:
         """Print ``msg`` unless quiet (rank 0 only under torchrun)."""
@@ -193,15 +190,16 @@ class Trainer:
         items = 0
         # a skipped step must leave the model as it was: keep the buffers (small) it may update
         buffers = ([b.detach().clone() for b in self.model.buffers()]
-                   if self.guard.max_skips > self.guard.skipped else [])
+                   if self.guard.deferred or self.guard.max_skips > self.guard.skipped else [])
         for i in range(tcfg.grad_accum):
             x, y = self.data.batcher.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = i == tcfg.grad_accum - 1
             no_sync = getattr(self._train_model, "no_sync", None)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                out = self._train_model(x)
-                loss = self._task_loss(out.logits, y)
+                with autocast(self.precision, self.device):
+                    out = self._train_model(x)
+                    loss = self._task_loss(out.logits, y)
                 ((loss + out.aux_loss) / tcfg.grad_accum).backward()
             loss_sum += loss.detach()
             aux_sum += out.aux_loss.detach()
@@ -217,6 +215,9 @@ class Trainer:
             items *= self.ctx.world_size
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = mdist.clip_grad_norm_(params, ocfg.grad_clip, self.ctx, self._expert_params)
+        if self.guard.deferred:
+            return self._deferred_update(loss_sum / tcfg.grad_accum, aux_sum / tcfg.grad_accum,
+                                         grad_norm, lr, items, buffers)
         res = {"loss": float(loss_sum) / tcfg.grad_accum, "aux_loss": float(aux_sum)
                / tcfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm), "items": items}
         if not self.guard.ok(res["loss"], res["aux_loss"], res["grad_norm"]):
@@ -233,6 +234,33 @@ class Trainer:
         self.step += 1
         self.items_seen += items
         return res
+
+    def _deferred_update(self, loss: torch.Tensor, aux: torch.Tensor, grad_norm: torch.Tensor,
+                         lr: float, items: int, buffers: list[torch.Tensor]) -> dict[str, Any]:
+        """The end of a step that reads nothing back from the device (a fused optimizer): a
+        non-finite step is skipped by the optimizer (``found_inf``), its buffer updates are
+        undone, and the guard notes it, to be read at the next logged step. The result's
+        ``loss``, ``aux_loss`` and ``grad_norm`` are device tensors and ``ok`` says whether
+        the step was applied."""
+        ok = torch.isfinite(torch.stack([loss, aux, grad_norm.to(loss.dtype)])).all()
+        self.optimizer.found_inf = (~ok).float()
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.found_inf = None
+        self.optimizer.zero_grad(set_to_none=True)
+        for b, saved in zip(self.model.buffers(), buffers, strict=True):
+            b.copy_(torch.where(ok, b, saved))
+        self.step += 1
+        self.items_seen += items  # the skipped steps' items come off at the guard's flush
+        self.guard.record(ok, self.step, loss, grad_norm, lr, items)
+        return {"loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
+                "items": items, "ok": ok}
+
+    def flush_guard(self) -> None:
+        """Read the deferred guard (a no-op in immediate mode): raise if the run passed its
+        non-finite step budget; keep skipped steps out of ``items_seen``."""
+        self.items_seen -= self.guard.flush(self.checkpoint_note(), self.step)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -253,42 +281,19 @@ class Trainer:
                 self.model, self.data, split, batch_size=dcfg.batch_size, seq_len=dcfg.seq_len,
                 device=self.device, loss_fn=self._task_loss, max_batches=max_batches,
                 routing=routing, progress=progress and not self.quiet, should_stop=should_stop,
+                precision=self.precision,
                 layer_blocks=self.cfg.model.moe_block_indices(), step=self.step,
                 run_dir=self.run_dir)
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run bit-for-bit (see ``moelab.checkpoint``)."""
-        return {
-            "version": ckpt.CKPT_VERSION,
-            "step": self.step,
-            "items_seen": self.items_seen,
-            "train_time_s": self.train_time_s,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "batcher": self.data.batcher.state_dict(),
-            "rng": ckpt.capture_rng(self.device),
-            "window": dict(self.metrics.window),
-            "nonfinite_skipped": self.guard.skipped,
-            "config_toml": dump_toml(self.cfg),
-            "parallel": {"world_size": self.world_size,
-                         "expert_parallel": self.cfg.train.expert_parallel},
-        }
+        """Everything needed to continue the run bit-for-bit (``Checkpointer.state``)."""
+        return self.checkpointer.state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ckpt.check_version(state)
-        ckpt.check_parallel(state, self.world_size, self.cfg.train.expert_parallel)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.data.batcher.load_state_dict(state["batcher"])
-        self.step = int(state["step"])
-        self.items_seen = int(state["items_seen"])
-        self.train_time_s = float(state["train_time_s"])
-        self.metrics.window = dict(state["window"])
-        self.guard.skipped = int(state.get("nonfinite_skipped", 0))
-        self.checkpoint_step = self.step
-        ckpt.restore_rng(state["rng"], self.device)
+        """Continue from ``state`` (``Checkpointer.restore``)."""
+        self.checkpointer.restore(self, state)
 
     def save_checkpoint(self) -> Path:
         """Write this rank's checkpoint atomically; returns ``RUN/ckpt.pt``. All ranks take
@@ -309,20 +314,24 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str | Path, *, quiet: bool = False,
                command: Sequence[str] | None = None, device: str | None = None,
-               _verb: str = "resume") -> Trainer:
+               precision: str | None = None, _verb: str = "resume") -> Trainer:
         """A Trainer that continues the run in ``run_dir`` from its ``ckpt.pt``, with the
         run's ``config.toml`` (edit ``train.steps`` there to extend a finished run).
 
         Takes the run directory's lock (RunDirLockedError if another process writes it),
         held until :meth:`fit` returns. A run that stopped before its first checkpoint starts
-        again from step 0. ``device`` overrides ``train.device``. CheckpointError for an
+        again from step 0. ``device`` / ``precision`` override ``train.device`` /
+        ``train.precision`` for this process (``config.toml`` keeps its values; a change of
+        precision is noted in one line). CheckpointError for an
         unreadable, foreign or untrusted ``ckpt.pt``."""
         run_dir = Path(run_dir)
         cfg = rundir.read_config(run_dir, _verb)
-        if device is not None:
+        changes = {k: v for k, v in (("device", device), ("precision", precision))
+                   if v is not None}
+        if changes:
             import dataclasses
 
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
         has_ckpt = (run_dir / rundir.CHECKPOINT).is_file()
         if not has_ckpt and _verb != "resume":
             raise FileNotFoundError(f"cannot {_verb} {run_dir}: no {rundir.CHECKPOINT} there "
@@ -424,11 +433,14 @@ class Trainer:
         return summary
 
 
-def load_trained(run_dir: str | Path, *, quiet: bool = True) -> Trainer:
-    """A Trainer holding the checkpointed model of ``run_dir`` (for evaluation). Raises
-    NonFiniteError if the checkpoint holds NaN/inf parameters (a run that diverged before
-    moelab refused to checkpoint such a state)."""
-    trainer = Trainer.resume(run_dir, quiet=quiet, command=[], _verb="evaluate")
+def load_trained(run_dir: str | Path, *, quiet: bool = True,
+                 precision: str | None = None) -> Trainer:
+    """A Trainer holding the checkpointed model of ``run_dir`` (for evaluation, in the run's
+    precision unless ``precision`` is given). Raises NonFiniteError if the checkpoint holds
+    NaN/inf parameters (a run that diverged before moelab refused to checkpoint such a
+    state)."""
+    trainer = Trainer.resume(run_dir, quiet=quiet, command=[], precision=precision,
+                             _verb="evaluate")
     bad = ckpt.check_finite({"model": trainer.model.state_dict()})
     if bad:
         raise NonFiniteError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .docs import load_docs
 from .images import ImageSplits, load_cifar10, load_idx, load_mnist5k, load_npz
 from .text import TextSplits, load_shakespeare, load_textfile, load_wikitext
 
@@ -15,6 +16,7 @@ _TEXT: dict[str, tuple[Callable[..., TextSplits], bool]] = {
     "shakespeare": (load_shakespeare, False),
     "wikitext": (load_wikitext, True),
     "textfile": (load_textfile, True),
+    "docs": (load_docs, False),  # built once by `python -m moelab.data.docs build`
 }
 _IMAGE: dict[str, tuple[Callable[..., ImageSplits], bool]] = {
     "mnist5k": (load_mnist5k, False),
@@ -43,7 +45,9 @@ def load_text_dataset(name: str, path: str | Path | None = None) -> TextSplits:
 
     ``"shakespeare"`` (built in; ``path`` optionally overrides the texts folder),
     ``"wikitext"`` (``path`` = folder with ``wiki.{train,valid,test}.raw``),
-    ``"textfile"`` (``path`` = any UTF-8 file, split 90/5/5 by position).
+    ``"textfile"`` (``path`` = any UTF-8 file, split 90/5/5 by position),
+    ``"docs"`` (the Debian documentation corpus, ``moelab.data.docs``; ``path`` optionally
+    overrides its folder).
     """
     return _resolve("text", _TEXT, name, path)
 

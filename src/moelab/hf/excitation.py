@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from moelab.hf.families import FAMILIES
 from moelab.methods.excitation import Excitation as _Excitation
 from moelab.methods.excitation import ExcitationConfig
+from moelab.moe.dispatch import count_per_expert
 from moelab.moe.layer import in_backward_pass
 
 __all__ = ["Excitation"]
@@ -25,7 +26,7 @@ class Excitation(_Excitation):
 
     Group parameters: every parameter of the block's experts module shaped [E, ...]
     (``gate_up_proj``, ``down_proj``, and GPT-OSS's biases): expert k's part is the slice [k].
-    Counts: a forward hook on the block's HF router adds ``bincount(top-K indices)`` [E] after
+    Counts: a forward hook on the block's HF router adds the counts of its top-K indices [E] after
     every training-mode forward, skipping eval forwards and activation-checkpoint recomputes.
     Other arguments as for the base class (strategy, gamma, seed, ablation_base or config).
     """
@@ -56,6 +57,7 @@ class Excitation(_Excitation):
             if exc is None or not module.training or in_backward_pass():
                 return  # eval forward, or an activation-checkpoint recompute
             ids = output[2].detach().reshape(-1)
-            exc.record_counts(name, torch.bincount(ids, minlength=n_experts))
+            # sorted + binary search: no host sync on a GPU, unlike bincount
+            exc.record_counts(name, count_per_expert(torch.sort(ids)[0], n_experts))
 
         return hook

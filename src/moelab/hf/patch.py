@@ -30,6 +30,7 @@ from moelab.hf.families import FAMILIES, Family
 from moelab.methods.default_moe import DefaultMoE, DefaultMoEConfig
 from moelab.methods.momentum import CombineRule, MomentumConfig, State, build_combine_rule
 from moelab.moe import Experts, MoEConfig, MoELayer, Routing
+from moelab.moe.amp import autocast_dtype, autocast_off
 
 __all__ = ["DISPATCHES", "MOELAB_ATTR", "MOMENTUM_ATTR", "patch", "patched_blocks", "unpatch"]
 
@@ -55,7 +56,14 @@ class HFRouter(nn.Module):
         self.family = family
 
     def forward(self, x_TD: Tensor) -> Routing:
-        logits_TE, weights_TK, ids_TK = self.__dict__["hf_router"](x_TD)
+        """Under autocast the HF router runs in fp32 (autocast off, fp32 input), as moelab's
+        own router does: logits, softmax and top-k stay fp32."""
+        device = x_TD.device.type
+        if autocast_dtype(device) is not None:
+            with autocast_off(device):
+                logits_TE, weights_TK, ids_TK = self.__dict__["hf_router"](x_TD.float())
+        else:
+            logits_TE, weights_TK, ids_TK = self.__dict__["hf_router"](x_TD)
         probs_TE = self.family.probs(self.__dict__["hf_block"], logits_TE)
         return Routing(logits_TE, probs_TE, ids_TK, weights_TK)
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from moelab.moe import DispatchPlan, ExpertSums, LayerMethod, MoEConfig, MoELayer, Routing
+from moelab.moe.amp import autocast_off
 from moelab.validation import require
 
 __all__ = ["DefaultMoE", "DefaultMoEConfig", "default_moe_layer"]
@@ -96,8 +97,10 @@ class DefaultMoE(LayerMethod):
         mean_ED = sums_ED / mass_E.clamp_min(torch.finfo(torch.float).tiny).unsqueeze(1)
         beta = self.cfg.beta
         updated = beta * self.ema + (1.0 - beta) * mean_ED
-        self.ema.copy_(torch.where(seen_E.unsqueeze(1), updated, self.ema))
-        self.n_updates += seen_E.long()
+        # new tensors, not in-place updates: a compiled, activation-checkpointed block
+        # recomputes its forward from the buffers it read, which must still hold the old Ê
+        self.ema = torch.where(seen_E.unsqueeze(1), updated, self.ema)
+        self.n_updates = self.n_updates + seen_E.long()
 
     def value(self) -> Tensor:
         """Ê as used in the forward: [E, D] fp32 (bias-corrected if configured)."""
@@ -112,12 +115,15 @@ class DefaultMoE(LayerMethod):
         """``y_TD + sum_{i not in TopK(t)} probs[t, i] * Ê_i`` ([T, D], y's dtype), the sum
         computed as (probs with the chosen entries zeroed) @ Ê — no [T, E, D] tensor. In fp32
         the add is fused into the matmul (one [T, D] pass less). With ``straight_through`` the
-        term adds its router gradient but nothing to the value."""
+        term adds its router gradient but nothing to the value. Under autocast the term is
+        computed in fp32 (probs and Ê are) and added in y's dtype."""
         skipped_TE = probs_TE.scatter(1, topk_ids_TK, 0.0)
         ema_ED = self.value().to(skipped_TE.dtype)
         if not self.cfg.straight_through and y_TD.dtype == skipped_TE.dtype == torch.float32:
-            return torch.addmm(y_TD, skipped_TE, ema_ED)
-        default_TD = (skipped_TE @ ema_ED).to(y_TD.dtype)
+            with autocast_off(y_TD.device.type):
+                return torch.addmm(y_TD, skipped_TE, ema_ED)
+        with autocast_off(y_TD.device.type):
+            default_TD = (skipped_TE @ ema_ED).to(y_TD.dtype)
         if self.cfg.straight_through:
             default_TD = default_TD - default_TD.detach()
         return y_TD + default_TD

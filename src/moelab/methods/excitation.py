@@ -75,7 +75,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from moelab.moe.layer import MoELayer, in_backward_pass
+from moelab.moe.layer import MoELayer
 from moelab.validation import require
 
 BASE_STRATEGIES = ("zero_sum", "positive_sum", "negative_sum")
@@ -228,10 +228,10 @@ class Excitation:
     ``step(closure)`` evaluates the closure first, so its forward is counted, then steps the
     optimizer without it (fine for first-order optimizers; not for LBFGS).
 
-    Counting: a forward hook on each MoELayer adds ``last_stats.tokens_per_expert`` to a per-layer
-    accumulator after every forward in training mode (``layer.training``), skipping
-    activation-checkpoint recomputes (forwards run inside backward); the accumulators are reset
-    by each optimizer step. Eval-mode forwards are not counted.
+    Counting: each MoELayer sums its assignment counts over its training-mode forwards
+    (``layer.training``), skipping activation-checkpoint recomputes, in an [E] buffer that a
+    compiled forward updates too; each optimizer step takes and resets them
+    (``MoELayer.take_counts``). Eval-mode forwards are not counted.
 
     Attributes: ``last_multipliers`` {group name: Φ [E] float32} and ``last_utilization``
     {group name: u [E] float32, NaN for a layer without assignments} and ``last_counts``
@@ -393,10 +393,11 @@ class Excitation:
                 raise ValueError(f"{name}: its experts hold no parameters of their own (a "
                                  "Hugging Face model patched by moelab.hf?): use "
                                  "moelab.hf.Excitation(optimizer, model)")
+            module.take_counts()  # count from here on
             self.add_expert_group(batched_params=list(experts.parameters()), name=name,
                                   n_experts=module.cfg.n_experts,
-                                  held_experts=getattr(experts, "expert_range", None))
-            self._hook_handles.append(module.register_forward_hook(self._count_hook(name)))
+                                  held_experts=getattr(experts, "expert_range", None),
+                                  token_counts=module.take_counts)
 
     def _pending_counts(self, name: str) -> TokenCounts:
         return lambda: self._pending.get(name)
@@ -404,25 +405,14 @@ class Excitation:
     @torch.no_grad()
     def record_counts(self, name: str, counts_E: Tensor) -> None:
         """Add one forward's [E] assignment counts to group ``name`` (summed until the next
-        ``step()``, which resets them). The MoELayer hooks call this; so can a user's MoE whose
-        group was added without ``token_counts``."""
+        ``step()``, which resets them). ``moelab.hf``'s router hooks call this; so can a user's
+        MoE whose group was added without ``token_counts``."""
         counts_E = counts_E.detach()
         acc = self._pending.get(name)
         if acc is None:
             self._pending[name] = counts_E.to(_phi_dtype(counts_E.device)).clone()
         else:
             acc.add_(counts_E.to(acc.device))
-
-    def _count_hook(self, name: str) -> Callable[..., None]:
-        ref = weakref.ref(self)
-
-        def hook(module: nn.Module, _args: Any, _output: Any) -> None:
-            opt = ref()
-            if opt is None or not module.training or in_backward_pass():
-                return  # eval forward, or an activation-checkpoint recompute
-            opt.record_counts(name, module.last_stats.tokens_per_expert)
-
-        return hook
 
     def remove_hooks(self) -> None:
         """Detach from the optimizer and the model's MoE layers: the optimizer steps, saves

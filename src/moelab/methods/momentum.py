@@ -117,6 +117,15 @@ class CombineRule(nn.Module):
 
     name = "none"
 
+    @property
+    def uses_layer_index(self) -> bool:
+        """Whether the hooks depend on ``layer_idx``. Blocks give 0 to a rule that does not,
+        so that one compiled graph serves every block. True for any subclass overriding a hook
+        unless it says otherwise."""
+        cls = type(self)
+        return any(getattr(cls, hook) is not getattr(CombineRule, hook)
+                   for hook in ("moe_input", "combine", "update"))
+
     def init_state(self, h: Tensor) -> State:
         """The state before the first MoE layer (zeros shaped like h)."""
         return ()
@@ -153,6 +162,10 @@ class _MuGamma(CombineRule):
         else:
             self.mu, self.gamma = float(mu), float(gamma)
         self.n_layers = n_layers
+
+    @property
+    def uses_layer_index(self) -> bool:
+        return self.learnable  # learnable mu[i], gamma[i] are per MoE layer
 
     def _mu(self, i: int) -> Tensor | float:
         return self.mu[i] if self.learnable else self.mu
@@ -212,6 +225,8 @@ class AdamSMoE(_MuGamma):
 
     name = "adam"
 
+    uses_layer_index = True  # Adam in the first adam_layers layers, heavy ball after
+
     def __init__(self, mu: float = 0.7, gamma: float = 1.0, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, adam_layers: int = 1,
                  bias_correction: bool = False, *, n_layers: int | None = None,
@@ -258,6 +273,7 @@ class RobustMomentum(CombineRule):
     """
 
     name = "robust"
+    uses_layer_index = False
 
     def __init__(self, alpha: float, beta: float, eps: float) -> None:
         super().__init__()

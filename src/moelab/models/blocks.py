@@ -163,10 +163,12 @@ class SelfAttention(nn.Module):
     def forward(self, x_BSD: Tensor) -> Tensor:
         b, s, d = x_BSD.shape
         qkv = self.qkv(x_BSD).view(b, s, 3, self.n_heads, d // self.n_heads)
-        if self.rope is not None:  # each [B, H, S, hd]
+        if self.rope is not None and not torch.compiler.is_compiling():  # each [B, H, S, hd]
             q, k, v = _SplitHeadsRope.apply(qkv, *self.rope.tables(s, qkv.dtype))
-        else:
+        else:  # compiled: the same values; the compiler fuses the split and the rotation
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            if self.rope is not None:
+                q, k = self.rope(q), self.rope(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
@@ -214,39 +216,54 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(d_model)
         self.ffn = ffn
         self.moe_idx = moe_idx
+        # read instead of moe_idx where the index does not matter: a compiled block is
+        # specialised on every int it reads, a bool is the same for all MoE blocks
+        self.is_moe = moe_idx is not None
         self.residual = residual
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        #: recompute this block in backward instead of keeping its activations
+        self.activation_checkpointing = False
 
     def forward(self, h: Tensor, state: State,
                 rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
-        """h: [B, S, D] or [B, D]; state: the rule's state (passed through dense blocks)."""
+        """h: [B, S, D] or [B, D]; state: the rule's state (passed through dense blocks).
+        With ``activation_checkpointing`` (and grad enabled) the block keeps only its inputs
+        and recomputes the rest in backward (non-reentrant ``torch.utils.checkpoint``)."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, h, state, rule, use_reentrant=False)
+        return self._forward(h, state, rule)
+
+    def _forward(self, h: Tensor, state: State,
+                 rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
         if self.post:
             return self._forward_post(h, state, rule)
         if self.attn is not None:
             h = h + self.drop(self.attn(self.norm1(h)))
         x = self.norm2(h)
-        if self.moe_idx is None:
+        if not self.is_moe:
             f = self.drop(self.ffn(x))
             return (h + f if self.residual else f), state, None
-        out = self.ffn(rule.moe_input(x, state, self.moe_idx))
+        i = self.moe_idx if rule.uses_layer_index else 0  # 0: one compiled graph for all
+        out = self.ffn(rule.moe_input(x, state, i))
         f = self.drop(out.y)
         if not self.residual:
             return f, state, out.losses
-        h, state = rule.combine(h, f, state, self.moe_idx)
+        h, state = rule.combine(h, f, state, i)
         return h, state, out.losses
 
     def _forward_post(self, h: Tensor, state: State,
                       rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
         if self.attn is not None:
             h = self.norm1(h + self.drop(self.attn(h)))
-        if self.moe_idx is None:
+        if not self.is_moe:
             f = self.drop(self.ffn(h))
             return self.norm2(h + f if self.residual else f), state, None
-        out = self.ffn(rule.moe_input(h, state, self.moe_idx))
+        i = self.moe_idx if rule.uses_layer_index else 0
+        out = self.ffn(rule.moe_input(h, state, i))
         f = self.drop(out.y)
         if not self.residual:
             return self.norm2(f), state, out.losses
-        y, state = rule.combine(h, f, state, self.moe_idx)
+        y, state = rule.combine(h, f, state, i)
         if self.norm_in is not None:
             return self.norm2(h + self.norm_in(y)), state, out.losses
         return self.norm2(y), state, out.losses
@@ -254,7 +271,8 @@ class Block(nn.Module):
 
 class MoEModel(nn.Module):
     """Base class: a stack of ``Block``s with MoE FFNs at ``cfg.moe_block_indices()``, the
-    combine rule ``self.combine_rule`` (from ``cfg.momentum``) and activation checkpointing."""
+    combine rule ``self.combine_rule`` (from ``cfg.momentum``) and activation checkpointing
+    (per block: ``Block.activation_checkpointing``, so a compiled block holds its own)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -278,6 +296,8 @@ class MoEModel(nn.Module):
                                 residual=residual, dropout=cfg.dropout,
                                 post=cfg.norm_position != "pre",
                                 double=cfg.norm_position == "post_double"))
+        for block in blocks:
+            block.activation_checkpointing = cfg.activation_checkpointing
         self.blocks = nn.ModuleList(blocks)
         self.combine_rule = build_combine_rule(cfg.momentum, len(moe_idx))
 
@@ -292,13 +312,9 @@ class MoEModel(nn.Module):
         """Run every block; returns ``(h, aux_loss, moe_losses)``."""
         rule = self.combine_rule
         state = rule.init_state(h)
-        ckpt = self.cfg.activation_checkpointing and torch.is_grad_enabled()
         losses: list[MoELosses] = []
         for block in self.blocks:
-            if ckpt:
-                h, state, layer_losses = checkpoint(block, h, state, rule, use_reentrant=False)
-            else:
-                h, state, layer_losses = block(h, state, rule)
+            h, state, layer_losses = block(h, state, rule)
             if layer_losses is not None:
                 losses.append(layer_losses)
         aux = losses[0].total

@@ -31,10 +31,13 @@ def activation_backward(h: Tensor, grad_act: Tensor, activation: str) -> tuple[T
         width = gate.shape[1]
         sig = torch.sigmoid(gate)
         silu = gate * sig
-        grad_h = torch.empty_like(h)
-        torch.mul(grad_act, silu, out=grad_h[:, width:])
         # d silu / d gate = sig * (1 + gate * (1 - sig))
         dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
+        if torch.compiler.is_compiling():  # no strided out=: the compiler fuses the concat
+            grad_h = torch.cat([dsilu.mul_(up).mul_(grad_act), grad_act * silu], dim=-1)
+            return grad_h, silu.mul_(up)
+        grad_h = torch.empty_like(h)
+        torch.mul(grad_act, silu, out=grad_h[:, width:])
         torch.mul(dsilu.mul_(up), grad_act, out=grad_h[:, :width])
         return grad_h, silu.mul_(up)
     cdf = torch.erf(h * _SQRT_HALF).add_(1.0).mul_(0.5)

@@ -3,6 +3,10 @@
 Assignments are flattened choice-major (index ``k*T + t``) and stably sorted by expert id, so
 inside an expert the first choices come before the second choices and tokens keep their order.
 That order is also the drop priority when a capacity is set.
+
+Nothing here reads a value back from the device (no host sync on a GPU): the per-expert counts
+come from the sorted ids by a binary search, and a capacity limit drops assignments by giving
+them weight 0 (their rows stay in the plan, so every shape is known without looking at data).
 """
 
 from __future__ import annotations
@@ -13,23 +17,30 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+from moelab.moe.gemm import GROUPED_MM, grouped_mm, grouped_mm_supported
+
+_GROUPED_MM = GROUPED_MM  # the name the expert loop and older code use
+
+__all__ = ["DispatchPlan", "combine", "count_per_expert", "expert_capacity", "grouped_linear",
+           "grouped_mm_supported", "per_expert_weight", "plan_dispatch", "resolve_backend"]
 
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """Where each kept assignment goes. N = number of kept assignments (T*K when dropless).
+    """Where each assignment goes: all N = T*K of them, grouped by expert.
 
     token_idx: [N] int64 token row of each assignment, grouped by expert.
     expert_ids: [N] int64 expert of each assignment (non-decreasing).
-    weights: [N] fp32 combine weight of each assignment.
-    routed_counts: [E] int64 assignments chosen by the router per expert (before dropping).
-    kept_counts: [E] int64 assignments kept per expert.
-    offsets: [E] int32 cumulative ends of ``kept_counts`` (the grouped-GEMM ``offs``).
-    n_dropped: number of assignments dropped by the capacity limit.
+    weights: [N] fp32 combine weight of each assignment (0 for one dropped by capacity).
+    routed_counts: [E] int64 assignments chosen by the router per expert: the rows of each
+        expert in this plan.
+    kept_counts: [E] int64 assignments kept per expert (``routed_counts`` when dropless).
+    offsets: [E] int32 cumulative ends of ``routed_counts`` (the grouped-GEMM ``offs``).
+    n_dropped: 0-d int64 tensor, assignments dropped by the capacity limit.
+    keep: [N] bool, False for a dropped assignment (None when dropless). A dropped row is
+        still computed by its expert, but adds nothing to the output and gets no gradient.
     """
 
     token_idx: Tensor
@@ -38,7 +49,8 @@ class DispatchPlan:
     routed_counts: Tensor
     kept_counts: Tensor
     offsets: Tensor
-    n_dropped: int
+    n_dropped: Tensor
+    keep: Tensor | None = None
 
 
 def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
@@ -46,59 +58,37 @@ def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts
     return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
 
 
+def count_per_expert(sorted_ids_N: Tensor, n_experts: int) -> Tensor:
+    """[E] int64 number of entries equal to each expert id in the non-decreasing
+    ``sorted_ids_N``, by binary search (no host sync, deterministic, unlike ``bincount`` on a
+    GPU)."""
+    bounds = torch.arange(n_experts + 1, device=sorted_ids_N.device, dtype=sorted_ids_N.dtype)
+    ends = torch.searchsorted(sorted_ids_N, bounds)  # first index >= e
+    return ends[1:] - ends[:-1]
+
+
 def plan_dispatch(topk_ids_TK: Tensor, topk_weights_TK: Tensor, n_experts: int,
                   capacity: int | None = None) -> DispatchPlan:
-    """Group the assignments by expert; keep at most ``capacity`` per expert if given."""
+    """Group the assignments by expert; with ``capacity``, keep at most that many per expert
+    (the first in dispatch order) and give the others weight 0."""
     n_tokens = topk_ids_TK.shape[0]
     flat_ids = topk_ids_TK.t().reshape(-1)
     sorted_ids, order = torch.sort(flat_ids, stable=True)
-    routed_counts = torch.bincount(flat_ids, minlength=n_experts)
+    routed_counts = count_per_expert(sorted_ids, n_experts)
     weights = topk_weights_TK.t().reshape(-1)[order]
-    n_dropped = 0
-    kept_counts = routed_counts
+    offsets = torch.cumsum(routed_counts, 0)
+    kept_counts, keep = routed_counts, None
+    n_dropped = routed_counts.new_zeros(())
     if capacity is not None:
-        starts = torch.cumsum(routed_counts, 0) - routed_counts
+        starts = offsets - routed_counts
         rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[sorted_ids]
         keep = rank_in_expert < capacity
-        n_dropped = int(order.numel() - keep.sum())
-        if n_dropped:
-            order, sorted_ids, weights = order[keep], sorted_ids[keep], weights[keep]
-            kept_counts = routed_counts.clamp(max=capacity)
+        weights = weights * keep
+        kept_counts = routed_counts.clamp(max=capacity)
+        n_dropped = order.numel() - kept_counts.sum()
     token_idx = order % n_tokens
-    offsets = torch.cumsum(kept_counts, 0).to(torch.int32)
-    return DispatchPlan(token_idx, sorted_ids, weights, routed_counts, kept_counts, offsets,
-                        n_dropped)
-
-
-@functools.cache
-def grouped_mm_supported(device_type: str, dtype: torch.dtype, d_in: int, d_out: int) -> bool:
-    """Probe once whether grouped GEMM (forward and backward) runs for this case."""
-    if _GROUPED_MM is None:
-        return False
-    try:
-        # Identity saved-tensor hooks shadow any outer ones (activation checkpointing), so a
-        # probe inside a checkpointed first forward leaves nothing for its recompute check;
-        # autocast off, or a probe under autocast would compare a bf16 result to fp32 and
-        # cache False for good.
-        with torch.inference_mode(False), torch.enable_grad(), \
-                torch.autocast(device_type, enabled=False), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            return _probe_grouped_mm(device_type, dtype, d_in, d_out)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-
-
-def _probe_grouped_mm(device_type: str, dtype: torch.dtype, d_in: int, d_out: int) -> bool:
-    """Tiny grouped GEMM, forward and backward, checked against two plain matmuls (fixed
-    values, so probing never consumes the global random stream)."""
-    kw = dict(device=device_type, dtype=dtype)
-    x = torch.linspace(-1, 1, 5 * d_in, **kw).view(5, d_in).requires_grad_()
-    w = torch.linspace(1, -1, 2 * d_in * d_out, **kw).view(2, d_in, d_out).requires_grad_()
-    offs = torch.tensor([2, 5], device=device_type, dtype=torch.int32)
-    y = _GROUPED_MM(x, w, offs=offs)
-    y.backward(torch.ones_like(y))
-    ref = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
-    return bool(torch.allclose(y, ref, rtol=1e-2, atol=1e-2))
+    return DispatchPlan(token_idx, sorted_ids, weights, routed_counts, kept_counts,
+                        offsets.to(torch.int32), n_dropped, keep)
 
 
 def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO: Tensor) -> str:
@@ -131,8 +121,8 @@ def _warn_loop_fallback(why: str) -> None:
 
 def grouped_linear(x_NI: Tensor, w_EIO: Tensor, plan: DispatchPlan) -> Tensor:
     """Rows of expert e (a contiguous slice of x_NI, as laid out by ``plan``) times w_EIO[e],
-    as one grouped GEMM. Returns [N, O]."""
-    return _GROUPED_MM(x_NI, w_EIO.to(x_NI.dtype), offs=plan.offsets)
+    as one grouped GEMM in x's dtype. Returns [N, O]."""
+    return grouped_mm(x_NI, w_EIO.to(x_NI.dtype), plan.offsets)
 
 
 def combine(weighted_ND: Tensor, plan: DispatchPlan, n_tokens: int) -> Tensor:
@@ -175,5 +165,5 @@ def add_sorted_per_expert_(sums_EX: Tensor, rows_NX: Tensor, counts_E: list[int]
 
 def raw_output_norms(weighted_ND: Tensor, weights_N: Tensor) -> Tensor:
     """Each row's raw expert-output norm from its weighted output: ``|w_n * expert(x_n)| / w_n``
-    ([N] fp32; w_n > 0, a softmax probability)."""
+    ([N] fp32; w_n > 0, a softmax probability; 0 for a row dropped by capacity, w_n = 0)."""
     return weighted_ND.float().norm(dim=1) / weights_N.float().clamp_min(1e-30)

@@ -10,8 +10,13 @@ bias), so no [N, D] product is ever allocated — on CPU, fresh large allocation
 cost more than the arithmetic.
 
 Two paths compute the same thing (``MoEConfig.dispatch``): "grouped_mm" (gather the rows,
-two grouped GEMMs, combine; the default on CUDA) and "loop" (``moe.expert_loop``: the experts
-run chunk by chunk, fused with the gather and combine; the default on CPU).
+two grouped GEMMs, combine; the default on CUDA, and always under ``torch.compile``: it has no
+data-dependent shapes and no host sync) and "loop" (``moe.expert_loop``: the experts run chunk
+by chunk, fused with the gather and combine; the default on CPU).
+
+Precision: the GEMMs run in ``moe.amp.compute_dtype`` of the input (the autocast dtype
+under ``torch.autocast``, else the input's dtype), with the weights cast to it; the per-expert
+sums handed to methods are fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe.activations import ACTIVATIONS, activation_backward, activation_forward, row_dot
+from moelab.moe.amp import autocast_off, compute_dtype
 from moelab.moe.dispatch import (
     DispatchPlan,
     add_per_expert_,
@@ -101,18 +107,27 @@ class Experts(nn.Module):
         x_TD: [T, D]. With ``row_weight_N`` ([N]), also returns the per-expert output sums
         ``sums_ED[e] = sum_{n -> e} row_weight_N[n] * expert_e(x_n)``; with
         ``track_out_norm``, the per-expert sums of ``|expert_e(x_n)|`` (see ExpertsOutput).
+        y_TD has the compute dtype (module docstring).
         """
-        if resolve_backend(self.backend, x_TD.device.type, x_TD.dtype, self.w_in) == "loop":
-            y_TD, act_sums_EF, norm_sums_E = expert_loop(
-                x_TD, self.w_in, self.w_out, plan.weights, plan.token_idx, plan.expert_ids,
-                plan.kept_counts.tolist(), self.activation, row_weight_N, track_out_norm)
-        else:
-            y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, plan, row_weight_N,
-                                                           track_out_norm)
-        sums_ED = None
-        if row_weight_N is not None:
-            # The down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out
-            sums_ED = torch.bmm(act_sums_EF.unsqueeze(1), self.w_out.detach().float()).squeeze(1)
+        dtype = compute_dtype(x_TD)
+        with autocast_off(x_TD.device.type):
+            x_TD = x_TD.to(dtype)
+            if torch.compiler.is_compiling():  # the probe must not run under tracing
+                backend = "grouped_mm"
+            else:
+                backend = resolve_backend(self.backend, x_TD.device.type, dtype, self.w_in)
+            if backend == "loop":
+                y_TD, act_sums_EF, norm_sums_E = expert_loop(
+                    x_TD, self.w_in, self.w_out, plan.weights, plan.token_idx, plan.expert_ids,
+                    plan.routed_counts.tolist(), self.activation, row_weight_N, track_out_norm)
+            else:
+                y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, plan, row_weight_N,
+                                                               track_out_norm)
+            sums_ED = None
+            if row_weight_N is not None:
+                # the down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out
+                sums_ED = torch.bmm(act_sums_EF.unsqueeze(1),
+                                    self.w_out.detach().float()).squeeze(1)
         return ExpertsOutput(y_TD, sums_ED, norm_sums_E if track_out_norm else None)
 
     def _grouped(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None,

@@ -89,7 +89,12 @@ class LayerMethod(nn.Module):
 
 
 def in_backward_pass() -> bool:
-    """True while autograd runs a backward — i.e. an activation-checkpoint recompute."""
+    """True while autograd runs a backward — i.e. an activation-checkpoint recompute. Always
+    False under ``torch.compile`` tracing: a compiled block's recompute is part of its compiled
+    backward and never runs the forward's side effects again (``moelab.parallel`` compiles
+    checkpointed blocks so)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -134,6 +139,11 @@ class MoELayer(nn.Module):
         #: the balance loss and the global ExpertSums handed to the method — one all-reduce
         #: per layer per forward.
         self.stats_reducer: Callable[[Tensor], Tensor] | None = None
+        # assignments per expert over the training forwards since the last take_counts()
+        # (Excitation's utilization; a buffer, so compiled forwards update it in the graph)
+        self.register_buffer("_counts", torch.zeros(cfg.n_experts, dtype=torch.long),
+                             persistent=False)
+        self._counted = False
 
     def _check_input(self, x: Tensor) -> None:
         if not torch.is_floating_point(x):
@@ -160,11 +170,13 @@ class MoELayer(nn.Module):
         plan = plan_dispatch(routing.topk_ids, routing.topk_weights, cfg.n_experts, capacity)
         row_weight_N = (self.method.row_weight(routing, plan)
                         if self.method is not None and self.training and first_pass else None)
+        if row_weight_N is not None and plan.keep is not None:
+            row_weight_N = row_weight_N * plan.keep  # the sums cover the kept rows only
         experts_out = self.experts(x_TD, plan, row_weight_N,
                                    track_out_norm=self.track_out_norm and first_pass)
         sums = (None if row_weight_N is None else ExpertSums(
             experts_out.sums_ED, per_expert_weight(row_weight_N, plan, cfg.n_experts)))
-        global_counts = None
+        global_counts = (plan.routed_counts, n_tokens)  # the balance loss's assignment counts
         if self.stats_reducer is not None and self.training:
             global_counts, sums = self._reduce_stats(plan, n_tokens, sums)
         y_TD = experts_out.y_TD
@@ -174,7 +186,21 @@ class MoELayer(nn.Module):
             self._stats_inputs = (routing.probs.detach(), plan.routed_counts, plan.kept_counts,
                                   plan.n_dropped, experts_out.out_norm_sums_E)
             self._last_stats = None
+            if self.training:
+                self._counts.add_(plan.routed_counts)
+                self._counted = True
         return MoEOutput(y_TD.view(x.shape), self._losses(routing, global_counts))
+
+    def take_counts(self) -> Tensor | None:
+        """[E] int64 assignments per expert (before capacity drops) summed over the training
+        forwards since the previous call (activation-checkpoint recomputes not counted), then
+        reset; None if there was none. Excitation's utilization."""
+        if not self._counted:
+            return None
+        counts = self._counts.clone()
+        self._counts.zero_()
+        self._counted = False
+        return counts
 
     @property
     def last_stats(self) -> RoutingStats | None:
@@ -202,7 +228,7 @@ class MoELayer(nn.Module):
         return (counts_E, tokens), sums
 
     def _losses(self, routing: Routing,
-                global_counts: tuple[Tensor, Tensor] | None = None) -> MoELosses:
+                global_counts: tuple[Tensor, Tensor | int] | None = None) -> MoELosses:
         cfg = self.cfg
         zero = routing.logits.new_zeros(())
         balance = (load_balance_loss(routing.probs, routing.topk_ids, *(global_counts or ()))
@@ -212,7 +238,7 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _stats(self, probs_TE: Tensor, routed_counts_E: Tensor, kept_counts_E: Tensor,
-               n_dropped: int, out_norm_sums_E: Tensor | None) -> RoutingStats:
+               n_dropped: Tensor, out_norm_sums_E: Tensor | None) -> RoutingStats:
         n_tokens = probs_TE.shape[0]
         entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
         out_norm = None
@@ -224,7 +250,7 @@ class MoELayer(nn.Module):
             tokens_per_expert=routed_counts_E.float(),
             mean_prob=probs_TE.mean(0),
             entropy=entropy,
-            dropped_frac=torch.tensor(n_dropped / total),
+            dropped_frac=n_dropped.float() / total,
             n_tokens=n_tokens,
             expert_out_norm=out_norm,
         )

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.moe.amp import autocast_off
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -26,7 +28,8 @@ class Routing:
 
 
 class TopKRouter(nn.Module):
-    """Linear (no bias) -> softmax over all experts in fp32 (fp64 for fp64 input) -> top-K."""
+    """Linear (no bias) -> softmax over all experts in fp32 (fp64 for fp64 input) -> top-K;
+    in fp32 under autocast too."""
 
     def __init__(self, d_model: int, n_experts: int, top_k: int,
                  normalize_topk: bool = False) -> None:
@@ -40,9 +43,10 @@ class TopKRouter(nn.Module):
     def forward(self, x_TD: Tensor) -> Routing:
         """x_TD: [T, D] -> Routing."""
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        with autocast_off(x_TD.device.type):
+            logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.normalize_topk:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return Routing(logits_TE, probs_TE, ids_TK, weights_TK)
@@ -64,7 +68,9 @@ def load_balance_loss(probs_TE: Tensor, topk_ids_TK: Tensor,
     n_tokens, n_experts = probs_TE.shape
     top_k = topk_ids_TK.shape[1]
     if global_counts_E is None:
-        counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=n_experts)
+        from moelab.moe.dispatch import count_per_expert
+
+        counts_E = count_per_expert(torch.sort(topk_ids_TK.reshape(-1))[0], n_experts)
         global_counts_E, global_tokens = counts_E.to(probs_TE.dtype), n_tokens
     if isinstance(global_tokens, Tensor):
         global_tokens = global_tokens.to(probs_TE.dtype)
