@@ -95,3 +95,14 @@ def test_init_note_says_random_init_or_pretrained(tmp_path, mixtral_config):
     weights = hf_weights_file(tmp_path / "ckpt")
     assert weights is not None and weights.parent == tmp_path / "ckpt"
     assert hf_init_note(tmp_path / "ckpt") == f"pretrained weights from {weights}"
+
+
+def test_the_header_says_when_an_hf_model_starts_from_random_init(tmp_path, mixtral_config,
+                                                                  capsys):
+    cfg = _hf(mixtral_config.parent, "train.steps=1", "train.eval_every=0",
+              "data.final_eval_batches=1")
+    Trainer(cfg, tmp_path / "loud").fit()
+    out = capsys.readouterr().out
+    assert f"params (RANDOM INIT from {mixtral_config}" in out.splitlines()[0]
+    Trainer(cfg, tmp_path / "quiet", quiet=True).fit()  # no header: still said, on stderr
+    assert "moelab: note: model.hf_path: RANDOM INIT from" in capsys.readouterr().err

@@ -163,9 +163,9 @@ class RunDirectory(Callback):
         if error is not None:
             raise RunDirLockedError(error)
         self._acquired = True
-        if self.lock.stale:
-            print(f"moelab: note: {trainer.run_dir} was left locked by a process that ended "
-                  f"without unlocking ({self.lock.stale}); taking it over", file=sys.stderr)
+        note = self.lock.stale_note()  # once per taken-over lock
+        if note is not None:
+            print(f"moelab: note: {note}", file=sys.stderr)
 
     def release(self) -> None:
         self.lock.release()
@@ -254,6 +254,9 @@ class MetricsLog(Callback):
                                               resume_step=trainer.step if continuing else None)
         self._fits += 1
         trainer.say(self._header(trainer))
+        init = getattr(trainer.model, "init_note", "")
+        if trainer.quiet and trainer.is_main and init.startswith("RANDOM INIT"):
+            print(f"moelab: note: model.hf_path: {init}", file=sys.stderr)  # even when quiet
         self._progress = StepProgress(
             tcfg.steps, trainer.step, trainer.data.unit, enabled=not trainer.quiet,
             every=tcfg.progress_every or auto_every(tcfg.steps, tcfg.log_every))
@@ -267,9 +270,11 @@ class MetricsLog(Callback):
             return (f"moelab: resuming {trainer.run_dir} at step {trainer.step}/{tcfg.steps} "
                     f"on {where} | {MetricsLog._how(trainer)}")
         again = " (again: it stopped before its first checkpoint)" if trainer.restarted else ""
+        init = getattr(trainer.model, "init_note", "")  # an HF model: its weights or none
         return (f"moelab: run {trainer.run_dir}{again} | {trainer.cfg.model.kind} model, "
-                f"{trainer.n_params / 1e6:.2f}M params | data: {trainer.cfg.data.dataset} | "
-                f"{tcfg.steps} steps on {where} | {MetricsLog._how(trainer)}")
+                f"{trainer.n_params / 1e6:.2f}M params{f' ({init})' if init else ''} | "
+                f"data: {trainer.cfg.data.dataset} | {tcfg.steps} steps on {where} | "
+                f"{MetricsLog._how(trainer)}")
 
     @staticmethod
     def _how(trainer: Trainer) -> str:
