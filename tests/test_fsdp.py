@@ -164,12 +164,19 @@ def _read_on_one_process(run, ref, tmp_path) -> None:
     build_model(trainer.cfg.model, **trainer.data.model_kwargs()).load_state_dict(plain)
 
 
-def test_fsdp_expert_parallel_4_ranks_then_2_matches_one_process(tmp_path, single_run):
-    """fsdp with expert parallel 2 over a 2x2 mesh (activation checkpointing on), resumed on
-    2 ranks (a 1x2 mesh), equals one process."""
+def test_fsdp_expert_parallel_4_ranks_then_1_then_2_matches_one_process(tmp_path, single_run):
+    """fsdp with expert parallel 2 over a 2x2 mesh (activation checkpointing on) for 2 steps,
+    resumed on one process (every expert there) for 2, then on 2 ranks (a 1x2 mesh): equals
+    one process."""
+    from moelab.train import Trainer
+
     run = tmp_path / "fsdp-ep"
     run_dist(tmp_path, 4, run, FSDP, "train.expert_parallel=2",
-             "model.activation_checkpointing=true", max_steps=3)
+             "model.activation_checkpointing=true", max_steps=2)
+    alone = Trainer.resume(run, quiet=True)
+    assert alone.ctx is None and alone.cfg.train.expert_parallel == 1 and alone.step == 2
+    alone.fit(max_steps=4)
+    assert (run / "ckpt.shards" / "step-000004" / ".metadata").is_file()
     run_dist(tmp_path, 2, run, resume=True)
     assert_same_run(run, single_run, 2, 2)
 

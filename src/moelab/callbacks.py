@@ -392,8 +392,9 @@ class Checkpointer(Callback):
 
     @staticmethod
     def sharded(trainer: Trainer) -> bool:
-        """Whether the run writes sharded checkpoints (FSDP under torchrun)."""
-        return trainer.ctx is not None and trainer.ctx.parallel == "fsdp"
+        """Whether the run writes sharded checkpoints: ``train.parallel = "fsdp"``, on one
+        process too (so it resumes under torchrun at any size)."""
+        return trainer.cfg.train.parallel == "fsdp"
 
     @staticmethod
     def state(trainer: Trainer) -> dict[str, Any]:

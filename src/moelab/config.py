@@ -220,7 +220,8 @@ class TrainConfig:
         full copy on every rank, gradients averaged) or "fsdp" (FSDP2: every block's
         parameters, gradients and optimizer state sharded over the ranks; experts over what
         expert_parallel leaves; sharded checkpoints that resume at any world size;
-        ``moelab.fsdp``). One process: the same run either way.
+        ``moelab.fsdp``). On one process nothing is wrapped either way; "fsdp" still writes
+        sharded checkpoints, so the run can continue under torchrun.
     dist_backend: torch.distributed backend under torchrun: "auto" (nccl on cuda, else gloo),
         "gloo" or "nccl".
     loggers: where metrics go (``moelab.loggers``): "jsonl" (``metrics.jsonl``, always on),

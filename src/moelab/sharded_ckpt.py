@@ -92,7 +92,8 @@ def tensor_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
 def save(state: dict[str, Any], run_dir: Path, *, is_main: bool) -> None:
     """Write ``state`` (``Checkpointer.state`` of a sharded run: its ``model`` and
     ``optimizer`` from :func:`tensor_state`) as this module describes. Collective: every rank
-    calls it; under torch.distributed, rank 0 alone writes ``ckpt.pt``."""
+    calls it; under torch.distributed, rank 0 alone writes ``ckpt.pt``. On one process (an
+    FSDP run started or resumed without torchrun) the same files, all of one rank."""
     import torch.distributed.checkpoint as dcp
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -102,7 +103,8 @@ def save(state: dict[str, Any], run_dir: Path, *, is_main: bool) -> None:
         shutil.rmtree(target)
     if distributed:
         dist.barrier()
-    dcp.save(_renamed({k: state[k] for k in _TENSORS}, canonical_key), checkpoint_id=target)
+    dcp.save(_renamed({k: state[k] for k in _TENSORS}, canonical_key), checkpoint_id=target,
+             no_dist=not distributed)
     if is_main:
         main = {k: v for k, v in state.items() if k not in _TENSORS}
         main["shards"] = rel
