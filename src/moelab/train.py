@@ -21,10 +21,10 @@ states, batcher, step, the open log window) in ``moelab.checkpoint``.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) the Trainer initialises
 ``torch.distributed``, shards each global batch of ``data.batch_size`` rows over the ranks, shards
-the experts over ``train.expert_parallel`` ranks and wraps the model in DDP (see
-``moelab.parallel``). Rank 0 alone prints, logs and writes ``config.toml``/``ckpt.pt``; with
-expert parallelism every other rank r also writes its experts to ``ckpt.rank<r>.pt``. Logged
-losses are global-batch means; evaluation runs the same batches on every rank.
+the experts over ``train.expert_parallel`` ranks and wraps the model in DDP or FSDP (see
+``moelab.parallel``). Rank 0 alone prints, logs and writes ``config.toml``/``ckpt.pt``; DDP with
+EP: rank r > 0 writes its experts to ``ckpt.rank<r>.pt``; FSDP: every rank its shards (DCP,
+``moelab.sharded_ckpt``). Logged losses are global-batch means; evaluation runs everywhere.
 
 Determinism: seeded (``train.seed``) init and data order; batches depend on (seed, step) only;
 ``torch.use_deterministic_algorithms`` during the run (``train.deterministic``). Resuming
