@@ -261,8 +261,14 @@ def train_log(run_dir: Path) -> tuple[list[float], list[float], list[dict]]:
 
 
 def full_state(run_dir: Path, world: int, ep: int) -> dict[str, torch.Tensor]:
-    """The model state of a run, expert shards concatenated back into full [E, ...] tensors."""
-    states = [torch.load(run_dir / "ckpt.pt", weights_only=False)["model"]]
+    """The model state of a run, expert shards concatenated back into full [E, ...] tensors
+    (a sharded run's: read back from its DCP directory)."""
+    main = torch.load(run_dir / "ckpt.pt", weights_only=False)
+    if "shards" in main:
+        from moelab.sharded_ckpt import full_state as sharded_full_state
+
+        return sharded_full_state(run_dir)["model"]
+    states = [main["model"]]
     states += [torch.load(run_dir / f"ckpt.rank{r}.pt", weights_only=False)["model"]
                for r in range(1, ep)]
     out = {}

@@ -9,6 +9,7 @@ The loop in ``moelab.train`` knows only the hooks; each concern is one :class:`C
                      TensorBoard, W&B): every train / eval / final record
     PeriodicEval     validation every ``train.eval_every`` steps
     Checkpointer     ``ckpt.pt`` every ``train.checkpoint_every`` steps and when the loop ends
+                     (with FSDP also its DCP shards: ``moelab.sharded_ckpt``)
 
 Hooks, in the order a ``fit()`` call reaches them (every callback's hook runs, in list order):
 
@@ -25,6 +26,7 @@ Trainer's ``callbacks`` list; the loop does not change.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,7 @@ import torch.distributed as dist
 
 from moelab import checkpoint as ckpt
 from moelab import loggers as mlog
-from moelab import rundir
+from moelab import rundir, sharded_ckpt
 from moelab.config import dump_toml
 from moelab.evaluation import excitation_summary
 from moelab.guard import NonFiniteError
@@ -394,15 +396,27 @@ class Checkpointer(Callback):
             self.save(trainer)
 
     @staticmethod
+    def sharded(trainer: Trainer) -> bool:
+        """Whether the run writes sharded checkpoints: ``train.parallel = "fsdp"``, on one
+        process too (so it resumes under torchrun at any size)."""
+        return trainer.cfg.train.parallel == "fsdp"
+
+    @staticmethod
     def state(trainer: Trainer) -> dict[str, Any]:
-        """Everything needed to continue the run bit-for-bit (see ``moelab.checkpoint``)."""
+        """Everything needed to continue the run bit-for-bit (see ``moelab.checkpoint``);
+        under FSDP the model and optimizer entries hold this rank's shards, keyed by
+        parameter name (``moelab.sharded_ckpt.tensor_state``)."""
+        if Checkpointer.sharded(trainer):
+            tensors = sharded_ckpt.tensor_state(trainer.model, trainer.optimizer)
+        else:
+            tensors = {"model": trainer.model.state_dict(),
+                       "optimizer": trainer.optimizer.state_dict()}
         return {
             "version": ckpt.CKPT_VERSION,
             "step": trainer.step,
             "items_seen": trainer.items_seen,
             "train_time_s": trainer.train_time_s,
-            "model": trainer.model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
+            **tensors,
             "batcher": trainer.data.batcher.state_dict(),
             "rng": ckpt.capture_rng(trainer.device),
             "window": trainer.metrics.window_state(),
@@ -410,17 +424,27 @@ class Checkpointer(Callback):
             "precision": trainer.precision,
             "config_toml": dump_toml(trainer.cfg),
             "parallel": {"world_size": trainer.world_size,
-                         "expert_parallel": trainer.cfg.train.expert_parallel},
+                         "expert_parallel": trainer.cfg.train.expert_parallel,
+                         "parallel": trainer.cfg.train.parallel},
         }
 
     @staticmethod
     def restore(trainer: Trainer, state: dict[str, Any]) -> None:
         """Put ``trainer`` back in the state :meth:`state` saved; a change of precision is
-        allowed, with a one-line note."""
+        allowed, with a one-line note. A sharded checkpoint (``ckpt.pt`` naming its DCP
+        directory) loads at any world size and expert-parallel degree, one process included;
+        every rank takes part."""
         ckpt.check_version(state)
-        ckpt.check_parallel(state, trainer.world_size, trainer.cfg.train.expert_parallel)
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        if sharded_ckpt.is_sharded(state):
+            Checkpointer._restore_sharded(trainer, state)
+        else:
+            if Checkpointer.sharded(trainer):
+                raise ValueError(f"{trainer.run_dir}: its checkpoint was written without "
+                                 "train.parallel='fsdp' and cannot resume under it: set "
+                                 "train.parallel back in its config.toml")
+            ckpt.check_parallel(state, trainer.world_size, trainer.cfg.train.expert_parallel)
+            trainer.model.load_state_dict(state["model"])
+            trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.data.batcher.load_state_dict(state["batcher"])
         trainer.step = int(state["step"])
         trainer.items_seen = int(state["items_seen"])
@@ -434,6 +458,17 @@ class Checkpointer(Callback):
             print(f"moelab: note: {trainer.run_dir} trained in {before} up to step "
                   f"{trainer.step}; it continues in {trainer.precision} (train.precision)",
                   file=sys.stderr)
+
+    @staticmethod
+    def _restore_sharded(trainer: Trainer, state: dict[str, Any]) -> None:
+        if trainer.cfg.train.expert_parallel > 1 and not Checkpointer.sharded(trainer):
+            raise ValueError(f"{trainer.run_dir}: its checkpoint is sharded (FSDP); with "
+                             "train.expert_parallel > 1 it resumes only with "
+                             "train.parallel='fsdp'")
+        state = sharded_ckpt.load(trainer.run_dir, state, trainer.model, trainer.optimizer)
+        sharded_ckpt.apply(trainer.model, trainer.optimizer, state)
+        if trainer.excitation is not None:
+            trainer.excitation.load_extra_state(state.get("optimizer_extra", {}))
 
     @staticmethod
     def save(trainer: Trainer) -> Path:
@@ -451,8 +486,12 @@ class Checkpointer(Callback):
                 f"not writing a checkpoint at step {trainer.step}: the model holds NaN/inf "
                 f"values ({', '.join(bad[:3])}); {trainer.checkpoint_note()}; try a smaller "
                 "optim.lr")
-        if path is not None:
+        if Checkpointer.sharded(trainer):
+            sharded_ckpt.save(state, trainer.run_dir, is_main=trainer.is_main)
+        elif path is not None:
             ckpt.save_atomic(state, path)
+            if trainer.is_main:  # the run was sharded before (resumed without FSDP)
+                shutil.rmtree(trainer.run_dir / sharded_ckpt.SHARDS, ignore_errors=True)
         if trainer.ctx is not None:
             dist.barrier()
         trainer.checkpoint_step = trainer.step

@@ -4,7 +4,9 @@ A checkpoint is the dict ``Trainer.state_dict()`` returns (model, optimizer with
 state, batcher, RNG states, step counters, the open log window, the config text, the parallel
 layout). Rank 0 writes ``RUN/ckpt.pt``; with expert parallelism every other rank r writes its
 own experts to ``RUN/ckpt.rank<r>.pt``; plain data-parallel ranks > 0 write nothing (rank 0's
-file holds everything).
+file holds everything). Under FSDP (``train.parallel = "fsdp"``) the model and optimizer
+tensors go to a DCP directory every rank writes its shards to, and ``ckpt.pt`` names it
+(``moelab.sharded_ckpt``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moelab.moe.dtensor import local
 from moelab.rundir import CHECKPOINT
 
 __all__ = [
@@ -150,7 +153,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
         msg = _clip(" ".join(str(e).split()) or type(e).__name__)
         raise CheckpointError(f"checkpoint {path} is unreadable: truncated, corrupt or not "
                               f"a torch file ({msg}); {_FIX}") from None
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+    if not isinstance(state, dict) or "step" not in state or not (
+            "model" in state or "shards" in state):
         keys = sorted(map(str, state))[:6] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path} is not a moelab checkpoint (has {keys}, "
                               "needs 'version', 'step', 'model', ...); point moelab at a run "
@@ -166,13 +170,18 @@ def check_version(state: dict[str, Any], path: Path | str = "checkpoint") -> Non
 
 
 def check_finite(state: dict[str, Any]) -> list[str]:
-    """Names of the floating-point model tensors in ``state`` that hold NaN or inf."""
+    """Names of the floating-point model tensors in ``state`` that hold NaN or inf (of a
+    DTensor, in this rank's shard)."""
     return [k for k, v in state.get("model", {}).items()
-            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if torch.is_tensor(v) and v.is_floating_point()
+            and not bool(torch.isfinite(local(v)).all())]
 
 
 def check_parallel(state: dict[str, Any], world_size: int, expert_parallel: int) -> None:
-    """Raise if ``state`` comes from an expert-parallel run of another layout."""
+    """Raise if ``state`` comes from an expert-parallel run of another layout (a sharded
+    checkpoint, ``moelab.sharded_ckpt``, loads at any layout)."""
+    if "shards" in state:
+        return
     saved = state.get("parallel", {"world_size": 1, "expert_parallel": 1})
     if saved["expert_parallel"] > 1 and saved["world_size"] != world_size:
         raise ValueError(
@@ -214,6 +223,8 @@ def load_for_resume(run_dir: Path, rank: int, world_size: int, expert_parallel: 
                                 "stopped before its first checkpoint)")
     own = rank_checkpoint_path(run_dir, rank, expert_parallel) or main_path
     main_state = load_checkpoint(main_path, device)
+    if "shards" in main_state:  # every rank reads ckpt.pt, then its shards (sharded_ckpt.load)
+        return main_state
     check_parallel(main_state, world_size, expert_parallel)
     state = main_state if own == main_path else load_checkpoint(own, device)
     if distributed:

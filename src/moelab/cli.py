@@ -1,4 +1,4 @@
-"""The ``moelab`` command line: train, eval, report, configs.
+"""The ``moelab`` command line: train, eval, report, export, reproduce, configs.
 
 Errors in the user's input (bad config values, unknown keys, missing data or run directories)
 print one line ``moelab: error: ...`` to stderr and exit with status 2, without a traceback.
@@ -28,6 +28,7 @@ examples:
   moelab train --config runs/dmoe/config.toml    # redo a run from its saved config
   moelab eval runs/dmoe
   moelab report runs/a runs/b --out report/
+  moelab export runs/dmoe dmoe.pt                # the model as a plain state dict
   moelab configs                                 # list the shipped configs
   moelab reproduce list                          # the papers' claims as experiments
   moelab reproduce excitation-foundation --profile full --out repro
@@ -116,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", "-o", default=None, metavar="DIR",
                    help="output folder (default: the run itself for one run, else report/)")
+
+    x = sub.add_parser("export", help="a run's model as a plain state dict or, for HF "
+                       "models, a save_pretrained directory",
+                       description="Write the checkpointed model of RUN_DIR (single-file or "
+                       "sharded, any world size) to OUT: torch.save of the one-process "
+                       "model's state dict, or save_pretrained for model.kind='hf'. One "
+                       "process.")
+    x.add_argument("run_dir", metavar="RUN_DIR")
+    x.add_argument("out", metavar="OUT")
 
     rp = sub.add_parser(
         "reproduce", help="run papers' claims as multi-seed experiments with verdicts",
@@ -343,6 +353,18 @@ def _print_experiments(exps: Sequence, how: str) -> None:
               f"  {'':<{width}}  CPU time: {cost}")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from moelab.export import export
+    from moelab.guard import NonFiniteError
+
+    try:
+        out = export(args.run_dir, args.out)
+    except (*USER_ERRORS, NonFiniteError) as e:
+        return _fail(_one_line(e))
+    print(f"exported: {out}")
+    return 0
+
+
 def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from moelab.experiments import EXPERIMENTS, reproduce
     from moelab.experiments.userfile import is_experiment_file, load_experiments
@@ -429,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "reproduce":
             return _cmd_reproduce(args, argv)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_configs(args)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop: no traceback
         print(f"\nmoelab: {args.command} interrupted", file=sys.stderr)

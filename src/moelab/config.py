@@ -216,6 +216,12 @@ class TrainConfig:
     deterministic: ``torch.use_deterministic_algorithms`` during the run.
     expert_parallel: under torchrun, shard every MoE layer's experts over this many ranks
         (a divisor of the world size and of n_experts; 1: plain data parallel).
+    parallel: how the other parameters are spread over the ranks under torchrun: "ddp" (a
+        full copy on every rank, gradients averaged) or "fsdp" (FSDP2: every block's
+        parameters, gradients and optimizer state sharded over the ranks; experts over what
+        expert_parallel leaves; sharded checkpoints that resume at any world size;
+        ``moelab.fsdp``). On one process nothing is wrapped either way; "fsdp" still writes
+        sharded checkpoints, so the run can continue under torchrun.
     dist_backend: torch.distributed backend under torchrun: "auto" (nccl on cuda, else gloo),
         "gloo" or "nccl".
     loggers: where metrics go (``moelab.loggers``): "jsonl" (``metrics.jsonl``, always on),
@@ -242,6 +248,7 @@ class TrainConfig:
     grad_accum: int = 1
     deterministic: bool = True
     expert_parallel: int = 1
+    parallel: str = "ddp"
     dist_backend: str = "auto"
     loggers: tuple[str, ...] = ("jsonl",)
     tracker_group: str | None = None
@@ -263,6 +270,8 @@ class TrainConfig:
         require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "need an int >= 0")
         require(re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.device) is not None,
                "device", self.device, "use cpu, cuda, cuda:N, mps or auto")
+        require(self.parallel in ("ddp", "fsdp"), "parallel", self.parallel,
+                "use ddp or fsdp")
         require(self.dist_backend in ("auto", "gloo", "nccl"), "dist_backend",
                  self.dist_backend, "use auto, gloo or nccl")
         known = ("jsonl", "tensorboard", "wandb")  # moelab.loggers.LOGGERS
@@ -297,6 +306,9 @@ class RunConfig:
         n_experts = self.model.moe.n_experts
         require(n_experts % ep == 0, "train.expert_parallel", ep,
                 f"need a divisor of model.moe.n_experts={n_experts}")
+        require(not (kind == "hf" and ep > 1 and self.train.parallel == "fsdp"),
+                "train.expert_parallel", ep, "model.kind='hf' with train.parallel='fsdp' "
+                "shards the experts with the rest of each decoder layer: use 1")
         if kind in ("lm", "hf"):
             require(self.data.is_text, "data.dataset", ds,
                    f"model.kind={kind!r} needs a text dataset, not an image dataset")

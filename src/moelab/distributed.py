@@ -24,18 +24,20 @@ import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.moe.dispatch import DispatchPlan, add_per_expert_, combine
+from moelab.moe.dtensor import full, is_dtensor, local
 from moelab.moe.experts import Experts, ExpertsOutput
 from moelab.moe.layer import MoELayer
 
-__all__ = ["ExpertParallelExperts", "ParallelContext", "clip_grad_norm_", "enable_global_stats",
-           "expert_parameters", "init_distributed", "make_context", "shard_experts",
-           "sync_expert_grads", "world_size_from_env", "wrap_ddp"]
+__all__ = ["ExpertParallelExperts", "ParallelContext", "clip_grad_norm_", "dtensor_grad_norm",
+           "enable_global_stats", "expert_parameters", "init_distributed", "make_context",
+           "shard_experts", "sync_expert_grads", "world_size_from_env", "wrap_ddp"]
 
 
 def world_size_from_env() -> int:
@@ -47,7 +49,8 @@ def world_size_from_env() -> int:
 class ParallelContext:
     """Where this process sits. ``ep_group``: the ranks sharing one copy of the experts (None
     when ``expert_parallel`` = 1); ``replica_group``: the ranks holding the same experts
-    (None when there is one replica)."""
+    (None when there is one replica). ``parallel``: "ddp" or "fsdp" (``train.parallel``);
+    ``mesh``: with "fsdp", the DeviceMeshes of ``moelab.fsdp.build_mesh``."""
 
     rank: int
     world_size: int
@@ -55,6 +58,8 @@ class ParallelContext:
     expert_parallel: int
     ep_group: dist.ProcessGroup | None
     replica_group: dist.ProcessGroup | None
+    parallel: str = "ddp"
+    mesh: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -296,9 +301,16 @@ def sync_expert_grads(params: Iterable[Tensor], ctx: ParallelContext) -> None:
 def clip_grad_norm_(params: list[Tensor], max_norm: float, ctx: ParallelContext | None,
                     expert_params: list[Tensor] | None = None) -> Tensor:
     """Global gradient norm (clipped to ``max_norm`` if > 0), as on one process: the sharded
-    expert gradients' squared norms are summed over the expert-parallel group."""
+    expert gradients' squared norms are summed over the expert-parallel group; DTensor
+    gradients (FSDP) over their meshes (:func:`dtensor_grad_norm`)."""
     sharded = {id(p) for p in expert_params or ()}
     grads = [p.grad for p in params if p.grad is not None]
+    if any(is_dtensor(g) for g in grads):
+        total = dtensor_grad_norm(grads)
+        if max_norm > 0:
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([local(g) for g in grads], coef)
+        return total
     if ctx is None or not sharded or ctx.ep_group is None:
         if max_norm > 0:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -307,17 +319,32 @@ def clip_grad_norm_(params: list[Tensor], max_norm: float, ctx: ParallelContext 
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
                                                      for g in grads]))
     replicated = [p.grad for p in params if p.grad is not None and id(p) not in sharded]
-    local = [p.grad for p in params if p.grad is not None and id(p) in sharded]
+    own = [p.grad for p in params if p.grad is not None and id(p) in sharded]
 
     def sq_norm(gs: list[Tensor]) -> Tensor:
         if not gs:
             return torch.zeros((), device=grads[0].device, dtype=torch.float64)
         return torch.stack([g.double().square().sum() for g in gs]).sum()
 
-    shard_sq = sq_norm(local)
+    shard_sq = sq_norm(own)
     dist.all_reduce(shard_sq, op=dist.ReduceOp.SUM, group=ctx.ep_group)
     total = (sq_norm(replicated) + shard_sq).sqrt().float()
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, coef.to(grads[0].device))
     return total
+
+
+@torch.no_grad()
+def dtensor_grad_norm(grads: list[Tensor]) -> Tensor:
+    """The L2 norm [] (fp32, on every rank) of gradients that are DTensors, possibly on
+    different meshes (FSDP's dense units and its experts): each mesh's norm from its local
+    shards, reduced over that mesh (``full_tensor``), then combined."""
+    by_mesh: dict[int, list[Tensor]] = {}
+    for g in grads:
+        by_mesh.setdefault(id(g.device_mesh) if is_dtensor(g) else 0, []).append(g)
+    squares = []
+    for group in by_mesh.values():
+        norm = full(torch.nn.utils.get_total_norm(group, 2.0))
+        squares.append(norm.double().square())
+    return torch.stack(squares).sum().sqrt().float()

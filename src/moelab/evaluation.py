@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.data import EvalWindows, RunData, iter_image_batches
+from moelab.fsdp import reshard
 from moelab.guard import NonFiniteError
 from moelab.metrics import LayerAccumulator
 from moelab.precision import autocast
@@ -114,6 +115,7 @@ def evaluate(model: nn.Module, data: RunData, split: str, *, batch_size: int, se
         if routing:
             model.set_track_out_norm(False)
         model.train(was_training)
+        reshard(model)  # FSDP: the parameters the optimizer holds, not gathered copies
     return _results(split, loss_sum, n_items, correct, data.is_lm, acc if routing else None,
                     layer_blocks or [], step, run_dir)
 

@@ -48,6 +48,7 @@ import torch
 
 from moelab import rundir
 from moelab.config import RunConfig, config_to_dict, dump_toml
+from moelab.moe.dtensor import full
 
 __all__ = [
     "LOGGERS", "WANDB_ID", "Histogram", "JsonlLogger", "Logger", "LoggerGroup",
@@ -181,8 +182,9 @@ def method_summary(model: torch.nn.Module) -> dict[str, Any]:
         out["default_moe"] = dm
     rule = getattr(model, "combine_rule", None)
     if getattr(rule, "learnable", False):
-        out["momentum"] = {"mu": rule.mu.detach().float().cpu().tolist(),
-                           "gamma": rule.gamma.detach().float().cpu().tolist()}
+        # under FSDP a DTensor shard: gathered (every rank computes this summary)
+        out["momentum"] = {"mu": full(rule.mu.detach()).float().cpu().tolist(),
+                           "gamma": full(rule.gamma.detach()).float().cpu().tolist()}
     return out
 
 

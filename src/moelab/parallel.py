@@ -12,12 +12,14 @@ model runs (torchtitan's ``parallelize_fn`` is the pattern).
 4. **compile** (``train.compile``): ``torch.compile(fullgraph=True)`` of each block in place
    (:func:`compile_blocks`; activation checkpointing lives inside each block, so it is
    compiled with it);
-5. **data parallel**: DDP over the non-expert parameters (the sharded experts' gradients are
-   reduced by ``moelab.distributed.sync_expert_grads`` after backward).
+5. **data parallel** (``train.parallel``): "ddp": DDP over the non-expert parameters (the
+   sharded experts' gradients are reduced by ``moelab.distributed.sync_expert_grads`` after
+   backward); "fsdp": FSDP2, ``fully_shard`` per block and the root over a 2-D DeviceMesh
+   (dp_shard x ep), the experts' DTensors sharded over their replicas, with its
+   ``MixedPrecisionPolicy`` under bf16 (``moelab.fsdp.shard_model``).
 
 The precision policy (``moelab.precision``) is not a wrapper: autocast surrounds the forward
-in the step, and :func:`runtime_settings` holds the TF32 switches. FSDP2 (``fully_shard`` per
-block) will take the place of DDP in step 5, with its ``MixedPrecisionPolicy``.
+in the step, and :func:`runtime_settings` holds the TF32 switches.
 
 :func:`init_parallel` resolves ``train.device`` and joins the process group under torchrun;
 ``moelab.distributed`` keeps the collectives themselves; :func:`runtime_settings` holds the
@@ -27,6 +29,7 @@ process-wide torch settings of a run while it trains or evaluates.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -80,6 +83,11 @@ def init_parallel(tcfg: TrainConfig, global_batch: int
     ctx = mdist.init_distributed(tcfg.expert_parallel, device.type, tcfg.dist_backend)
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    if tcfg.parallel == "fsdp":
+        from moelab.fsdp import build_mesh
+
+        mesh = build_mesh(ctx.world_size, ctx.expert_parallel, device.type)
+        ctx = dataclasses.replace(ctx, parallel="fsdp", mesh=mesh)
     if global_batch % ctx.world_size:
         raise ValueError(f"data.batch_size={global_batch} is invalid: the global batch must "
                          f"split evenly over the {ctx.world_size} ranks")
@@ -100,12 +108,13 @@ def wrap_model(model: nn.Module, ctx: mdist.ParallelContext | None, device: torc
                *, compile: bool = False, precision: str = "fp32"
                ) -> tuple[nn.Module, list[nn.Parameter]]:
     """Prepare ``model`` (in place) for training and return ``(train_model, expert_params)``:
-    ``train_model`` is what the training step calls (``model`` itself on one process, its DDP
-    wrapper under torchrun); ``expert_params`` are the expert-parallel shards whose gradients
-    the step reduces itself (empty without expert parallelism). ``model`` stays the module to
-    evaluate, checkpoint and hand to the optimizer. ``precision``: the run's resolved
-    precision (what compiled experts must support). Steps and their order: module
-    docstring."""
+    ``train_model`` is what the training step calls (``model`` itself on one process and
+    under FSDP, which shards it in place; its DDP wrapper under DDP); ``expert_params`` are
+    the expert-parallel shards whose gradients the step reduces itself (empty without expert
+    parallelism, and under FSDP, which reduces them). ``model`` stays the module to evaluate,
+    checkpoint and hand to the optimizer. ``precision``: the run's resolved precision (what
+    compiled experts must support; FSDP's mixed-precision policy). ``ctx.parallel`` picks DDP
+    or FSDP. Steps and their order: module docstring."""
     model.to(device)
     expert_params: list[nn.Parameter] = []
     if ctx is not None:
@@ -116,6 +125,10 @@ def wrap_model(model: nn.Module, ctx: mdist.ParallelContext | None, device: torc
         compile_blocks(model, precision)
     if ctx is None:
         return model, expert_params
+    if ctx.parallel == "fsdp":
+        from moelab.fsdp import shard_model
+
+        return shard_model(model, ctx, precision), []
     return mdist.wrap_ddp(model, ctx), expert_params
 
 

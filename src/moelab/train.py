@@ -21,10 +21,10 @@ states, batcher, step, the open log window) in ``moelab.checkpoint``.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) the Trainer initialises
 ``torch.distributed``, shards each global batch of ``data.batch_size`` rows over the ranks, shards
-the experts over ``train.expert_parallel`` ranks and wraps the model in DDP (see
-``moelab.parallel``). Rank 0 alone prints, logs and writes ``config.toml``/``ckpt.pt``; with
-expert parallelism every other rank r also writes its experts to ``ckpt.rank<r>.pt``. Logged
-losses are global-batch means; evaluation runs the same batches on every rank.
+the experts over ``train.expert_parallel`` ranks and wraps the model in DDP or FSDP (see
+``moelab.parallel``). Rank 0 alone prints, logs and writes ``config.toml``/``ckpt.pt``; DDP with
+EP: rank r > 0 writes its experts to ``ckpt.rank<r>.pt``; FSDP: every rank its shards (DCP,
+``moelab.sharded_ckpt``). Logged losses are global-batch means; evaluation runs everywhere.
 
 Determinism: seeded (``train.seed``) init and data order; batches depend on (seed, step) only;
 ``torch.use_deterministic_algorithms`` during the run (``train.deterministic``). Resuming
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from moelab import checkpoint as ckpt
 from moelab import distributed as mdist
-from moelab import rundir
+from moelab import rundir, sharded_ckpt
 from moelab.callbacks import (
     Callbacks,
     Checkpointer,
@@ -322,12 +322,13 @@ class Trainer:
         held until :meth:`fit` returns. A run that stopped before its first checkpoint starts
         again from step 0. ``device`` / ``precision`` override ``train.device`` /
         ``train.precision`` for this process (``config.toml`` keeps its values; a change of
-        precision is noted in one line). CheckpointError for an
+        precision is noted in one line); a sharded checkpoint of an expert-parallel run
+        loads on one process with all experts there. CheckpointError for an
         unreadable, foreign or untrusted ``ckpt.pt``."""
         run_dir = Path(run_dir)
         cfg = rundir.read_config(run_dir, _verb)
         changes = {k: v for k, v in (("device", device), ("precision", precision))
-                   if v is not None}
+                   if v is not None} | sharded_ckpt.one_process_layout(cfg, run_dir)
         if changes:
             import dataclasses
 

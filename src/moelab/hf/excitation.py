@@ -26,6 +26,9 @@ class Excitation(_Excitation):
 
     Group parameters: every parameter of the block's experts module shaped [E, ...]
     (``gate_up_proj``, ``down_proj``, and GPT-OSS's biases): expert k's part is the slice [k].
+    They are looked up in that module at every step, so the optimizer may be hooked before the
+    model is sharded (``accelerate``'s FSDP2 replaces the parameters by DTensors, and each
+    rank then rescales its own rows).
     Counts: a forward hook on the block's HF router adds the counts of its top-K indices [E] after
     every training-mode forward, skipping eval forwards and activation-checkpoint recomputes.
     Other arguments as for the base class (strategy, gamma, seed, ablation_base or config).
@@ -45,7 +48,8 @@ class Excitation(_Excitation):
             n_experts = router.num_experts
             params = [p for p in block.experts.parameters()
                       if p.dim() >= 1 and p.shape[0] == n_experts]
-            self.add_expert_group(batched_params=params, name=name, n_experts=n_experts)
+            self.add_expert_group(batched_params=params, name=name, n_experts=n_experts,
+                                  batched_owner=block.experts)
             self._hook_handles.append(
                 router.register_forward_hook(self._router_count_hook(name, n_experts)))
 

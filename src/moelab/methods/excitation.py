@@ -75,6 +75,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from moelab.moe.dtensor import is_dtensor, local
 from moelab.moe.layer import MoELayer
 from moelab.validation import require
 
@@ -171,16 +172,46 @@ def excitation_multipliers(counts_LE: Tensor, strategy: str = "positive_sum", ga
     return phi_LE[0] if squeeze else phi_LE
 
 
+def local_rows(w_E: Tensor, p: Tensor, what: str = "expert group") -> Tensor:
+    """The entries of ``w_E`` ([E], one per expert along ``p``'s dim 0) for the rows this rank
+    holds of ``p``: ``w_E`` itself for a plain tensor; for a DTensor (FSDP2) the part of
+    ``w_E`` cut exactly as ``p``'s dim 0 is cut over its mesh (a local slice, no
+    communication), so ``local_rows(w_E, p)[i]`` belongs to ``local(p)[i]``. Raises
+    ValueError for a DTensor sharded along another dim (an expert's rows spread over ranks
+    would need their Φ too, but nothing here needs that: FSDP shards dim 0)."""
+    if not is_dtensor(p):
+        return w_E
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if any(not pl.is_replicate() and getattr(pl, "dim", None) != 0 for pl in p.placements):
+        raise ValueError(f"Excitation ({what}): a DTensor parameter with placements "
+                         f"{p.placements} is invalid: shard expert weights along dim 0 (the "
+                         "expert dim), as FSDP2's fully_shard does by default")
+    mesh = p.device_mesh
+    whole = DTensor.from_local(w_E, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, p.placements).to_local()
+
+
 @dataclass
 class _ExpertGroup:
     """The parameters of one layer's E experts and where its token counts come from."""
 
     name: str
     n_experts: int                   # E, the length of the counts
-    batched: list[Tensor]            # each [E_held, ...]
+    batched_at_add: list[Tensor]     # each [E_held, ...], as given
     per_expert: list[list[Tensor]]   # E_held lists
     token_counts: TokenCounts
     held: range                      # the experts these parameters are (all E, or an EP shard)
+    owner: nn.Module | None = None   # where the batched parameters are looked up by name
+    names: tuple[str, ...] = ()
+
+    @property
+    def batched(self) -> list[Tensor]:
+        """The batched parameters now: looked up in ``owner`` (a wrapper such as FSDP2 may
+        have replaced them since), else as given."""
+        if self.owner is None:
+            return self.batched_at_add
+        return [self.owner.get_parameter(n) for n in self.names]
 
 
 #: Optimizers an Excitation is attached to (one Excitation per optimizer).
@@ -317,6 +348,12 @@ class Excitation:
         changed)."""
         self.optimizer.load_state_dict(state_dict)
 
+    def load_extra_state(self, entries: dict[str, Any]) -> None:
+        """Restore Excitation's entry (``entries["excitation"]``, as in
+        ``optimizer.state_dict()``) alone: for checkpoints that load the optimizer's tensors
+        another way (``moelab.sharded_ckpt``). Other entries are ignored."""
+        self._load_state(dict(entries))
+
     def _add_state(self, state_dict: dict[str, Any]) -> None:
         state_dict["excitation"] = {"generator_state": self.generator.get_state(),
                                     "config": asdict(self.config)}
@@ -341,7 +378,8 @@ class Excitation:
                          params_per_expert: Sequence[Iterable[Tensor]] | None = None,
                          batched_params: Iterable[Tensor] | None = None,
                          name: str | None = None, n_experts: int | None = None,
-                         held_experts: range | None = None) -> str:
+                         held_experts: range | None = None,
+                         batched_owner: nn.Module | None = None) -> str:
         """Register the experts of one MoE layer; returns the group's name.
 
         params_per_expert: E lists, the parameters of each expert (e.g. ``[list(e.parameters())
@@ -353,7 +391,13 @@ class Excitation:
         n_experts, held_experts: expert parallelism — the counts cover all ``n_experts``
             experts while the parameters hold only the experts ``held_experts`` (a range of
             ``len(held_experts)``, the parameters' expert count). Default: they hold all.
-        The parameters must also be in the wrapped optimizer to be updated at all.
+        batched_owner: a module holding ``batched_params`` (as its own or its submodules'
+            parameters): they are then looked up there by name at every step, so a wrapper
+            that replaces the parameters afterwards (FSDP2's ``fully_shard``, e.g. under
+            ``accelerate``) is followed.
+        The parameters must also be in the wrapped optimizer to be updated at all. DTensor
+        parameters (FSDP2) count by their global shape and must be sharded along the expert
+        dim only: each rank rescales its local rows, nothing is gathered.
         """
         per_expert = [list(ps) for ps in params_per_expert] if params_per_expert else []
         batched = list(batched_params) if batched_params else []
@@ -378,9 +422,17 @@ class Excitation:
         if len({id(p) for p in new}) != len(new) or any(id(p) in seen for p in new):
             raise ValueError(f"add_expert_group {name!r}: a parameter appears twice or already "
                              "belongs to another expert group")
+        names: tuple[str, ...] = ()
+        if batched_owner is not None:
+            by_id = {id(p): n for n, p in batched_owner.named_parameters()}
+            if any(id(p) not in by_id for p in batched):
+                raise ValueError(f"add_expert_group {name!r}: batched_owner does not hold "
+                                 "every batched parameter")
+            names = tuple(by_id[id(p)] for p in batched)
         if token_counts is None:
             token_counts = self._pending_counts(name)
-        self._groups.append(_ExpertGroup(name, total, batched, per_expert, token_counts, held))
+        self._groups.append(_ExpertGroup(name, total, batched, per_expert, token_counts, held,
+                                         batched_owner, names))
         return name
 
     def _add_moe_layers(self, model: nn.Module) -> None:
@@ -394,10 +446,12 @@ class Excitation:
                                  "Hugging Face model patched by moelab.hf?): use "
                                  "moelab.hf.Excitation(optimizer, model)")
             module.take_counts()  # count from here on
-            self.add_expert_group(batched_params=list(experts.parameters()), name=name,
-                                  n_experts=module.cfg.n_experts,
-                                  held_experts=getattr(experts, "expert_range", None),
-                                  token_counts=module.take_counts)
+            params = list(experts.parameters())
+            # a DTensor (FSDP) has the global shape: all E experts, whatever this rank holds
+            held = None if is_dtensor(params[0]) else getattr(experts, "expert_range", None)
+            self.add_expert_group(batched_params=params, name=name,
+                                  n_experts=module.cfg.n_experts, held_experts=held,
+                                  token_counts=module.take_counts, batched_owner=experts)
 
     def _pending_counts(self, name: str) -> TokenCounts:
         return lambda: self._pending.get(name)
@@ -509,29 +563,41 @@ class Excitation:
             for p in g.batched:
                 if id(p) not in optimized or p.grad is None:
                     continue
-                w_p = w_E.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.dim() - 1)))
-                limit = n_held
-                if p.device.type == "cpu":
-                    limit = max(1, _CPU_SLICE_BYTES // max(1, p[0].numel() * p.element_size()))
-                a = 0
-                while a < n_held:
-                    if not moving[a]:
-                        a += 1
-                        continue
-                    b = a + 1
-                    while b < n_held and moving[b] and b - a < limit:
-                        b += 1
-                    params.append(p[a:b])
-                    weights.append(w_p[a:b])
-                    a = b
+                rows = local(p)  # a DTensor's own rows, with their entries of w_E
+                w_rows = local_rows(w_E, p, g.name)
+                row_moving = moving if w_rows is w_E else (
+                    (w_rows != 0).tolist() if on_cpu else [True] * rows.shape[0])
+                self._add_slices(rows, w_rows, row_moving, params, weights)
             if g.per_expert:
                 w_cols = w_E.unbind(0)
                 for k, ps in enumerate(g.per_expert):
                     for p in ps:
                         if moving[k] and id(p) in optimized and p.grad is not None:
-                            params.append(p)
+                            params.append(local(p))
                             weights.append(w_cols[k].to(device=p.device, dtype=p.dtype))
         return params, weights
+
+    @staticmethod
+    def _add_slices(p: Tensor, w_N: Tensor, moving: list[bool], params: list[Tensor],
+                    weights: list[Tensor]) -> None:
+        """Append the slices of ``p`` ([N, ...], N experts) whose experts move, and their
+        weights ``w_N`` shaped to broadcast (slices on CPU: see :meth:`_plan`)."""
+        n = p.shape[0]
+        w_p = w_N.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.dim() - 1)))
+        limit = n
+        if p.device.type == "cpu" and n:
+            limit = max(1, _CPU_SLICE_BYTES // max(1, p[0].numel() * p.element_size()))
+        a = 0
+        while a < n:
+            if not moving[a]:
+                a += 1
+                continue
+            b = a + 1
+            while b < n and moving[b] and b - a < limit:
+                b += 1
+            params.append(p[a:b])
+            weights.append(w_p[a:b])
+            a = b
 
     @torch.no_grad()
     def _snapshot(self, params: list[Tensor]) -> list[Tensor]:

@@ -36,6 +36,7 @@ from moelab.moe.dispatch import (
     raw_output_norms,
     resolve_backend,
 )
+from moelab.moe.dtensor import local
 from moelab.moe.expert_loop import expert_loop
 
 
@@ -110,35 +111,41 @@ class Experts(nn.Module):
         y_TD has the compute dtype (module docstring).
         """
         dtype = compute_dtype(x_TD)
+        w_in, w_out = self.weights()
         with autocast_off(x_TD.device.type):
             x_TD = x_TD.to(dtype)
             if torch.compiler.is_compiling():  # the probe must not run under tracing
                 backend = "grouped_mm"
             else:
-                backend = resolve_backend(self.backend, x_TD.device.type, dtype, self.w_in)
+                backend = resolve_backend(self.backend, x_TD.device.type, dtype, w_in)
             if backend == "loop":
                 y_TD, act_sums_EF, norm_sums_E = expert_loop(
-                    x_TD, self.w_in, self.w_out, plan.weights, plan.token_idx, plan.expert_ids,
+                    x_TD, w_in, w_out, plan.weights, plan.token_idx, plan.expert_ids,
                     plan.routed_counts.tolist(), self.activation, row_weight_N, track_out_norm)
             else:
-                y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, plan, row_weight_N,
-                                                               track_out_norm)
+                y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, w_in, w_out, plan,
+                                                               row_weight_N, track_out_norm)
             sums_ED = None
             if row_weight_N is not None:
                 # the down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out
-                sums_ED = torch.bmm(act_sums_EF.unsqueeze(1),
-                                    self.w_out.detach().float()).squeeze(1)
+                sums_ED = torch.bmm(act_sums_EF.unsqueeze(1), w_out.detach().float()).squeeze(1)
         return ExpertsOutput(y_TD, sums_ED, norm_sums_E if track_out_norm else None)
 
-    def _grouped(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None,
-                 track_out_norm: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """``(w_in, w_out)`` as plain tensors: a DTensor parameter (expert parallel under FSDP,
+        ``moelab.fsdp``: sharded over the expert-parallel ranks) gives its local experts."""
+        return local(self.w_in), local(self.w_out)
+
+    def _grouped(self, x_TD: Tensor, w_in: Tensor, w_out: Tensor, plan: DispatchPlan,
+                 row_weight_N: Tensor | None, track_out_norm: bool
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The grouped-GEMM path: [N, D] rows gathered, two grouped GEMMs, index_add back."""
         x_ND = x_TD.index_select(0, plan.token_idx)
-        h = grouped_linear(x_ND, self.w_in, plan)
+        h = grouped_linear(x_ND, w_in, plan)
         act, act_sums_EF = _ScaledActivation.apply(
             h, plan.weights.to(h.dtype), self.activation, plan.expert_ids, row_weight_N,
             self.n_experts)
-        out_ND = grouped_linear(act, self.w_out, plan)
+        out_ND = grouped_linear(act, w_out, plan)
         norm_sums_E = None
         if track_out_norm:
             with torch.no_grad():

@@ -1,0 +1,149 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for moelab models: ``train.parallel = "fsdp"``.
+
+Layout of a world of W ranks with ``expert_parallel = P`` (:func:`build_mesh`): a 2-D
+DeviceMesh of shape [W/P, P] with dims ``("dp_shard_mod_ep", "ep")``. Rank r sits at
+(r // P, r % P), so dim "ep" is the expert-parallel group of ``moelab.distributed`` (P
+consecutive ranks: one copy of the experts, tokens exchanged by all-to-all) and dim
+"dp_shard_mod_ep" the W/P ranks holding the same experts. Its flattening, "dp_shard", is all
+W ranks.
+
+:func:`shard_model` (torchtitan's order: expert parallel, then ``fully_shard`` per block, then
+the root):
+
+* expert weights, with P > 1: each rank's E/P experts become a DTensor on dim "ep"
+  (``Shard(0)``: the global [E, ...] tensor, what a checkpoint holds), then ``fully_shard``
+  of the layer's experts over "dp_shard_mod_ep" splits each rank's experts again over their
+  W/P replicas. Their gradients are summed over the replicas and divided by W (what
+  ``moelab.distributed.sync_expert_grads`` does under DDP), so they equal one process's.
+  With P = 1 the experts are ordinary parameters of their block;
+* every block (a moelab model's ``blocks``, a Hugging Face model's decoder layers): one FSDP
+  unit over "dp_shard" (every parameter's dim 0 split over all W ranks, all-gathered before
+  the block runs and freed after, gradients reduce-scattered and averaged over the ranks);
+* the root (embeddings, final norm, head, MomentumSMoE's learnable mu/gamma): one more unit.
+
+Buffers (Default MoE's EMA) are not sharded: every rank updates its copy from statistics
+summed over all ranks (the layers' ``stats_reducer``), so the copies stay equal, as under DDP.
+With ``train.precision = "bf16"`` every unit computes with bf16 parameters and reduces
+gradients in fp32 (``MixedPrecisionPolicy``); the sharded parameters and the optimizer state
+stay fp32.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from moelab.distributed import ParallelContext
+
+__all__ = ["DP_REPLICA", "DP_SHARD", "EP", "Meshes", "build_mesh", "mixed_precision", "reshard",
+           "shard_model"]
+
+#: DeviceMesh dim names: the ranks holding the same experts, the expert-parallel group, and
+#: the flattening of both (all ranks).
+DP_REPLICA, EP, DP_SHARD = "dp_shard_mod_ep", "ep", "dp_shard"
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The DeviceMeshes of a run: ``root`` [W/P, P] (dims "dp_shard_mod_ep", "ep") and
+    ``dp_shard``, its flattening (all W ranks). ``meshes[name]`` is the 1-D mesh of a dim."""
+
+    root: DeviceMesh
+    dp_shard: DeviceMesh
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        return self.dp_shard if name == DP_SHARD else self.root[name]
+
+
+def build_mesh(world_size: int, expert_parallel: int, device_type: str) -> Meshes:
+    """The [W/P, P] DeviceMesh of this module's docstring over the default process group
+    (collective: every rank calls it, in the same order), with the flattened "dp_shard"."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    p = expert_parallel
+    if world_size % p:
+        raise ValueError(f"train.expert_parallel={p} is invalid: need a divisor of the world "
+                         f"size {world_size}")
+    root = init_device_mesh(device_type, (world_size // p, p), mesh_dim_names=(DP_REPLICA, EP))
+    return Meshes(root, root[(DP_REPLICA, EP)]._flatten(DP_SHARD))
+
+
+def mixed_precision(precision: str) -> object:
+    """FSDP2's MixedPrecisionPolicy for a run's resolved ``precision``: bf16 parameters in
+    compute and fp32 gradient reduction for "bf16"; the parameters' own dtype otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _distribute_experts(model: nn.Module, ctx: ParallelContext, mp_policy: object,
+                        gloo: bool) -> None:
+    """Expert parallel under FSDP: each ``ExpertParallelExperts``'s local weights as DTensors
+    on dim "ep" (global [E, ...]), then one FSDP unit per layer's experts over the replicas,
+    with gradients summed and divided by the world size."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard
+
+    from moelab.distributed import ExpertParallelExperts
+
+    mesh = ctx.mesh
+    for module in [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]:
+        local = module.local
+        for name in ("w_in", "w_out"):
+            weight = getattr(local, name)
+            dt = DTensor.from_local(weight.detach(), mesh[EP], [Shard(0)], run_check=False)
+            setattr(local, name, nn.Parameter(dt, requires_grad=weight.requires_grad))
+        fully_shard(module, mesh=mesh[DP_REPLICA], mp_policy=mp_policy)
+        module.set_gradient_divide_factor(float(ctx.world_size))
+        # the divide factor is a PREMUL_SUM reduce-scatter, which gloo lacks: sum, then
+        # divide. Not with one replica: FSDP then copies instead of reducing and would
+        # divide twice (torch 2.13)
+        if gloo and ctx.world_size > ctx.expert_parallel:
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def shard_model(model: nn.Module, ctx: ParallelContext, precision: str = "fp32") -> nn.Module:
+    """Apply FSDP2 to ``model`` in place (experts are already split over the expert-parallel
+    ranks by ``moelab.distributed.shard_experts``; steps: module docstring). Returns
+    ``model``, now also an ``FSDPModule``: the module to train, evaluate and checkpoint."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from moelab.parallel import model_blocks
+
+    if ctx.mesh is None:
+        raise ValueError("shard_model needs a ParallelContext with a mesh (build_mesh)")
+    blocks, _ = model_blocks(model)
+    if not blocks:
+        raise ValueError(f"train.parallel='fsdp': {type(model).__name__} has no blocks to shard "
+                         "(need a moelab model's `blocks` or an HF model's decoder layers)")
+    mp_policy = mixed_precision(precision)
+    gloo = dist.get_backend() == "gloo"
+    if ctx.expert_parallel > 1:
+        _distribute_experts(model, ctx, mp_policy, gloo)
+    for block in blocks:
+        fully_shard(block, mesh=ctx.mesh[DP_SHARD], mp_policy=mp_policy)
+    fully_shard(model, mesh=ctx.mesh[DP_SHARD], mp_policy=mp_policy)
+    return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters FSDP keeps after a forward that had no backward (an
+    evaluation: the root unit keeps its parameters gathered after its forward until the
+    backward, and ``parameters()`` would give the gathered tensors, not the optimizer's). A
+    no-op for a model without FSDP."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
