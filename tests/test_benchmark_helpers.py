@@ -1,5 +1,7 @@
 """The benchmark helpers measure what they claim (the timings themselves are never asserted)."""
 
+import json
+
 import pytest
 import torch
 
@@ -131,3 +133,15 @@ def test_trainer_run_prints_its_throughput(capsys):
     out = main(["--steps", "2", "--set", "model.n_layers=1", "--set", "data.batch_size=4"])
     assert out["steps"] == 2 and out["tokens_per_s"] > 0 and out["final_loss"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+
+
+def test_reproduce_packing_trains_every_run_at_each_jobs(tmp_path):
+    """The packing benchmark on CPU (its gpu-smoke profile): each N trains all the runs."""
+    from benchmarks.reproduce_packing import main
+
+    out = tmp_path / "packing.json"
+    res = main(["--device", "cpu", "--profile", "gpu-smoke", "--experiment", "methods-combined",
+                "--runs", "2", "--steps", "2", "--jobs", "1", "2", "--out", str(out)])
+    assert [(r["jobs"], r["runs"], r["failed"]) for r in res["rows"]] == [(1, 2, []), (2, 2, [])]
+    assert res["auto_jobs"] is None and res["profile"] == "gpu-smoke"
+    assert json.loads(out.read_text())["rows"] == res["rows"]

@@ -139,14 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'list', 'all', experiment names, or PATH.py [NAME ...]")
     rp.add_argument("--seeds", type=int, default=None, metavar="N",
                     help="seeds 0..N-1 (default: the profile's)")
-    rp.add_argument("--profile", choices=("quick", "full"), default="quick",
-                    help="quick: tiny smoke-test runs; full: the documented setting "
-                    "(default: quick)")
+    rp.add_argument("--profile", choices=("quick", "full", "gpu", "gpu-smoke"),
+                    default="quick",
+                    help="quick: tiny smoke-test runs; full: the documented CPU setting; gpu: "
+                    "the paper-sized setting for one GPU (with --device cuda; `list` gives "
+                    "each one's estimated GPU time); gpu-smoke: the gpu profile shrunk to two "
+                    "CPU steps (default: quick)")
     rp.add_argument("--jobs", "-j", type=int, default=None, metavar="J",
                     help="worker processes, the CPU cores split between them (default: one "
                     "per core)")
     rp.add_argument("--out", "-o", default="reproduce", metavar="DIR",
                     help="output folder (default: reproduce/)")
+    rp.add_argument("--device", default=None, metavar="DEVICE",
+                    help="train.device of every run (default: the configs' auto, CUDA when "
+                    "there is one); on a GPU, --jobs defaults to as many runs as fit in its "
+                    "free memory (one run's peak is measured first)")
+    rp.add_argument("--precision", default=None, choices=("auto", "fp32", "tf32", "bf16"),
+                    help="train.precision of every run (default: the configs')")
+    rp.add_argument("--compile", action="store_true", default=None,
+                    help="train.compile=true for every run")
     rp.add_argument("--data-dir", default=None, metavar="DIR",
                     help="CIFAR-10 python batches for the image claims (default: "
                     "Fashion-MNIST if installed, else the packaged MNIST-5k)")
@@ -344,13 +355,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _print_experiments(exps: Sequence, how: str) -> None:
     width = max((len(e.name) for e in exps), default=0)
-    print(f"experiments ({how} [--profile quick|full]):")
+    print(f"experiments ({how} [--profile quick|full|gpu]):")
     for e in exps:
         full, quick = e.profile("full"), e.profile("quick")
         cost = (f"~{full.cpu_minutes:.0f} min full, ~{quick.cpu_minutes * 60:.0f} s quick "
                 "(2 CPU cores)") if not e.sources else "analyses " + ", ".join(e.sources)
+        gpu = e.profiles.get("gpu")
+        gpu_line = (f"\n  {'':<{width}}  GPU time: ~{gpu.gpu_minutes:.0f} min gpu (one H200, "
+                    "packed runs; an estimate until measured)") if gpu else ""
         print(f"  {e.name:<{width}}  {e.claim}\n  {'':<{width}}  paper: {e.paper}\n"
-              f"  {'':<{width}}  CPU time: {cost}")
+              f"  {'':<{width}}  CPU time: {cost}{gpu_line}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -395,7 +409,9 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     failed = None
     try:
         paths = reproduce(names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
-                          out=args.out, data_dir=args.data_dir, command=["moelab", *argv])
+                          out=args.out, data_dir=args.data_dir, command=["moelab", *argv],
+                          device=args.device, precision=args.precision,
+                          compile=args.compile)
     except RunsFailedError as e:
         paths, failed = e.paths, str(e)
     except USER_ERRORS as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from moelab.experiments import keys as K
+from moelab.experiments.gpu import DOCS_LM, SEQ, SMOKE_LM, estimate_minutes, lm_flops_per_token
 from moelab.experiments.keys import kv
 from moelab.experiments.spec import (
     Arm,
@@ -108,6 +109,38 @@ def _measured(per_step_s: dict[str, float], runs: dict[str, int], steps: int,
 #: up to ~1.9x the estimates on a busy machine.
 _STEP_S = {"8c1": 0.58, "32c4": 0.81}
 
+# ---------------------------------------------------------------- the gpu profiles' LM
+# ~105 M parameters (6 blocks, d_model 512, every block MoE; 8c1: 8 experts of width 1280,
+# top-1; 32c4: 32 of width 320, top-4: the same 94 M expert parameters, 1/8 active), on the
+# docs corpus (BPE 8192, 512 tokens), batch 32 x 512, bf16 + compiled. The paper's optimiser:
+# AdamW (0.9, 0.95), lr 3e-4, 1% warm-up, cosine to lr/10, wd 0.1, clip 1.0, balance 0.01.
+GPU_SPARSITIES: dict[str, tuple[int, int, int]] = {"8c1": (8, 1, 1280), "32c4": (32, 4, 320)}
+GPU_LR = 3e-4
+_GPU_TOKENS = 32 * SEQ
+_GPU_FPT = lm_flops_per_token(512, 6, 8, 1, 1280)  # 32c4: the same active FLOPs
+
+
+def _gpu_lm(steps: int, eval_every: int, compiled: bool = True) -> tuple[str, ...]:
+    return DOCS_LM + (
+        kv(K.D_MODEL, 512), kv(K.N_LAYERS, 6), kv(K.N_HEADS, 8), kv(K.BATCH_SIZE, 32),
+        kv(K.LR, GPU_LR), kv(K.WARMUP_STEPS, max(1, steps // 100)), kv(K.STEPS, steps),
+        kv(K.EVAL_EVERY, eval_every), kv(K.CHECKPOINT_EVERY, max(eval_every, steps // 4)),
+        kv(K.EVAL_BATCHES, 8), kv(K.FINAL_EVAL_BATCHES, 8), kv(K.PRECISION, "bf16"),
+        kv(K.COMPILE, compiled))
+
+
+def _gpu_sparsity(name: str) -> tuple[str, ...]:
+    e, k, d_ff = GPU_SPARSITIES[name]
+    return (kv(K.N_EXPERTS, e), kv(K.TOP_K, k), kv(K.D_FF, d_ff))
+
+
+#: every gpu profile's CPU smoke run: the tiny LM, fp32, not compiled, 2 steps
+_GPU_SMOKE = SMOKE_LM + (kv(K.PRECISION, "fp32"), kv(K.COMPILE, False), kv(K.N_LAYERS, 2))
+_GPU_NOTE = (" The gpu profile (defined 2026-12-04, before any GPU run: no GPU has run it "
+             "yet) trains the ~105 M-parameter LM above on the docs corpus; its lr is the "
+             "paper's 3e-4 with AdamW (0.9, 0.95), not tuned on our runs; its time is an "
+             "estimate (moelab.experiments.gpu) until measured.")
+
 # ------------------------------------------------------------------------ 1. speed
 
 # factorial naming (spec.factorial_arm_name): "base" = Top-K 8c1, "dmoe" = Default MoE 8c1,
@@ -115,12 +148,16 @@ _STEP_S = {"8c1": 0.58, "32c4": 0.81}
 _SPEED_FACTORS = ("dmoe", "32c4")
 
 
-def _speed_arm(on: tuple[str, ...]) -> Arm:
-    return dmoe_arm(factorial_arm_name(on, _SPEED_FACTORS), "32c4" if "32c4" in on else "8c1",
-                    {} if "dmoe" in on else None)
+def _speed_arm(on: tuple[str, ...], gpu: bool = False) -> Arm:
+    name = factorial_arm_name(on, _SPEED_FACTORS)
+    sparsity = "32c4" if "32c4" in on else "8c1"
+    if gpu:
+        return dmoe_arm(name, None, {} if "dmoe" in on else None, _gpu_sparsity(sparsity))
+    return dmoe_arm(name, sparsity, {} if "dmoe" in on else None)
 
 
 SPEED_STEPS = 500
+GPU_SPEED_STEPS = 600
 SPEED = Experiment(
     name="default-moe-speed",
     claim="Default MoE reaches the Top-K arm's final validation loss in fewer steps than "
@@ -152,6 +189,11 @@ SPEED = Experiment(
         # every evaluation on the final one's 32 windows: the curve and the target agree
         "full": Profile(_full(SPEED_STEPS, 25, eval_batches=32), seeds=5, cpu_minutes=_measured(
             _STEP_S, {"8c1": 10, "32c4": 10}, SPEED_STEPS)),
+        # the same arms at the GPU LM's sizes; 10 seeds (the paper's ~9% effect is small)
+        "gpu": Profile(_gpu_lm(GPU_SPEED_STEPS, 50), seeds=10, arms=tuple(
+            _speed_arm(on, gpu=True) for on in ((), ("dmoe",), ("32c4",), ("dmoe", "32c4"))),
+            gpu_minutes=estimate_minutes([(40, GPU_SPEED_STEPS, _GPU_TOKENS, _GPU_FPT)]),
+            smoke=_GPU_SMOKE),
     },
     image_datasets=(),
     notes="Arms: factorial names, 'base' = Top-K 8c1, 'dmoe' = Default MoE 8c1, '32c4' = "
@@ -172,7 +214,9 @@ SPEED = Experiment(
           "than the final one's). (2) A diverged run counts as censored at the planned final "
           "step (none of the committed runs diverged). (3) Delta vs the first arm and the "
           "sparsity main effect on steps are no longer reported across different targets. "
-          "The committed full results (8-window curves) were not rerun: their page says so.",
+          "The committed full results (8-window curves) were not rerun: their page says so."
+          + _GPU_NOTE + " gpu: 600 steps (9.8 M tokens per run), evaluations every 50 "
+          "steps on the final evaluation's 8 batches.",
 )
 
 # --------------------------------------------------------------------------- 2. lr
@@ -192,6 +236,28 @@ def lr_multiplier_arms(prefix: str, dmoe: dict[str, Any] | None,
 
 
 LR_STEPS = 500
+GPU_LR_STEPS = 150
+#: gpu: multipliers of the paper's 3e-4 up to where Top-K is expected to diverge, each with
+#: the paper's clip (1.0) and without clipping (where the paper saw Top-K diverge)
+GPU_LR_MULTIPLIERS = (1, 4, 16)
+
+
+def _gpu_lr_arms() -> tuple[Arm, ...]:
+    arms = []
+    for clip, tag in ((1.0, ""), (0.0, "-noclip")):
+        for prefix, dmoe in (("topk", None), ("dmoe", {})):
+            for m in GPU_LR_MULTIPLIERS:
+                arms.append(dmoe_arm(f"{prefix}-x{m}{tag}", None, dmoe, _gpu_sparsity("8c1") + (
+                    kv(K.LR, m * GPU_LR), kv(K.GRAD_CLIP, clip))))
+    return tuple(arms)
+
+
+_GPU_LR_CLAIMS = tuple(
+    Claim(f"dmoe-x{m}{tag}", f"topk-x{m}{tag}", "lower",
+          text=f"lr x{m}{' without clipping' if tag else ''}: Default MoE has lower test loss "
+               "than Top-K")
+    for tag in ("", "-noclip") for m in GPU_LR_MULTIPLIERS)
+
 LR = Experiment(
     name="default-moe-lr",
     claim="Default MoE stays trainable, and better than Top-K, at learning rates 2-8x the "
@@ -209,6 +275,13 @@ LR = Experiment(
         "quick": Profile(_QUICK, seeds=2, cpu_minutes=0.3),
         "full": Profile(_full(LR_STEPS, 50), seeds=3, cpu_minutes=_measured(
             _STEP_S, {"8c1": 24}, LR_STEPS)),
+        # 12 runs per seed: not compiled (its start-up would outweigh 200 steps)
+        "gpu": Profile(_gpu_lm(GPU_LR_STEPS, 50, compiled=False), seeds=10,
+                       arms=_gpu_lr_arms(), claims=_GPU_LR_CLAIMS,
+                       gpu_minutes=estimate_minutes(
+                           [(120, GPU_LR_STEPS, _GPU_TOKENS, _GPU_FPT)], compiled=False,
+                           eager_factor=1.5),
+                       smoke=_GPU_SMOKE),
     },
     image_datasets=(),
     notes="8c1 only (the time budget: 8 arms x 3 seeds). lr = m x 3e-3 for m in {1, 2, 4, "
@@ -217,7 +290,9 @@ LR = Experiment(
           "above the initial training loss). Diverged runs are counted per arm in the "
           "Divergence table; a run stopped by a NaN has no test loss, so the per-multiplier "
           "claims compare the seeds where both arms finished. " + BASE_LR_NOTE
-          + " Changes after test results were seen: none.",
+          + " Changes after test results were seen: none." + _GPU_NOTE + " gpu: 8c1, lr "
+          "x1/x4/x16 of 3e-4, each with the paper's clip 1.0 and without clipping (12 arms), "
+          "150 steps (2.5 M tokens: divergence shows early), 10 seeds, not compiled.",
 )
 
 # ------------------------------------------------------------------------- 3. beta
@@ -291,6 +366,7 @@ def _combo(on: tuple[str, ...]) -> Arm:
 _SUBSETS = ((), ("dmoe",), ("mom",), ("exc",), ("dmoe", "mom"), ("dmoe", "exc"),
             ("mom", "exc"), ("dmoe", "mom", "exc"))
 COMBINED_STEPS = 500
+GPU_COMBINED_STEPS = 500
 COMBINED = Experiment(
     name="methods-combined",
     claim="Open question (no paper): do the gains of Default MoE, MomentumSMoE (heavy ball) "
@@ -310,6 +386,10 @@ COMBINED = Experiment(
         "quick": Profile(_QUICK, seeds=2, cpu_minutes=0.5),
         "full": Profile(_full(COMBINED_STEPS, 50), seeds=3, cpu_minutes=_measured(
             _STEP_S, {"8c1": 24}, COMBINED_STEPS) + 5),
+        "gpu": Profile(_gpu_lm(GPU_COMBINED_STEPS, 100) + _gpu_sparsity("8c1"), seeds=6,
+                       gpu_minutes=estimate_minutes([(48, GPU_COMBINED_STEPS, _GPU_TOKENS,
+                                                      _GPU_FPT)]),
+                       smoke=_GPU_SMOKE),
     },
     image_datasets=(),
     notes="8c1 at 500 steps, 3 seeds (8 arms in the 90-min budget; the effects are "
@@ -323,5 +403,6 @@ COMBINED = Experiment(
           "82.852%, SGD 82.848%; none of them significantly above SGD, so the pick is "
           "nominal (positive_sum also is excitation-rescue's strategy). "
           "Excitation wraps AdamW here (the papers used SGD/Adam on images). "
-          + BASE_LR_NOTE + " Changes after test results were seen: none.",
+          + BASE_LR_NOTE + " Changes after test results were seen: none." + _GPU_NOTE
+          + " gpu: 8c1, 500 steps, 6 seeds.",
 )

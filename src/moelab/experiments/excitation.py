@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from moelab.experiments import keys as K
+from moelab.experiments.gpu import small_model_minutes
 from moelab.experiments.keys import kv
 from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile, Records
 
@@ -20,6 +21,7 @@ __all__ = ["FOUNDATION", "RESCUE", "SPECIALIZATION", "gini_by_layer", "router_en
 
 PAPER = "Shaier, Excitation: Momentum For Experts (arXiv 2602.21798, 2026)"
 TEST_ACC = Metric.final("acc", label="test accuracy")
+GPU_STEPS = 2000
 
 # A run's shape at the quick profile: a smoke test of the whole pipeline, not evidence.
 _QUICK = (kv(K.STEPS, 20), kv(K.EVAL_EVERY, 10), kv(K.CHECKPOINT_EVERY, 10),
@@ -76,6 +78,13 @@ FOUNDATION = Experiment(
                          lr_index=(1,), cpu_minutes=0.3),
         "full": Profile((kv(K.STEPS, 100), kv(K.EVAL_EVERY, 25), kv(K.CHECKPOINT_EVERY, 25)),
                         seeds=5, cpu_minutes=30.0),
+        # the paper's dataset when --data-dir holds it (else Fashion-MNIST), ~20 epochs
+        "gpu": Profile((kv(K.STEPS, GPU_STEPS), kv(K.EVAL_EVERY, 250),
+                        kv(K.CHECKPOINT_EVERY, 500), kv(K.PRECISION, "fp32")), seeds=10,
+                       gpu_minutes=small_model_minutes(7 * 3 * 10, GPU_STEPS),
+                       smoke=(kv(K.STEPS, 2), kv(K.EVAL_EVERY, 1), kv(K.CHECKPOINT_EVERY, 2),
+                              kv(K.EVAL_BATCHES, 1), kv(K.FINAL_EVAL_BATCHES, 1),
+                              kv(K.BATCH_SIZE, 32), kv(K.N_EXPERTS, 16), kv(K.TOP_K, 2))),
     },
     notes="How the regime was chosen: the full-profile settings are taken verbatim from the "
           "regime search in docs/results/reproduce/excitation-regime-search.md (2026-12-01, "
@@ -88,7 +97,13 @@ FOUNDATION = Experiment(
           "0.3-1.0). The ablations use ablation_base=positive_sum (see the arms). The paper "
           "used CIFAR-10; with neither CIFAR-10 nor Fashion-MNIST the runner falls back to "
           "MNIST-5k, where this base is near saturation (90.8% at 100 steps, 92.0% at 500): "
-          "a null result there is uninformative. Changes after test results were seen: none.",
+          "a null result there is uninformative. Changes after test results were seen: none. "
+          "The gpu profile (defined 2026-12-04, before any GPU run; no GPU has run it yet): "
+          "the same model and lr grid, 2,000 steps (about 20 epochs of CIFAR-10 at batch "
+          "512, the paper's dataset, used when --data-dir holds it; else Fashion-MNIST, "
+          "about 17 epochs), 10 seeds, fp32. Its time is an estimate (moelab.experiments.gpu: "
+          "these small models leave the GPU idle, their steps are kernel launches) until "
+          "measured.",
 )
 
 # ------------------------------------------------------------------------ 2. rescue

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.experiments import keys as K
+from moelab.experiments.gpu import DOCS_LM, SEQ, SMOKE_LM, estimate_minutes, lm_flops_per_token
 from moelab.experiments.keys import kv
 from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile, Records
 
@@ -78,6 +79,38 @@ def _arm_name(rule: str, form: str, depth: int) -> str:
     return f"{rule}-{_FORM_TAG[form]}-d{depth}"
 
 
+# ------------------------------------------------------- the gpu profile: the paper's LMs
+#: layers -> d_model of the official small / medium / large LMs (16 experts top-2, expert
+#: width = d_model, 8 heads; every block MoE)
+GPU_DEPTHS = {3: 128, 6: 352, 12: 512}
+GPU_RULES = ("smoe", "mom", "adam")
+GPU_FORMS = ("pre", "post_double")
+GPU_STEPS = 300
+_GPU_OPTIM = (kv(K.OPTIMIZER, "adam"), kv(K.LR, 7e-4), kv(K.WEIGHT_DECAY, 0.0),
+              kv(K.SCHEDULE, "constant"), kv(K.WARMUP_STEPS, 30), kv(K.GRAD_CLIP, 0.0))
+_GPU_LM = DOCS_LM + _GPU_OPTIM + (
+    kv(K.N_HEADS, 8), kv(K.N_EXPERTS, 16), kv(K.TOP_K, 2), kv(K.BATCH_SIZE, 32),
+    kv(K.STEPS, GPU_STEPS), kv(K.EVAL_EVERY, 100), kv(K.CHECKPOINT_EVERY, 100),
+    kv(K.EVAL_BATCHES, 8), kv(K.FINAL_EVAL_BATCHES, 8), kv(K.PRECISION, "bf16"),
+    kv(K.COMPILE, False))
+_GPU_ARMS = tuple(
+    momentum_arm(_arm_name(rule, form, depth), *RULES[rule], before=(
+        kv(K.NORM_POSITION, form), kv(K.N_LAYERS, depth), kv(K.D_MODEL, d_model),
+        kv(K.D_FF, d_model)))
+    for depth, d_model in GPU_DEPTHS.items() for form in GPU_FORMS for rule in GPU_RULES)
+_GPU_CLAIMS = tuple(
+    Claim(_arm_name(rule, form, depth), _arm_name("smoe", form, depth), "lower",
+          text=f"{rule} beats SMoE ({_FORM_TEXT[form]}, {depth} layers, d_model "
+               f"{GPU_DEPTHS[depth]})")
+    for depth in GPU_DEPTHS for form in GPU_FORMS for rule in ("mom", "adam"))
+_GPU_MINUTES = estimate_minutes(
+    [(len(GPU_FORMS) * len(GPU_RULES) * 5, GPU_STEPS, 32 * SEQ,
+      lm_flops_per_token(d, n, 16, 2, d)) for n, d in GPU_DEPTHS.items()],
+    compiled=False, eager_factor=1.5)
+_GPU_SMOKE = SMOKE_LM + (kv(K.PRECISION, "fp32"), kv(K.N_LAYERS, 2), kv(K.D_FF, 16),
+                         kv(K.N_EXPERTS, 4))
+
+
 # ------------------------------------------------------------------------ 1. depth
 
 DEPTH = Experiment(
@@ -99,6 +132,8 @@ DEPTH = Experiment(
     profiles={
         "quick": Profile(_LM_QUICK, seeds=1, cpu_minutes=1.0),
         "full": Profile(_LM_FULL, seeds=3, cpu_minutes=70.0),
+        "gpu": Profile(_GPU_LM, seeds=5, arms=_GPU_ARMS, claims=_GPU_CLAIMS,
+                       gpu_minutes=_GPU_MINUTES, smoke=_GPU_SMOKE),
     },
     image_datasets=(),
     notes="How the setting was chosen (before any result): the default LM shrunk so that 72 "
@@ -125,7 +160,15 @@ DEPTH = Experiment(
           "post results had been read, because the experiment claimed to test the official "
           "block form and 'post' is only the issue's single-LN paraphrase of it. Their "
           "settings are the other arms' unchanged (fixed before their runs); the 72 pre/post "
-          "runs are the ones first reported. 108 runs, ~70 min on a quiet 2-core machine.",
+          "runs are the ones first reported. 108 runs, ~70 min on a quiet 2-core machine. "
+          "The gpu profile (defined 2026-12-04, before any GPU run; no GPU has run it yet): "
+          "the paper's three LMs (3 layers d_model 128, 6 layers 352, 12 layers 512; 16 "
+          "experts top-2 of width d_model; our experts are SwiGLU where the official ones are "
+          "ReLU with bias), every block MoE, on the docs corpus (BPE 8192, 512 tokens, batch "
+          "32), the official optimiser (Adam lr 7e-4, 30 warm-up steps then constant, no "
+          "weight decay, no clipping), bf16, 300 steps, 5 seeds; rules SMoE, heavy ball and "
+          "AdamSMoE in the pre-norm and the official double post-norm forms (18 arms). Its "
+          "time is an estimate (moelab.experiments.gpu) until measured.",
 )
 
 # ------------------------------------------------------------- 2. robustness: text

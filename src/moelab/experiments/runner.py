@@ -37,7 +37,7 @@ from moelab.experiments.spec import Experiment, final_record
 from moelab.guard import NonFiniteError
 
 __all__ = ["FASHION_MNIST_DIR", "DataChoice", "RunOutcome", "RunSpec", "choose_image_data",
-           "default_jobs", "describe_image_choice", "execute_run", "execute_runs",
+           "default_jobs", "describe_image_choice", "execute_run", "execute_runs", "with_threads",
            "failure_summary", "plan_runs", "resolve_config", "run_state"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the original IDX files.
@@ -175,9 +175,11 @@ def _lr_tag(lr: float | None) -> str:
 
 
 def plan_runs(exp: Experiment, profile: str, seeds: int, out: Path,
-              data: DataChoice | None, threads: int = 0) -> list[RunSpec]:
+              data: DataChoice | None, threads: int = 0,
+              extra: tuple[str, ...] = ()) -> list[RunSpec]:
     """Every run of ``exp`` (arms x lr grid x seeds 0..seeds-1), in arm-major order, on
-    ``data`` (None: the base config's dataset)."""
+    ``data`` (None: the base config's dataset); ``extra`` overrides come last (the device,
+    precision and compile settings of ``moelab reproduce``)."""
     if exp.sources:
         return []
     if seeds < 1:
@@ -194,10 +196,20 @@ def plan_runs(exp: Experiment, profile: str, seeds: int, out: Path,
                     kv(K.TRACKER_GROUP, exp.name)]
                 if lr is not None:
                     ov.append(kv(K.LR, float(lr)))
+                ov += list(prof.after_arms) + list(extra)
                 run_dir = out / exp.name / "runs" / f"{arm.name}{_lr_tag(lr)}-s{seed}"
                 specs.append(RunSpec(exp.name, arm.name, seed, lr, exp.base, tuple(ov),
                                      str(run_dir)))
     return specs
+
+
+def with_threads(spec: RunSpec, threads: int) -> RunSpec:
+    """``spec`` with ``train.threads`` set to ``threads`` (chosen once the number of workers
+    is known; not part of a run's identity: see ``run_state``)."""
+    import dataclasses
+
+    ov = tuple(o for o in spec.overrides if not o.startswith(K.THREADS + "="))
+    return dataclasses.replace(spec, overrides=ov + (kv(K.THREADS, threads),))
 
 
 def resolve_config(spec: RunSpec):

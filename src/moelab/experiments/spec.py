@@ -18,6 +18,7 @@ experiments (at each arm's selected learning rate) and compares them on its own 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,8 @@ __all__ = ["Arm", "Claim", "Experiment", "Metric", "Profile", "Records", "Target
 #: The entries of one run's metrics.jsonl, in order.
 Records = Sequence[dict[str, Any]]
 IMAGE_CHOICES = ("cifar10", "fashion-mnist", "mnist5k")
+#: the GPU profile's name, and the CPU smoke test derived from it
+GPU, SMOKE = "gpu", "gpu-smoke"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
 
 
@@ -210,12 +213,25 @@ class Claim:
 class Profile:
     """A size of the experiment: overrides applied on top of the base (before the arms'),
     the default number of seeds, which entries of each arm's lr grid to run (``lr_index``;
-    None: all), and the estimated CPU time on 2 cores in minutes."""
+    None: all), and the estimated CPU time on 2 cores in minutes.
+
+    A GPU profile ("gpu") also has ``gpu_minutes`` (its estimated time on one H200 with
+    packed runs; how each is estimated is in the experiment's notes), may replace the
+    experiment's ``arms`` and ``claims`` (a paper's setting that the CPU arms only
+    approximate, e.g. its model depths), and has ``smoke``: overrides that shrink every run
+    to a two-step CPU run (applied after the arms'), the ``gpu-smoke`` profile the tests
+    run."""
 
     overrides: tuple[str, ...] = ()
     seeds: int = 2
     lr_index: tuple[int, ...] | None = None
     cpu_minutes: float = 1.0
+    gpu_minutes: float | None = None
+    arms: tuple[Arm, ...] | None = None
+    claims: tuple[Claim, ...] | None = None
+    smoke: tuple[str, ...] = ()
+    #: overrides applied after the arms' (what ``gpu-smoke`` shrinks every arm with)
+    after_arms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,6 +297,15 @@ class Experiment:
         for p in ("quick", "full"):
             if p not in self.profiles:
                 raise ValueError(f"experiment {self.name!r}: missing the {p!r} profile")
+        if SMOKE in self.profiles:
+            raise ValueError(f"experiment {self.name!r}: {SMOKE!r} is derived from the "
+                             f"{GPU!r} profile, not given")
+        gpu = self.profiles.get(GPU)
+        if gpu is not None and gpu.gpu_minutes is None:
+            raise ValueError(f"experiment {self.name!r}: the {GPU!r} profile needs its "
+                             "gpu_minutes estimate")
+        if gpu is not None and (gpu.arms is not None or gpu.claims is not None):
+            self.at(GPU)  # its own arms and claims must fit together too
         metric_names = {m.name for m in self.metrics}
         for c in self.claims:
             if c.metric is not None and c.metric not in metric_names:
@@ -331,10 +356,29 @@ class Experiment:
         raise KeyError(f"experiment {self.name!r} has no arm {name!r}")
 
     def profile(self, name: str) -> Profile:
+        """Profile ``name``; "gpu-smoke" is derived from "gpu": its overrides plus its
+        ``smoke`` ones, one seed, the first lr of each grid."""
+        if name == SMOKE and GPU in self.profiles:
+            gpu = self.profiles[GPU]
+            return dataclasses.replace(gpu, after_arms=gpu.smoke, seeds=1, lr_index=(0,),
+                                       cpu_minutes=1.0, gpu_minutes=None)
         if name not in self.profiles:
+            choices = sorted(self.profiles) + ([SMOKE] if GPU in self.profiles else [])
             raise ValueError(f"profile {name!r} is invalid for {self.name!r}: choose one of "
-                             f"{sorted(self.profiles)}")
+                             f"{choices}")
         return self.profiles[name]
+
+    def at(self, profile: str) -> Experiment:
+        """This experiment as run at ``profile``: its arms and claims replaced where the
+        profile gives its own (a GPU profile at the paper's setting), else itself."""
+        prof = self.profile(profile)
+        if prof.arms is None and prof.claims is None:
+            return self
+        plain = {k: dataclasses.replace(v, arms=None, claims=None)
+                 for k, v in self.profiles.items()}  # applied once, here
+        return dataclasses.replace(self, arms=prof.arms or self.arms,
+                                   claims=prof.claims if prof.claims is not None
+                                   else self.claims, profiles=plain)
 
     def lr_grid_of(self, arm: Arm, profile: Profile) -> tuple[float | None, ...]:
         """The learning rates ``arm`` is trained at under ``profile`` ((None,): config lr)."""

@@ -26,6 +26,7 @@ from moelab.experiments.runner import (
     failure_summary,
     invocation,
     plan_runs,
+    with_threads,
 )
 from moelab.experiments.spec import Experiment
 
@@ -76,15 +77,19 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
               data_dir: str | Path | None = None, fashion_dir: str | Path | None =
               FASHION_MNIST_DIR, command: Sequence[str] | None = None,
               progress: bool = True, threads: int | None = None,
-              check: bool = True) -> list[Path]:
+              check: bool = True, device: str | None = None, precision: str | None = None,
+              compile: bool | None = None) -> list[Path]:
     """Run the named experiments (or ``["all"]``) and write ``OUT/NAME/results.md`` for each;
     returns those paths. Runs already finished with the same config are skipped. An
     experiment's sources (e.g. the trained runs a robustness evaluation reads) are run or
     skipped too; a source's results.md is rewritten only if this call trained some of its
     runs.
 
-    jobs: worker processes (default: one per core); threads: torch threads per run (default:
-    cores // jobs). command: what results.md records as the command (default: this
+    jobs: worker processes (default: one per core; on a GPU as many runs as fit in its free
+    memory, ``moelab.experiments.packing``); threads: torch threads per run (default:
+    cores // jobs). device, precision, compile: ``train.device`` (None: the configs' "auto",
+    CUDA when there is one), ``train.precision`` and ``train.compile`` of every run (None:
+    the configs'). command: what results.md records as the command (default: this
     process's own command line). check: raise :class:`RunsFailedError` (after writing the
     results) if any run failed, so a script that calls this exits non-zero.
 
@@ -106,14 +111,16 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     t0 = time.perf_counter()
     requested = {e.name for e in resolve_names(list(names))}
     exps = with_sources(resolve_names(list(names)))
-    for e in exps:
-        e.profile(profile)  # raises for an unknown profile
-    jobs = default_jobs() if jobs is None else jobs
-    if jobs < 1:
+    exps = [e.at(profile) for e in exps]  # raises for an unknown profile
+    if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs={jobs} is invalid: need >= 1")
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-    elif threads < 1:
+    from moelab.experiments import keys as K
+    from moelab.experiments.keys import kv
+
+    extra = tuple(kv(key, v) for key, v in ((K.DEVICE, device), (K.PRECISION, precision),
+                                            (K.COMPILE, compile)) if v is not None)
+    on_gpu = _runs_on_cuda(device)
+    if threads is not None and threads < 1:
         raise ValueError(f"threads={threads} is invalid: need >= 1")
     out = Path(out)
     if data_dir is not None and not any("cifar10" in e.image_datasets for e in exps):
@@ -126,10 +133,18 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             print(f"moelab reproduce: {e.name}: "
                   f"{describe_image_choice(data[e.name], e.image_datasets, fashion_dir)}",
                   file=sys.stderr)
+    plan_threads = threads or 0  # not part of a run's identity (resumable at other --jobs)
     plans = {e.name: plan_runs(e, profile, seeds or e.profile(profile).seeds, out,
-                               data[e.name], threads) for e in exps}
+                               data[e.name], plan_threads, extra) for e in exps}
     cmd = list(command) if command is not None else invocation()
     all_specs = [s for e in exps for s in plans[e.name]]
+    if jobs is None:
+        jobs = _gpu_jobs(all_specs, device or "cuda", progress) if on_gpu else default_jobs()
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    all_specs = [with_threads(s, threads) for s in all_specs]
+    for e in exps:
+        plans[e.name] = [s for s in all_specs if s.experiment == e.name]
     outcomes = execute_runs(all_specs, jobs=jobs, command=cmd, progress=progress)
     by_exp: dict[str, list] = {e.name: [] for e in exps}
     for o in outcomes:
@@ -140,7 +155,7 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     for e in (x for x in exps if x.name in requested or any(
             o.status in ("done", "resumed") for o in by_exp[x.name])):
         outs = by_exp[e.name]
-        srcs = {s: (get_experiment(s), by_exp[s]) for s in e.sources}
+        srcs = {s: (next(x for x in exps if x.name == s), by_exp[s]) for s in e.sources}
         t_agg = time.perf_counter()
         res = aggregate(e, outs, srcs)  # from_run metrics (robustness) are evaluated here
         agg_s = time.perf_counter() - t_agg
@@ -173,6 +188,55 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     if failed and check:
         raise RunsFailedError(failed, written)
     return written
+
+
+def _runs_on_cuda(device: str | None) -> bool:
+    """Whether the runs train on a CUDA GPU (``device`` None: the configs' "auto")."""
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_jobs(specs: list, device: str, progress: bool) -> int:
+    """How many runs to pack on the GPU: from one run's measured peak and the free memory
+    (``moelab.experiments.packing``); the largest run (the last planned of the biggest
+    experiment) is measured."""
+    from moelab.experiments.packing import cpu_cores, free_bytes, gpu_jobs, measure_peak
+
+    todo = [s for s in specs if not _finished(s)]
+    if not todo:
+        return 1
+    probe = max(todo, key=_size_hint)
+    peak = measure_peak(probe, device)
+    free = free_bytes(device)
+    jobs = gpu_jobs(peak, free, cpu_cores(), len(todo))
+    if progress:
+        print(f"moelab reproduce: one run takes {peak / 2**30:.2f} GiB on {device} "
+              f"({probe.label}), {free / 2**30:.1f} GiB free: {jobs} runs at a time "
+              "(--jobs N to choose)", file=sys.stderr)
+    return jobs
+
+
+def _finished(spec) -> bool:
+    from moelab.experiments.runner import resolve_config, run_state
+
+    try:
+        return run_state(spec, resolve_config(spec)) == "done"
+    except ValueError:
+        return False
+
+
+def _size_hint(spec) -> int:
+    """A rough memory size of a run, to pick the one to measure: its layers' parameters
+    (attention 4 D^2 and experts 3 E D F per layer) times its tokens per step."""
+    from moelab.experiments.runner import resolve_config
+
+    cfg = resolve_config(spec)
+    m, d = cfg.model, cfg.data
+    per_layer = 4 * m.d_model ** 2 + 3 * m.moe.n_experts * m.d_model * m.moe.d_ff
+    return m.n_layers * per_layer * d.batch_size * d.seq_len
 
 
 def _in_spawned_import() -> bool:
