@@ -140,19 +140,24 @@ def sync_free(device: str, out_dir: Path) -> dict:
                                   "model.default_moe.beta=0.9", "model.momentum.rule=heavy_ball"])
     tr = Trainer(cfg, run, quiet=True)
     tr.fit(max_steps=2)
-    cuda = device.startswith("cuda")  # elsewhere (the CPU smoke run): the same code, unchecked
+    step_without_syncs(tr, check=device.startswith("cuda"))
+    return {"precision": tr.precision, "fused_optimizer": tr.guard.deferred,
+            "deterministic": cfg.train.deterministic, "synced": False}
+
+
+def step_without_syncs(tr, check: bool = True) -> None:
+    """One training step of ``tr`` and its non-logged bookkeeping with CUDA host syncs as
+    errors (``check=False``, e.g. on CPU: the same code, unchecked)."""
     with tr._runtime():
-        if cuda:
+        if check:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
             result = tr.train_step()
             tr.metrics.post_step(tr, {**result, "time_s": 0.0})
         finally:
-            if cuda:
+            if check:
                 torch.cuda.set_sync_debug_mode("default")
-    return {"precision": tr.precision, "fused_optimizer": tr.guard.deferred,
-            "deterministic": cfg.train.deterministic, "synced": False}
 
 
 def default_train(device: str, quick: bool, out_dir: Path) -> dict:

@@ -332,18 +332,13 @@ def test_a_patched_hf_block_runs_experts_in_bf16_and_its_router_in_fp32():
 def test_a_cuda_training_step_does_not_sync(tmp_path):
     """On a GPU: a Trainer step (bf16, fused AdamW, Default MoE + heavy ball) under
     ``torch.cuda.set_sync_debug_mode("error")``, after two warm-up steps."""
+    from benchmarks.gpu_check import step_without_syncs
+
     cfg = tiny("train.device=cuda", "train.steps=8", "train.eval_every=0", "train.log_every=100",
                "model.default_moe.beta=0.9", "model.momentum.rule=heavy_ball")
     tr = Trainer(cfg, tmp_path / "run", quiet=True)
     assert tr.precision == "bf16" and tr.guard.deferred
     tr.fit(max_steps=2)
-    with tr._runtime():
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            result = tr.train_step()
-            tr.metrics.post_step(tr, {**result, "time_s": 0.0})
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    step_without_syncs(tr)
     tr.flush_guard()
     assert tr.guard.skipped == 0
