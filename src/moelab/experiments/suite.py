@@ -133,9 +133,10 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             print(f"moelab reproduce: {e.name}: "
                   f"{describe_image_choice(data[e.name], e.image_datasets, fashion_dir)}",
                   file=sys.stderr)
-    plan_threads = threads or 0  # not part of a run's identity (resumable at other --jobs)
+    # train.threads is set below, once the number of workers is known (not part of a run's
+    # identity: a run resumes at another --jobs)
     plans = {e.name: plan_runs(e, profile, seeds or e.profile(profile).seeds, out,
-                               data[e.name], plan_threads, extra) for e in exps}
+                               data[e.name], extra=extra) for e in exps}
     cmd = list(command) if command is not None else invocation()
     all_specs = [s for e in exps for s in plans[e.name]]
     if jobs is None:
