@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab.distributed import (
+from moelab.distributed.ddp_ep import (
     enable_global_stats,
     expert_parameters,
     make_context,

@@ -3,9 +3,9 @@ at 1, 2 and 4 gloo CPU ranks, counted from the tensors each rank holds (a DTenso
 
 The model is mostly experts and attention: a moelab LM with D=256, 4 blocks, every block an MoE
 layer of 16 SwiGLU experts (d_ff=256), 4 heads, a byte vocabulary (256, tied embeddings). Each
-setup builds it the way the Trainer does (``moelab.parallel.wrap_model``, then
-``moelab.optim.build_optimizer``: AdamW, Default MoE and Excitation on), runs one training step
-on 4 x 64 random tokens per rank and counts, on every rank:
+setup builds it the way the Trainer does (``moelab.distributed.wrap.wrap_model``, then
+``moelab.train.optim.build_optimizer``: AdamW, Default MoE and Excitation on), runs one
+training step on 4 x 64 random tokens per rank and counts, on every rank:
 
   params     bytes of the parameters it holds (full copies under DDP, shards under FSDP)
   grads      bytes of their gradients after the backward (before the optimizer step)
@@ -46,12 +46,12 @@ def _bytes(tensors) -> int:
 
 
 def _worker(rank: int, world: int, init_file: str, parallel: str, ep: int, out_file: str) -> None:
-    from moelab import distributed as mdist
     from moelab.config import apply_overrides, config_from_dict, config_to_dict, load_config
-    from moelab.fsdp import build_mesh
+    from moelab.distributed import ddp_ep as mdist
+    from moelab.distributed.fsdp import build_mesh
+    from moelab.distributed.wrap import wrap_model
     from moelab.models import build_model
-    from moelab.optim import build_optimizer
-    from moelab.parallel import wrap_model
+    from moelab.train.optim import build_optimizer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,

@@ -101,7 +101,7 @@ def _train3(model: torch.nn.Module, strategy: str | None, device: str,
 
 def cuda_vs_cpu(device: str = "cuda") -> dict:
     """``device`` fp32 (TF32 off) against CPU fp32, per method."""
-    from moelab.precision import matmul_flags
+    from moelab.train.precision import matmul_flags
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (8, 64), generator=gen) for _ in range(3)]
@@ -131,7 +131,7 @@ def sync_free(device: str, out_dir: Path) -> dict:
     import shutil
 
     from moelab.config import load_config
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     run = out_dir / "gpu_check_sync_run"
     shutil.rmtree(run, ignore_errors=True)

@@ -26,9 +26,10 @@ state are equal and excluded).
 The recipe (``--device``, ``--precision``, ``--compile``) is the same for both libraries:
 fp32 weights and AdamW state (fused AdamW on CUDA), the forward and loss under
 ``torch.autocast(bfloat16)`` for ``--precision bf16`` (TF32 matmuls for ``tf32``), and with
-``--compile`` every block compiled (moelab: ``moelab.parallel.compile_blocks``, fullgraph; HF:
-each decoder layer's ``Module.compile()``). On CUDA each row also gives the model FLOP
-utilisation: ``MFU = tokens/s * flops_per_token / peak``, with
+``--compile`` every block compiled (moelab:
+``moelab.distributed.wrap.compile_blocks``, fullgraph; HF: each decoder layer's
+``Module.compile()``). On CUDA each row also gives the model FLOP utilisation:
+``MFU = tokens/s * flops_per_token / peak``, with
 ``flops_per_token = 6 * N_active + 12 * layers * d_model * seq`` (N_active: the parameters one
 token's matmuls use, i.e. every non-expert weight but the embedding lookup, K of the E experts
 per layer, and the tied output head; the second term is causal attention's score and value
@@ -98,7 +99,7 @@ CPU_SIZES = ("default", "medium", "wide")
 
 @dataclass(frozen=True)
 class Recipe:
-    """How both libraries train: device, precision (``moelab.precision``), compiled blocks."""
+    """How both libraries train: device, precision (``moelab.train.precision``), compiled blocks."""
 
     device: str = "cpu"
     precision: str = "fp32"
@@ -106,7 +107,7 @@ class Recipe:
     backend: str = "inductor"  # of torch.compile ("aot_eager" for CPU smoke runs)
 
     def autocast(self):
-        from moelab.precision import autocast
+        from moelab.train.precision import autocast
 
         return autocast(self.precision, torch.device(self.device))
 
@@ -235,7 +236,7 @@ def moelab_step(model: torch.nn.Module, opt, inp: torch.Tensor, target: torch.Te
 
 def prepare_moelab(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     """``model`` on the recipe's device, its blocks compiled if asked."""
-    from moelab import parallel
+    from moelab.distributed import wrap as parallel
 
     model.to(recipe.device)
     if recipe.compile:
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = Recipe(args.device, args.precision, args.compile)
-    from moelab.precision import matmul_flags
+    from moelab.train.precision import matmul_flags
 
     with matmul_flags(args.precision):
         return _run(args, argv, recipe)

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
                    metavar="KEY=VALUE")
     args = p.parse_args(argv)
     from moelab.config import load_config
-    from moelab.rundir import read_metrics
-    from moelab.train import Trainer
+    from moelab.runs.directory import read_metrics
+    from moelab.train.trainer import Trainer
 
     cfg = load_config(args.config, [f"train.steps={args.steps}", "train.eval_every=0",
                                     f"train.log_every={args.steps}", "data.final_eval_batches=1",

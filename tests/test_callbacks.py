@@ -1,4 +1,4 @@
-"""The run's lifecycle parts (``moelab.callbacks``), each on its own with a stand-in trainer:
+"""The run's lifecycle parts (``moelab.train.callbacks``), each on its own with a stand-in trainer:
 no model is trained here; the parts only see the attributes they read."""
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import pytest
 import torch
 from test_train import tiny
 
-from moelab.callbacks import (
+from moelab.runs.checkpoint import load_checkpoint
+from moelab.runs.directory import CHECKPOINT, COMMAND, CONFIG, METRICS, read_metrics
+from moelab.runs.lock import LOCK, RunDirLockedError, RunLock
+from moelab.train.callbacks import (
     Callback,
     Callbacks,
     Checkpointer,
@@ -21,10 +24,7 @@ from moelab.callbacks import (
     RunDirectory,
     StopSignals,
 )
-from moelab.checkpoint import load_checkpoint
-from moelab.guard import NonFiniteError, NonFiniteGuard
-from moelab.rundir import CHECKPOINT, COMMAND, CONFIG, METRICS, read_metrics
-from moelab.runlock import LOCK, RunDirLockedError, RunLock
+from moelab.train.guard import NonFiniteError, NonFiniteGuard
 
 
 def stand_in(run_dir: Path, *extra: str, **attrs) -> SimpleNamespace:

@@ -13,10 +13,10 @@ import pytest
 import torch
 from test_train import tiny
 
-from moelab.checkpoint import CheckpointError, load_checkpoint
 from moelab.cli import main
-from moelab.rundir import CHECKPOINT
-from moelab.train import Trainer
+from moelab.runs.checkpoint import CheckpointError, load_checkpoint
+from moelab.runs.directory import CHECKPOINT
+from moelab.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from moelab.cli import main
 from moelab.config import load_config
-from moelab.rundir import read_metrics
+from moelab.runs.directory import read_metrics
 
 
 def run(capsys, *argv):
@@ -59,7 +59,7 @@ def test_train_end_to_end_then_eval_report_and_rerun(tmp_path, tiny_toml, capsys
 
 
 def test_resume_finishes_an_interrupted_run(tmp_path, tiny_toml, train_tiny, capsys):
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     straight = train_tiny("straight")
     part = tmp_path / "part"

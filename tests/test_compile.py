@@ -1,4 +1,4 @@
-"""``train.compile`` / ``moelab.parallel.compile_blocks``: every block compiles with
+"""``train.compile`` / ``moelab.distributed.wrap.compile_blocks``: every block compiles with
 ``fullgraph=True`` (no graph break), and a compiled model trains like the eager one, for every
 method, in fp32 and bf16 autocast, with activation checkpointing and capacity dropping.
 
@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from test_train import losses, tiny
 
-from moelab import parallel
+from moelab.distributed import wrap as parallel
 from moelab.methods.default_moe import DefaultMoEConfig
 from moelab.methods.excitation import Excitation
 from moelab.methods.momentum import MomentumConfig
 from moelab.models import ModelConfig, build_model
 from moelab.moe import MoEConfig, MoELayer
-from moelab.train import Trainer
+from moelab.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 64

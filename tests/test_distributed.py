@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab.distributed import (
+from moelab.distributed.ddp_ep import (
     all_to_all,
     enable_global_stats,
     make_context,
@@ -237,7 +237,7 @@ def tiny_all(*extra: str):
 
 def _trainer_worker(rank: int, world: int, run_dir: str, extra: tuple[str, ...],
                     max_steps: int | None, resume: bool) -> None:
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     if resume:
         trainer = Trainer.resume(run_dir, quiet=True)
@@ -252,7 +252,7 @@ def run_dist(tmp_path: Path, world: int, run_dir: Path, *extra: str,
 
 
 def train_log(run_dir: Path) -> tuple[list[float], list[float], list[dict]]:
-    from moelab.rundir import read_metrics
+    from moelab.runs.directory import read_metrics
 
     entries = read_metrics(run_dir)
     train = [e for e in entries if e["kind"] == "train"]
@@ -265,7 +265,7 @@ def full_state(run_dir: Path, world: int, ep: int) -> dict[str, torch.Tensor]:
     (a sharded run's: read back from its DCP directory)."""
     main = torch.load(run_dir / "ckpt.pt", weights_only=False)
     if "shards" in main:
-        from moelab.sharded_ckpt import full_state as sharded_full_state
+        from moelab.runs.sharded_checkpoint import full_state as sharded_full_state
 
         return sharded_full_state(run_dir)["model"]
     states = [main["model"]]
@@ -282,7 +282,7 @@ def full_state(run_dir: Path, world: int, ep: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     run = tmp_path_factory.mktemp("single") / "run"
     Trainer(tiny_all(), run, quiet=True).fit()
@@ -326,7 +326,7 @@ def test_expert_parallel_trainer_matches_one_process_and_resumes(tmp_path, singl
 
 
 def test_expert_parallel_checkpoint_needs_the_same_world_size(tmp_path):
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     run = tmp_path / "ep"
     run_dist(tmp_path, 2, run, "train.expert_parallel=2", "train.steps=2", max_steps=1)
@@ -337,7 +337,7 @@ def test_expert_parallel_checkpoint_needs_the_same_world_size(tmp_path):
 
 
 def test_data_parallel_checkpoint_resumes_on_one_process(tmp_path, single_run):
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     run = tmp_path / "dp"
     run_dist(tmp_path, 2, run, max_steps=3)
@@ -346,7 +346,7 @@ def test_data_parallel_checkpoint_resumes_on_one_process(tmp_path, single_run):
 
 
 def test_expert_parallel_needs_torchrun():
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     with pytest.raises(ValueError, match="train.expert_parallel=2 is invalid on one process"):
         Trainer(tiny_all("train.expert_parallel=2"), quiet=True)
@@ -369,8 +369,8 @@ def test_torchrun_command_line(tmp_path):
     assert done.stdout.count("val ppl") == 1, done.stdout  # rank 0 alone reports
     final = [e for e in train_log(run)[2] if e.get("final")]
     assert len(final) == 1
-    from moelab.rundir import read_metrics
-    from moelab.train import Trainer
+    from moelab.runs.directory import read_metrics
+    from moelab.train.trainer import Trainer
 
     summary = read_metrics(run)[-1]
     one_process = Trainer(tiny_all(), tmp_path / "unused", quiet=True)

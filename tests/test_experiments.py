@@ -24,8 +24,8 @@ from moelab.experiments.runner import (
 )
 from moelab.experiments.stats import VERDICT_RULE
 from moelab.experiments.suite import RunsFailedError, reproduce
-from moelab.rundir import read_metrics
-from moelab.train import Trainer
+from moelab.runs.directory import read_metrics
+from moelab.train.trainer import Trainer
 
 TINY = ("model.kind=\"mlp\"", "model.n_layers=2", "model.d_model=16", "model.moe.n_experts=4",
         "model.moe.top_k=2", "model.moe.d_ff=8", "data.batch_size=32", "train.steps=4",

@@ -25,7 +25,7 @@ FSDP = "train.parallel=fsdp"
 def single_run(tmp_path_factory):
     """The one-process run every sharded run must equal (test_distributed's TINY_ALL: all
     three methods, gradient accumulation, clipping)."""
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     run = tmp_path_factory.mktemp("single") / "run"
     Trainer(tiny_all(), run, quiet=True).fit()
@@ -54,7 +54,7 @@ def _units_worker(rank: int, world: int, run_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
-    from moelab.fsdp import DP_REPLICA, DP_SHARD, EP, build_mesh
+    from moelab.distributed.fsdp import DP_REPLICA, DP_SHARD, EP, build_mesh
     from moelab.methods.excitation import Excitation
 
     mesh = build_mesh(world, 2, "cpu")  # [2 replicas, 2 expert-parallel ranks]
@@ -109,7 +109,7 @@ def _units_worker(rank: int, world: int, run_dir: str) -> None:
 def _bf16_policy(run_dir: str) -> None:
     """train.precision=bf16 under FSDP: blocks compute with bf16 parameters; the sharded
     parameters, their gradients and AdamW's state stay fp32."""
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     trainer = Trainer(tiny_all(FSDP, "train.precision=bf16", "train.grad_accum=1"), run_dir,
                       quiet=True)
@@ -148,8 +148,8 @@ def _read_on_one_process(run, ref, tmp_path) -> None:
     """`moelab eval`, `moelab report` and `moelab export` of a sharded run, on one process."""
     from moelab.cli import main
     from moelab.models import build_model
-    from moelab.sharded_ckpt import full_state
-    from moelab.train import load_trained
+    from moelab.runs.sharded_checkpoint import full_state
+    from moelab.train.trainer import load_trained
 
     final = [e for e in train_log(ref)[2] if e.get("final")][0]
     trainer = load_trained(run)
@@ -168,7 +168,7 @@ def test_fsdp_expert_parallel_4_ranks_then_1_then_2_matches_one_process(tmp_path
     """fsdp with expert parallel 2 over a 2x2 mesh (activation checkpointing on) for 2 steps,
     resumed on one process (every expert there) for 2, then on 2 ranks (a 1x2 mesh): equals
     one process."""
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     run = tmp_path / "fsdp-ep"
     run_dist(tmp_path, 4, run, FSDP, "train.expert_parallel=2",
@@ -185,7 +185,7 @@ def _kill_rank1_in_second_save(rank: int, world: int, run_dir: str) -> None:
     """Rank 1 dies (SIGKILL) while it writes its shards of the second checkpoint."""
     from torch.distributed.checkpoint import filesystem
 
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     if rank == 1:
         write = filesystem.FileSystemWriter.write_data
@@ -205,7 +205,7 @@ def _kill_rank1_in_second_save(rank: int, world: int, run_dir: str) -> None:
 def test_killed_rank_leaves_the_last_complete_checkpoint(tmp_path, single_run):
     """A rank killed while writing the step-6 checkpoint: ckpt.pt still names step 3,
     which loads on one process, and the run resumes on 2 ranks to the same end."""
-    from moelab.train import load_trained
+    from moelab.train.trainer import load_trained
 
     run = tmp_path / "killed"
     with pytest.raises(mp.ProcessExitedException):

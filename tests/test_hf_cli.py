@@ -18,8 +18,8 @@ from moelab.config import (  # noqa: E402
     load_config,
 )
 from moelab.hf import patched_blocks  # noqa: E402
-from moelab.rundir import read_metrics  # noqa: E402
-from moelab.train import Trainer  # noqa: E402
+from moelab.runs.directory import read_metrics  # noqa: E402
+from moelab.train.trainer import Trainer  # noqa: E402
 
 ALL_THREE = ["model.default_moe.beta=0.9", "model.momentum.rule=heavy_ball",
              "model.momentum.learnable=true", "optim.excitation.strategy=zero_sum"]

@@ -24,10 +24,10 @@ def _hf(config_json) -> list[str]:
 def test_hf_model_under_fsdp_matches_one_process_and_exports(tmp_path):
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    from moelab.export import export
     from moelab.hf import patched_blocks
     from moelab.methods.momentum import MomentumConfig
-    from moelab.train import Trainer, load_trained
+    from moelab.runs.export import export
+    from moelab.train.trainer import Trainer, load_trained
 
     # HF's own router aux loss is each rank's batch's (transformers computes it in the
     # forward), so with it on a sharded run is not the one-process run: off here

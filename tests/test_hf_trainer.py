@@ -137,7 +137,7 @@ def _sharded_after_hooking_worker(rank: int, world: int, ref_path: str) -> None:
     new ones by name."""
     from torch.distributed.fsdp import fully_shard
 
-    from moelab.distributed import enable_global_stats
+    from moelab.distributed.ddp_ep import enable_global_stats
 
     model, opt, exc = patched()
     names = {id(p): n for n, p in model.named_parameters()}

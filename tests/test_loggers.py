@@ -18,9 +18,9 @@ from test_train import tiny
 
 from moelab.cli import main
 from moelab.config import ConfigError
-from moelab.loggers import WANDB_ID, Histogram, tracker_records
-from moelab.rundir import CHECKPOINT, CONFIG, read_metrics
-from moelab.train import Trainer, load_trained
+from moelab.runs.directory import CHECKPOINT, CONFIG, read_metrics
+from moelab.train.loggers import WANDB_ID, Histogram, tracker_records
+from moelab.train.trainer import Trainer, load_trained
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -116,8 +116,8 @@ def test_core_never_imports_tensorboard_or_wandb(tmp_path):
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_train import tiny
-import moelab.cli, moelab.loggers, moelab.report
-from moelab.train import Trainer
+import moelab.cli, moelab.train.loggers, moelab.analysis.report
+from moelab.train.trainer import Trainer
 Trainer(tiny("train.steps=2", "train.eval_every=0", "model.default_moe.beta=0.9"),
         {str(tmp_path / "run")!r}, quiet=True).fit()
 bad = sorted(m for m in sys.modules

@@ -1,4 +1,4 @@
-"""Tests for moelab.metrics: hand-computed values on tiny tensors, plus error cases."""
+"""Tests for moelab.analysis.metrics: hand-computed values on tiny tensors, plus error cases."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from moelab.metrics import (
+from moelab.analysis.metrics import (
     aggregate_counts,
     dead_experts,
     expert_share,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from reference import model_config
 
-from moelab.metrics import norm_ordered_share
+from moelab.analysis.metrics import norm_ordered_share
 from moelab.models import (
     DenseSwiGLU,
     ModelConfig,

@@ -1,4 +1,4 @@
-"""Mixed precision (train.precision, moelab.precision, moelab.moe.amp): the CPU stand-in for
+"""Mixed precision (train.precision, moelab.train.precision, moelab.moe.amp): the CPU stand-in for
 bf16 autocast on a GPU. Under ``torch.autocast("cpu", bf16)`` every expert GEMM of both
 dispatch paths runs in bf16, forward and backward, while the router and Default MoE stay fp32;
 a dispatch mode records the dtype of every matrix product."""
@@ -15,15 +15,15 @@ import torch
 from test_train import tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moelab.checkpoint import load_checkpoint
-from moelab.guard import NonFiniteError
 from moelab.methods.default_moe import DefaultMoE, DefaultMoEConfig
 from moelab.methods.momentum import MomentumConfig
 from moelab.models import ModelConfig, build_model
 from moelab.moe import MoEConfig, MoELayer
-from moelab.precision import matmul_flags, resolve_precision
-from moelab.rundir import CHECKPOINT, read_metrics
-from moelab.train import Trainer
+from moelab.runs.checkpoint import load_checkpoint
+from moelab.runs.directory import CHECKPOINT, read_metrics
+from moelab.train.guard import NonFiniteError
+from moelab.train.precision import matmul_flags, resolve_precision
+from moelab.train.trainer import Trainer
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "matmul", "linear", "addmv"}
 # sizes chosen so that only the experts' products involve F or 2F (bf16 grouped GEMM needs row
@@ -220,7 +220,7 @@ def test_a_fused_optimizer_step_reads_nothing_back_until_it_is_logged(tmp_path, 
     """With torch's fused AdamW (the default on CUDA; forced here on CPU) a training step
     reads no device value on the host: the losses and the grad norm (one read) and the guard
     (one read) are read at logged steps only."""
-    from moelab.callbacks import Callback
+    from moelab.train.callbacks import Callback
 
     tolist = torch.Tensor.tolist  # on CPU it reads memory without an op the mode would see
 

@@ -19,16 +19,16 @@ import torch
 from test_train import losses, tiny
 
 import moelab
-from moelab.checkpoint import load_checkpoint
+from moelab.analysis.report import make_report
 from moelab.cli import main
 from moelab.config import dump_toml
-from moelab.guard import NonFiniteError
-from moelab.interrupt import StopOnSignal
-from moelab.parallel import resolve_device as _resolve_device
-from moelab.report import make_report
-from moelab.rundir import CHECKPOINT, COMMAND, METRICS, read_metrics
-from moelab.runlock import LOCK, RunDirLockedError, RunLock
-from moelab.train import Trainer
+from moelab.distributed.wrap import resolve_device as _resolve_device
+from moelab.runs.checkpoint import load_checkpoint
+from moelab.runs.directory import CHECKPOINT, COMMAND, METRICS, read_metrics
+from moelab.runs.lock import LOCK, RunDirLockedError, RunLock
+from moelab.train.guard import NonFiniteError
+from moelab.train.interrupt import StopOnSignal
+from moelab.train.trainer import Trainer
 
 SRC = str(Path(moelab.__file__).resolve().parents[1])
 
@@ -251,7 +251,7 @@ def test_second_writer_is_refused(tmp_path, capsys):
 
 def test_lock_is_held_across_processes_and_stale_after_a_crash(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from moelab.runlock import RunLock; "
+    code = ("import sys, time; from moelab.runs.lock import RunLock; "
             "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run)], env=_env(),
                             stdout=subprocess.PIPE, text=True)

@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from moelab.analysis.report import load_run, make_report, markdown_table
 from moelab.config import apply_overrides, config_from_dict, config_to_dict, load_config
-from moelab.report import load_run, make_report, markdown_table
-from moelab.train import Trainer
+from moelab.train.trainer import Trainer
 
 TINY = [
     "model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.moe.n_experts=4",
@@ -83,12 +83,13 @@ def test_not_a_run_directory(tmp_path):
 
 
 def test_report_reads_runs_without_the_trainer():
-    """``moelab.report`` reads run directories through ``moelab.rundir``, not the trainer."""
+    """``moelab.analysis.report`` reads run directories through ``moelab.runs.directory``, not
+    the trainer."""
     import subprocess
     import sys
 
-    code = ("import sys, moelab.report; "
-            "print('moelab.train' in sys.modules, 'moelab.checkpoint' in sys.modules)")
+    code = ("import sys, moelab.analysis.report; "
+            "print('moelab.train.trainer' in sys.modules, 'moelab.runs.checkpoint' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False False"

@@ -13,7 +13,7 @@ from moelab.experiments import suite as suite_mod
 from moelab.experiments.gpu import estimate_minutes, lm_flops_per_token
 from moelab.experiments.packing import gpu_jobs
 from moelab.experiments.runner import plan_runs, resolve_config
-from moelab.rundir import read_config
+from moelab.runs.directory import read_config
 
 GPU_EXPERIMENTS = [n for n, e in EXPERIMENTS.items() if "gpu" in e.profiles]
 GIB = 2**30

@@ -22,7 +22,7 @@ from moelab.robustness import (
     word_swap,
 )
 from moelab.robustness.text import PARAGRAPH_WORDS, choose_swaps, swap_units
-from moelab.rundir import read_metrics
+from moelab.runs.directory import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -341,14 +341,14 @@ def test_attack_touches_only_the_eval_splits(train_tiny, monkeypatch):
 def test_clean_and_attacked_evaluations_score_the_same_span(train_tiny, monkeypatch):
     """The clean windows are the run's own first `batches` windows; the attacked tokens are
     that same stretch of text with its chosen words replaced (fewer tokens: "AAA" is short)."""
-    import moelab.train
+    import moelab.train.trainer
     from moelab.data import ByteTokenizer, load_text_dataset
     from moelab.robustness import evaluate
 
     run_dir = train_tiny("lm3", toml=LM_TOML)
     final = [r for r in read_metrics(run_dir) if r.get("kind") == "final"][-1]
     scored: list[tuple[str, torch.Tensor]] = []
-    real = moelab.train.load_trained
+    real = moelab.train.trainer.load_trained
 
     def load(d):
         trainer = real(d)
@@ -361,7 +361,7 @@ def test_clean_and_attacked_evaluations_score_the_same_span(train_tiny, monkeypa
         trainer.evaluate = spy
         return trainer
 
-    monkeypatch.setattr(moelab.train, "load_trained", load)
+    monkeypatch.setattr(moelab.train.trainer, "load_trained", load)
     res = evaluate.evaluate_attack(run_dir, 0.025, 0, batches=2, cache=False)
     splits = load_text_dataset("shakespeare")
     tok = ByteTokenizer()

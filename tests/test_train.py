@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moelab.config import RunConfig, apply_overrides, config_from_dict, config_to_dict, load_config
-from moelab.rundir import CHECKPOINT, CONFIG, METRICS, read_metrics
-from moelab.train import Trainer
+from moelab.runs.directory import CHECKPOINT, CONFIG, METRICS, read_metrics
+from moelab.train.trainer import Trainer
 
 # A model small enough for a few dozen steps in seconds on 2 CPU cores.
 TINY_LM = [

@@ -182,10 +182,10 @@ def _resume_command(run_dir: object) -> str:
 
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from moelab.config import load_config
-    from moelab.guard import NonFiniteError
-    from moelab.loggers import require_backends
-    from moelab.rundir import check_fresh_run_dir
-    from moelab.train import Trainer
+    from moelab.runs.directory import check_fresh_run_dir
+    from moelab.train.guard import NonFiniteError
+    from moelab.train.loggers import require_backends
+    from moelab.train.trainer import Trainer
 
     command = ["moelab", *argv]
     try:
@@ -243,7 +243,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(format_summary(summary))
     if not args.no_report:
         try:
-            from moelab.report import make_report
+            from moelab.analysis.report import make_report
 
             md = make_report([trainer.run_dir])
             print(f"report: {md}")
@@ -271,8 +271,8 @@ def format_summary(s: dict) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from moelab.guard import NonFiniteError
-    from moelab.train import load_trained
+    from moelab.train.guard import NonFiniteError
+    from moelab.train.trainer import load_trained
 
     if args.batches is not None and args.batches < 1:
         return _fail(f"--batches={args.batches} is invalid: need a positive int")
@@ -315,9 +315,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_robustness(args: argparse.Namespace) -> int:
-    from moelab.guard import NonFiniteError
     from moelab.robustness import evaluate
     from moelab.robustness.evaluate import parse_attack, parse_corrupt
+    from moelab.train.guard import NonFiniteError
 
     if args.attack is not None and args.corrupt is not None:
         return _fail("give --attack (text) or --corrupt (images), not both")
@@ -343,7 +343,7 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from moelab.report import make_report
+    from moelab.analysis.report import make_report
 
     try:
         md = make_report(args.run_dirs, args.out)
@@ -368,8 +368,8 @@ def _print_experiments(exps: Sequence, how: str) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from moelab.export import export
-    from moelab.guard import NonFiniteError
+    from moelab.runs.export import export
+    from moelab.train.guard import NonFiniteError
 
     try:
         out = export(args.run_dir, args.out)

@@ -220,11 +220,11 @@ class TrainConfig:
         full copy on every rank, gradients averaged) or "fsdp" (FSDP2: every block's
         parameters, gradients and optimizer state sharded over the ranks; experts over what
         expert_parallel leaves; sharded checkpoints that resume at any world size;
-        ``moelab.fsdp``). On one process nothing is wrapped either way; "fsdp" still writes
-        sharded checkpoints, so the run can continue under torchrun.
+        ``moelab.distributed.fsdp``). On one process nothing is wrapped either way; "fsdp"
+        still writes sharded checkpoints, so the run can continue under torchrun.
     dist_backend: torch.distributed backend under torchrun: "auto" (nccl on cuda, else gloo),
         "gloo" or "nccl".
-    loggers: where metrics go (``moelab.loggers``): "jsonl" (``metrics.jsonl``, always on),
+    loggers: where metrics go (``moelab.train.loggers``): "jsonl" (``metrics.jsonl``, always on),
         "tensorboard", "wandb" (``pip install 'moelab[tracking]'`` for both).
     tracker_group: W&B group of this run (e.g. the experiment of a ``moelab reproduce`` arm).
     skip_nonfinite_steps: how many steps with a NaN/inf loss or gradient norm the run may
@@ -233,8 +233,8 @@ class TrainConfig:
         (0: about 20 lines per run).
     precision: "auto" (bf16 mixed precision on a CUDA GPU that has it, fp32 elsewhere),
         "fp32" (TF32 off), "tf32" (CUDA) or "bf16" (fp32 weights and optimizer state, forward
-        under bf16 autocast; ``moelab.precision``).
-    compile: ``torch.compile`` each block (fullgraph; ``moelab.parallel.compile_blocks``).
+        under bf16 autocast; ``moelab.train.precision``).
+    compile: ``torch.compile`` each block (fullgraph; ``moelab.distributed.wrap.compile_blocks``).
     """
 
     steps: int = 1000
@@ -274,14 +274,14 @@ class TrainConfig:
                 "use ddp or fsdp")
         require(self.dist_backend in ("auto", "gloo", "nccl"), "dist_backend",
                  self.dist_backend, "use auto, gloo or nccl")
-        known = ("jsonl", "tensorboard", "wandb")  # moelab.loggers.LOGGERS
+        known = ("jsonl", "tensorboard", "wandb")  # moelab.train.loggers.LOGGERS
         require(all(x in known for x in self.loggers), "loggers", list(self.loggers),
                 f"choose from {', '.join(known)}")
         require(len(set(self.loggers)) == len(self.loggers), "loggers", list(self.loggers),
                 "a logger is listed twice")
         require(self.tracker_group is None or self.tracker_group.strip() != "",
                 "tracker_group", self.tracker_group, "need a non-empty string or none")
-        from moelab.precision import PRECISIONS
+        from moelab.train.precision import PRECISIONS
 
         require(self.precision in PRECISIONS, "precision", self.precision,
                 f"choose one of {', '.join(PRECISIONS)}")

@@ -177,7 +177,7 @@ ATTACK_RATE = 0.025
 
 
 def _final_eval_batches(run_dir: Path) -> int | None:
-    from moelab.rundir import read_config
+    from moelab.runs.directory import read_config
 
     return read_config(run_dir).data.final_eval_batches
 
@@ -185,8 +185,8 @@ def _final_eval_batches(run_dir: Path) -> int | None:
 def _attack_eval(run_dir: Path, rate: float = ATTACK_RATE) -> dict[str, Any] | None:
     """``evaluate_attack`` of a run over its ``final_eval_batches`` windows (cached in
     ``RUN_DIR/robustness/``); None for a run without a usable checkpoint."""
-    from moelab.guard import NonFiniteError
     from moelab.robustness import evaluate_attack
+    from moelab.train.guard import NonFiniteError
 
     try:
         return evaluate_attack(run_dir, rate, seed=0, batches=_final_eval_batches(run_dir))
@@ -298,8 +298,8 @@ ROBUSTNESS_TEXT = Experiment(
 def _corruption_eval(run_dir: Path) -> dict[str, Any] | None:
     """``evaluate_corruptions`` of a run over its ``final_eval_batches`` batches (cached in
     the run directory); None for a run without a usable checkpoint."""
-    from moelab.guard import NonFiniteError
     from moelab.robustness import evaluate_corruptions
+    from moelab.train.guard import NonFiniteError
 
     try:
         return evaluate_corruptions(run_dir, batches=_final_eval_batches(run_dir))

@@ -50,7 +50,7 @@ def _peak_of(spec, device: str, steps: int, free_before: int) -> int:
     import torch
 
     from moelab.experiments.runner import resolve_config
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
     cfg = resolve_config(spec)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(

@@ -82,7 +82,7 @@ def _finish(fig, axes, path: Path, drew: bool = True) -> Path | None:
 
 
 def _records(arm: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
-    from moelab.rundir import read_metrics
+    from moelab.runs.directory import read_metrics
 
     return [read_metrics(d) for _, d in sorted(arm.get("run_dirs", {}).items())]
 

@@ -45,7 +45,7 @@ def arm_key(source: str, arm: str, exp: Experiment) -> str:
 
 
 def _records(o: RunOutcome) -> list[dict[str, Any]]:
-    from moelab.rundir import read_metrics
+    from moelab.runs.directory import read_metrics
 
     if o.status == "failed" or not Path(o.spec.run_dir).is_dir():
         return []

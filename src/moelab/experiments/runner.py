@@ -34,7 +34,7 @@ from typing import Any
 from moelab.experiments import keys as K
 from moelab.experiments.keys import kv
 from moelab.experiments.spec import Experiment, final_record
-from moelab.guard import NonFiniteError
+from moelab.train.guard import NonFiniteError
 
 __all__ = ["FASHION_MNIST_DIR", "DataChoice", "RunOutcome", "RunSpec", "choose_image_data",
            "default_jobs", "describe_image_choice", "execute_run", "execute_runs", "with_threads",
@@ -144,7 +144,7 @@ class RunSpec:
 class RunOutcome:
     """What happened to one run: ``status`` "done" (trained now), "resumed" (finished from a
     checkpoint), "skipped" (already finished), "diverged" (stopped at a non-finite loss,
-    ``moelab.guard.NonFiniteError``; an outcome, counted by ``spec.divergence``), "failed"
+    ``moelab.train.guard.NonFiniteError``; an outcome, counted by ``spec.divergence``), "failed"
     (``error`` says why)."""
 
     spec: RunSpec
@@ -236,7 +236,7 @@ def run_state(spec: RunSpec, cfg) -> str:
     non-finite loss before: not retried, the outcome is deterministic) for ``spec``'s
     directory."""
     from moelab.config import load_config
-    from moelab.rundir import read_metrics
+    from moelab.runs.directory import read_metrics
 
     d = Path(spec.run_dir)
     if not (d / "config.toml").is_file():
@@ -279,8 +279,8 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
 
 def execute_run(spec: RunSpec, command: list[str] | None = None) -> RunOutcome:
     """Run (or skip, or resume) one run; never raises for a failing run (returns "failed")."""
-    from moelab.rundir import read_metrics
-    from moelab.train import Trainer
+    from moelab.runs.directory import read_metrics
+    from moelab.train.trainer import Trainer
 
     d = Path(spec.run_dir)
     t0 = time.perf_counter()

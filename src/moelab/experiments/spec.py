@@ -77,7 +77,7 @@ def target_curve(records: Records, key: str = "val_loss") -> list[tuple[float, f
 
 def divergence(records: Records, status: str | None = None) -> str | None:
     """Why a run counts as diverged, or None: it stopped at a non-finite loss (runner status
-    ``"diverged"``: ``moelab.guard.NonFiniteError``), or it finished with a non-finite final
+    ``"diverged"``: ``moelab.train.guard.NonFiniteError``), or it finished with a non-finite final
     validation loss or one above its initial loss (the first logged training loss). A run
     that failed for another reason or has not finished is not diverged (None)."""
     if status == "diverged":

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -208,9 +209,21 @@ class _PatchedModel(nn.Module):
     _moelab_orig_class: type
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        from moelab.hf.state import save_pretrained_with_state
+        if _STATE_WRITER is None:  # moelab.hf's __init__ imports state.py, which sets it
+            raise RuntimeError("moelab.hf.state is not imported: import moelab.hf")
+        return _STATE_WRITER(self, save_directory, *args, **kwargs)
 
-        return save_pretrained_with_state(self, save_directory, *args, **kwargs)
+
+#: ``moelab.hf.state.save_pretrained_with_state``, registered by that module when it is
+#: imported (state.py builds on this module, so this one does not import it).
+_STATE_WRITER: Callable[..., Any] | None = None
+
+
+def set_state_writer(writer: Callable[..., Any]) -> None:
+    """Install how a patched model's ``save_pretrained`` writes moelab's state beside the HF
+    checkpoint (called once by ``moelab.hf.state``)."""
+    global _STATE_WRITER
+    _STATE_WRITER = writer
 
 
 _CLASS_CACHE: dict[tuple[type, ...], type] = {}

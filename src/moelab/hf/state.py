@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moelab.hf.patch import MOMENTUM_ATTR, patch, patched_blocks, set_state_writer
 from moelab.methods.default_moe import DefaultMoEConfig
 from moelab.methods.momentum import MomentumConfig
 
@@ -57,7 +58,6 @@ def changes_function(model: nn.Module) -> list[str]:
 def moelab_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """moelab's tensors of a patched model: ``blocks.<block path>.<key>`` (Default MoE
     buffers) and ``momentum.<key>`` (the rule's parameters), detached."""
-    from moelab.hf.patch import MOMENTUM_ATTR, patched_blocks
 
     _settings(model)
     state = {f"blocks.{name}.{k}": v.detach()
@@ -73,7 +73,6 @@ def moelab_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_moelab_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load what :func:`moelab_state_dict` returned into a model patched the same way
     (every key must match)."""
-    from moelab.hf.patch import MOMENTUM_ATTR, patched_blocks
 
     have = moelab_state_dict(model)
     if set(have) != set(state):
@@ -114,8 +113,6 @@ def load_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Restore moelab's state saved by :func:`save_state` (a directory holding
     ``moelab_hf.pt``, or the file). An unpatched model is patched with the saved settings
     first; a patched one must have been patched with the same settings. Returns the model."""
-    from moelab.hf.patch import patch
-
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file():
@@ -156,3 +153,6 @@ def save_pretrained_with_state(model: nn.Module, save_directory: str | os.PathLi
     if kwargs.get("is_main_process", True):
         save_state(model, save_directory)
     return out
+
+
+set_state_writer(save_pretrained_with_state)

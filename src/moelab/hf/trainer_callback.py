@@ -84,7 +84,7 @@ class MoelabCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        **kwargs: Any) -> None:
-        from moelab.distributed import enable_global_stats
+        from moelab.distributed.ddp_ep import enable_global_stats
         from moelab.hf.patch import patched_blocks
 
         if model is None or not patched_blocks(self._unwrapped(model)):

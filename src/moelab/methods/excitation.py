@@ -351,7 +351,7 @@ class Excitation:
     def load_extra_state(self, entries: dict[str, Any]) -> None:
         """Restore Excitation's entry (``entries["excitation"]``, as in
         ``optimizer.state_dict()``) alone: for checkpoints that load the optimizer's tensors
-        another way (``moelab.sharded_ckpt``). Other entries are ignored."""
+        another way (``moelab.runs.sharded_checkpoint``). Other entries are ignored."""
         self._load_state(dict(entries))
 
     def _add_state(self, state_dict: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from moelab.models.vit import MoEViT
 
 __all__ = [
     "Block", "DenseSwiGLU", "MoEMLP", "MoEModel", "MoETransformerLM", "MoEViT", "ModelConfig",
-    "ModelOutput", "RMSNorm", "build_model",
+    "ModelOutput", "RMSNorm", "build_model", "model_blocks",
 ]
 
 
@@ -53,3 +53,15 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None,
     if cfg.kind == "vit":
         return MoEViT(cfg, tuple(image_shape), n_classes)
     return MoEMLP(cfg, math.prod(image_shape), n_classes)
+
+
+def model_blocks(model: nn.Module) -> tuple[list[nn.Module], bool]:
+    """The repeated blocks of ``model`` and whether they are moelab's own: a moelab model's
+    ``blocks``, or the decoder layers of a Hugging Face model (``moelab.hf``); empty if it has
+    neither."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        return list(blocks), True
+    hf = getattr(model, "hf", model)
+    layers = getattr(getattr(hf, "model", None), "layers", None)
+    return (list(layers) if layers is not None else []), False

@@ -328,6 +328,6 @@ class MoEModel(nn.Module):
 
     def set_track_out_norm(self, on: bool = True) -> None:
         """Record each expert's mean output norm in every MoE layer's ``last_stats``
-        (``expert_out_norm``, for ``moelab.metrics.norm_ordered_share``)."""
+        (``expert_out_norm``, for ``moelab.analysis.metrics.norm_ordered_share``)."""
         for layer in self.moe_layers():
             layer.track_out_norm = on

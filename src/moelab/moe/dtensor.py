@@ -1,7 +1,7 @@
-"""DTensor helpers. Under FSDP2 (``moelab.fsdp``) parameters, their gradients and optimizer
-state are ``torch.distributed.tensor.DTensor`` s; code that works on a rank's own part reads it
-through :func:`local`. ``torch.distributed.tensor`` is not imported here (it costs a second at
-start-up): a tensor can only be a DTensor once something else has imported it.
+"""DTensor helpers. Under FSDP2 (``moelab.distributed.fsdp``) parameters, their gradients and
+optimizer state are ``torch.distributed.tensor.DTensor`` s; code that works on a rank's own part
+reads it through :func:`local`. ``torch.distributed.tensor`` is not imported here (it costs a
+second at start-up): a tensor can only be a DTensor once something else has imported it.
 """
 
 from __future__ import annotations

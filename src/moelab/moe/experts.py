@@ -133,7 +133,8 @@ class Experts(nn.Module):
 
     def weights(self) -> tuple[Tensor, Tensor]:
         """``(w_in, w_out)`` as plain tensors: a DTensor parameter (expert parallel under FSDP,
-        ``moelab.fsdp``: sharded over the expert-parallel ranks) gives its local experts."""
+        ``moelab.distributed.fsdp``: sharded over the expert-parallel ranks) gives its local
+        experts."""
         return local(self.w_in), local(self.w_out)
 
     def _grouped(self, x_TD: Tensor, w_in: Tensor, w_out: Tensor, plan: DispatchPlan,

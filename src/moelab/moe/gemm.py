@@ -67,7 +67,7 @@ if GROUPED_MM is not None and hasattr(torch.library, "custom_op"):
 @functools.cache
 def grouped_mm_supported(device_type: str, dtype: torch.dtype, d_in: int, d_out: int) -> bool:
     """Probe once whether grouped GEMM (forward and backward) runs for this case. Never call
-    it under ``torch.compile`` tracing (``moelab.parallel`` probes before compiling)."""
+    it under ``torch.compile`` tracing (``moelab.distributed.wrap`` probes before compiling)."""
     if GROUPED_MM is None:
         return False
     try:

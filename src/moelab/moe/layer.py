@@ -91,7 +91,7 @@ class LayerMethod(nn.Module):
 def in_backward_pass() -> bool:
     """True while autograd runs a backward — i.e. an activation-checkpoint recompute. Always
     False under ``torch.compile`` tracing: a compiled block's recompute is part of its compiled
-    backward and never runs the forward's side effects again (``moelab.parallel`` compiles
+    backward and never runs the forward's side effects again (``moelab.distributed.wrap`` compiles
     checkpointed blocks so)."""
     if torch.compiler.is_compiling():
         return False
@@ -134,10 +134,10 @@ class MoELayer(nn.Module):
         self._last_stats: RoutingStats | None = None
         #: Record each expert's mean output norm in ``last_stats`` (costs one norm per row).
         self.track_out_norm = False
-        #: Data parallelism: sums a tensor over the ranks (``moelab.distributed`` sets it; None
-        #: on one process). Training forwards then use the global batch's assignment counts in
-        #: the balance loss and the global ExpertSums handed to the method — one all-reduce
-        #: per layer per forward.
+        #: Data parallelism: sums a tensor over the ranks (``moelab.distributed.ddp_ep`` sets
+        #: it; None on one process). Training forwards then use the global batch's assignment
+        #: counts in the balance loss and the global ExpertSums handed to the method — one
+        #: all-reduce per layer per forward.
         self.stats_reducer: Callable[[Tensor], Tensor] | None = None
         # assignments per expert over the training forwards since the last take_counts()
         # (Excitation's utilization; a buffer, so compiled forwards update it in the graph)

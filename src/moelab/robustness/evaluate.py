@@ -53,7 +53,7 @@ def parse_corrupt(spec: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
 
 
 def _run_step(run_dir: Path) -> int | None:
-    from moelab.rundir import read_metrics
+    from moelab.runs.directory import read_metrics
 
     for r in reversed(read_metrics(run_dir)):
         if r.get("kind") == "final":
@@ -113,7 +113,7 @@ def evaluate_attack(run_dir: str | Path, rate: float = 0.025, seed: int = 0,
     its last partial window, < seq_len tokens). Each row also gives the span's words and the
     share swapped. The training text is not touched."""
     from moelab.data import load_text_dataset
-    from moelab.train import load_trained
+    from moelab.train.trainer import load_trained
 
     run_dir = Path(run_dir)
     path = run_dir / OUT_DIR / f"word_swap-v2-r{rate:g}-seed{seed}-b{_tag(batches)}.json"
@@ -176,7 +176,7 @@ def evaluate_corruptions(run_dir: str | Path, names: tuple[str, ...] | None = No
     batches; None: all), clean accuracy, per-corruption summed error and, with a
     ``baseline`` run (evaluated the same way), CE per corruption and mCE."""
     from moelab.data.images import LabeledImages
-    from moelab.train import load_trained
+    from moelab.train.trainer import load_trained
 
     run_dir = Path(run_dir)
     names = tuple(sorted(CORRUPTIONS)) if names is None else tuple(names)

@@ -2,7 +2,7 @@
 
 Layout of a world of W ranks with ``expert_parallel = P`` (:func:`build_mesh`): a 2-D
 DeviceMesh of shape [W/P, P] with dims ``("dp_shard_mod_ep", "ep")``. Rank r sits at
-(r // P, r % P), so dim "ep" is the expert-parallel group of ``moelab.distributed`` (P
+(r // P, r % P), so dim "ep" is the expert-parallel group of ``moelab.distributed.ddp_ep`` (P
 consecutive ranks: one copy of the experts, tokens exchanged by all-to-all) and dim
 "dp_shard_mod_ep" the W/P ranks holding the same experts. Its flattening, "dp_shard", is all
 W ranks.
@@ -14,7 +14,7 @@ the root):
   (``Shard(0)``: the global [E, ...] tensor, what a checkpoint holds), then ``fully_shard``
   of the layer's experts over "dp_shard_mod_ep" splits each rank's experts again over their
   W/P replicas. Their gradients are summed over the replicas and divided by W (what
-  ``moelab.distributed.sync_expert_grads`` does under DDP), so they equal one process's.
+  ``moelab.distributed.ddp_ep.sync_expert_grads`` does under DDP), so they equal one process's.
   With P = 1 the experts are ordinary parameters of their block;
 * every block (a moelab model's ``blocks``, a Hugging Face model's decoder layers): one FSDP
   unit over "dp_shard" (every parameter's dim 0 split over all W ranks, all-gathered before
@@ -40,7 +40,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from moelab.distributed import ParallelContext
+    from moelab.distributed.ddp_ep import ParallelContext
 
 __all__ = ["DP_REPLICA", "DP_SHARD", "EP", "Meshes", "build_mesh", "mixed_precision", "reshard",
            "shard_model"]
@@ -93,7 +93,7 @@ def _distribute_experts(model: nn.Module, ctx: ParallelContext, mp_policy: objec
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
-    from moelab.distributed import ExpertParallelExperts
+    from moelab.distributed.ddp_ep import ExpertParallelExperts
 
     mesh = ctx.mesh
     for module in [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]:
@@ -113,12 +113,12 @@ def _distribute_experts(model: nn.Module, ctx: ParallelContext, mp_policy: objec
 
 def shard_model(model: nn.Module, ctx: ParallelContext, precision: str = "fp32") -> nn.Module:
     """Apply FSDP2 to ``model`` in place (experts are already split over the expert-parallel
-    ranks by ``moelab.distributed.shard_experts``; steps: module docstring). Returns
+    ranks by ``moelab.distributed.ddp_ep.shard_experts``; steps: module docstring). Returns
     ``model``, now also an ``FSDPModule``: the module to train, evaluate and checkpoint."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from moelab.parallel import model_blocks
+    from moelab.models import model_blocks
 
     if ctx.mesh is None:
         raise ValueError("shard_model needs a ParallelContext with a mesh (build_mesh)")

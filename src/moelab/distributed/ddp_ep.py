@@ -50,7 +50,7 @@ class ParallelContext:
     """Where this process sits. ``ep_group``: the ranks sharing one copy of the experts (None
     when ``expert_parallel`` = 1); ``replica_group``: the ranks holding the same experts
     (None when there is one replica). ``parallel``: "ddp" or "fsdp" (``train.parallel``);
-    ``mesh``: with "fsdp", the DeviceMeshes of ``moelab.fsdp.build_mesh``."""
+    ``mesh``: with "fsdp", the DeviceMeshes of ``moelab.distributed.fsdp.build_mesh``."""
 
     rank: int
     world_size: int

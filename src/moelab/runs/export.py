@@ -4,7 +4,7 @@
     export("runs/hf", "hf-out/")      # model.kind="hf": save_pretrained (+ moelab_hf.pt)
 
 Any checkpoint one process can read goes: a single-file one, and a sharded FSDP one written
-at any world size (``moelab.sharded_ckpt``), gathered here into full tensors. The state dict
+at any world size (``moelab.runs.sharded_checkpoint``), gathered here into full tensors. The state dict
 is the one-process model's (expert-parallel shards joined), so
 ``build_model(cfg.model, ...).load_state_dict(torch.load(OUT))`` restores it.
 """
@@ -21,9 +21,9 @@ __all__ = ["export"]
 def export(run_dir: str | Path, out: str | Path) -> Path:
     """Write the checkpointed model of ``run_dir`` to ``out`` (see the module docstring);
     returns ``out``. Runs on one process (ValueError under torchrun); raises what
-    ``moelab.train.load_trained`` raises for a missing or unusable checkpoint."""
-    from moelab.distributed import world_size_from_env
-    from moelab.train import load_trained
+    ``moelab.train.trainer.load_trained`` raises for a missing or unusable checkpoint."""
+    from moelab.distributed.ddp_ep import world_size_from_env
+    from moelab.train.trainer import load_trained
 
     if world_size_from_env() > 1:
         raise ValueError("moelab export runs on one process: run it without torchrun (it "

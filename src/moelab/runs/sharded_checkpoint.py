@@ -4,7 +4,7 @@ ranks (one process included) reads them back, each taking the parts its sharding
 
 A run directory holds::
 
-    ckpt.pt                    rank 0's small file (``moelab.checkpoint``): step, batcher, RNG,
+    ckpt.pt                    rank 0's small file (``moelab.runs.checkpoint``): step, batcher, RNG,
                                log window, config, Excitation's entry of the optimizer state,
                                and ``shards``: the DCP directory below. The commit record.
     ckpt.shards/step-000006/   DCP: ``model`` (``Module.state_dict``: DTensor shards of the
@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from moelab.checkpoint import CheckpointError, save_atomic
-from moelab.rundir import CHECKPOINT
+from moelab.runs.checkpoint import CheckpointError, save_atomic
+from moelab.runs.directory import CHECKPOINT
 
 __all__ = ["SHARDS", "apply", "full_state", "is_sharded", "load", "one_process_layout", "save",
            "tensor_state"]
@@ -155,7 +155,7 @@ def full_state(run_dir: Path) -> dict[str, Any]:
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from moelab.checkpoint import load_checkpoint
+    from moelab.runs.checkpoint import load_checkpoint
 
     state = load_checkpoint(run_dir / CHECKPOINT)
     if not is_sharded(state):
@@ -171,8 +171,8 @@ def one_process_layout(cfg: Any, run_dir: Path) -> dict[str, int]:
     run of ``cfg`` with expert parallelism whose ``ckpt.pt`` is sharded: one process holds
     every expert, and the checkpoint loads at any layout. Empty otherwise (a single-file
     expert-parallel checkpoint keeps its error: it needs its world size)."""
-    from moelab.checkpoint import load_checkpoint
-    from moelab.distributed import world_size_from_env
+    from moelab.runs.checkpoint import load_checkpoint
+    from moelab.distributed.ddp_ep import world_size_from_env
 
     alone = not (dist.is_available() and dist.is_initialized()) and world_size_from_env() == 1
     path = Path(run_dir) / CHECKPOINT

@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 
-from moelab import rundir
 from moelab.config import RunConfig, config_to_dict, dump_toml
 from moelab.moe.dtensor import full
+from moelab.runs import directory as rundir
 
 __all__ = [
     "LOGGERS", "WANDB_ID", "Histogram", "JsonlLogger", "Logger", "LoggerGroup",
@@ -202,7 +202,7 @@ class Logger:
 
 
 class JsonlLogger(Logger):
-    """Appends each entry to ``RUN/metrics.jsonl`` (``moelab.rundir``)."""
+    """Appends each entry to ``RUN/metrics.jsonl`` (``moelab.runs.directory``)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.config import tomllib
-from moelab.rundir import CONFIG, METRICS, read_metrics
+from moelab.runs.directory import CONFIG, METRICS, read_metrics
 
 __all__ = ["RunData", "load_run", "make_report"]
 

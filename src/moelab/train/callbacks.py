@@ -1,6 +1,6 @@
 """The lifecycle of a run as parts the Trainer calls at named points (OLMo-core's callbacks).
 
-The loop in ``moelab.train`` knows only the hooks; each concern is one :class:`Callback`:
+The loop in ``moelab.train.trainer`` knows only the hooks; each concern is one :class:`Callback`:
 
     StopSignals      SIGINT / SIGTERM: finish the step, checkpoint, stop (agreed over ranks)
     RunDirectory     the run directory's lock, and its files at the start (config, command)
@@ -9,7 +9,7 @@ The loop in ``moelab.train`` knows only the hooks; each concern is one :class:`C
                      TensorBoard, W&B): every train / eval / final record
     PeriodicEval     validation every ``train.eval_every`` steps
     Checkpointer     ``ckpt.pt`` every ``train.checkpoint_every`` steps and when the loop ends
-                     (with FSDP also its DCP shards: ``moelab.sharded_ckpt``)
+                     (with FSDP also its DCP shards: ``moelab.runs.sharded_checkpoint``)
 
 Hooks, in the order a ``fit()`` call reaches them (every callback's hook runs, in list order):
 
@@ -34,18 +34,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from moelab import checkpoint as ckpt
-from moelab import loggers as mlog
-from moelab import rundir, sharded_ckpt
 from moelab.config import dump_toml
-from moelab.evaluation import excitation_summary
-from moelab.guard import NonFiniteError
-from moelab.interrupt import StopOnSignal
-from moelab.progress import StepProgress, auto_every
-from moelab.runlock import RunDirLockedError, RunLock
+from moelab.runs import checkpoint as ckpt
+from moelab.runs import directory as rundir
+from moelab.runs import sharded_checkpoint as sharded_ckpt
+from moelab.runs.lock import RunDirLockedError, RunLock
+from moelab.train import loggers as mlog
+from moelab.train.evaluation import excitation_summary
+from moelab.train.guard import NonFiniteError
+from moelab.train.interrupt import StopOnSignal
+from moelab.train.progress import StepProgress, auto_every
 
 if TYPE_CHECKING:
-    from moelab.train import Trainer
+    from moelab.train.trainer import Trainer
 
 __all__ = ["Callback", "Callbacks", "Checkpointer", "GuardCheck", "MetricsLog", "PeriodicEval",
            "RunDirectory", "StopSignals"]
@@ -103,8 +104,8 @@ def _any_rank(trainer: Trainer, flag: bool) -> bool:
 class StopSignals(Callback):
     """The first SIGINT / SIGTERM during ``fit()`` asks the run to stop: the step in progress
     finishes, a checkpoint is written and ``fit()`` returns; a second one aborts at once
-    (``moelab.interrupt``). Sets ``trainer.stop_signal`` ("SIGINT" / "SIGTERM"); under torchrun
-    a signal on any rank stops every rank after the same step."""
+    (``moelab.train.interrupt``). Sets ``trainer.stop_signal`` ("SIGINT" / "SIGTERM"); under
+    torchrun a signal on any rank stops every rank after the same step."""
 
     def __init__(self) -> None:
         self._stop: StopOnSignal | None = None
@@ -136,7 +137,7 @@ class StopSignals(Callback):
 
 
 class RunDirectory(Callback):
-    """The run directory: locked (``moelab.runlock``) from :meth:`acquire` (at the latest
+    """The run directory: locked (``moelab.runs.lock``) from :meth:`acquire` (at the latest
     ``pre_train``) to the end of ``fit()``; at the first ``pre_train`` of a new run it is checked
     to be fresh and gets ``config.toml`` and an empty ``metrics.jsonl``; a resumed or
     restarted run has its metrics cut back to the checkpoint's step. Each start appends its
@@ -231,7 +232,7 @@ def new_window() -> dict[str, float]:
 class MetricsLog(Callback):
     """Everything a run reports while it trains: the header line and progress (stderr; none
     when ``trainer.quiet``), and on rank 0 the records of ``metrics.jsonl`` and the trackers
-    (``moelab.loggers``): a ``train`` record every ``train.log_every`` steps (means over the
+    (``moelab.train.loggers``): a ``train`` record every ``train.log_every`` steps (means over the
     window since the previous one; skipped steps count only in its time), an ``eval`` record
     per evaluation, the ``final`` summary. ``window`` is checkpointed, so a resumed run's first
     record covers the same steps as an uninterrupted one's."""
@@ -381,7 +382,7 @@ class PeriodicEval(Callback):
 
 
 class Checkpointer(Callback):
-    """``ckpt.pt`` (``moelab.checkpoint``: atomic, per-rank files under expert parallelism)
+    """``ckpt.pt`` (``moelab.runs.checkpoint``: atomic, per-rank files under expert parallelism)
     every ``train.checkpoint_every`` steps and when the loop of a ``fit()`` call ends, unless
     that step is already saved. A model holding NaN/inf is never written (NonFiniteError; the
     last good checkpoint stays)."""
@@ -403,9 +404,9 @@ class Checkpointer(Callback):
 
     @staticmethod
     def state(trainer: Trainer) -> dict[str, Any]:
-        """Everything needed to continue the run bit-for-bit (see ``moelab.checkpoint``);
+        """Everything needed to continue the run bit-for-bit (see ``moelab.runs.checkpoint``);
         under FSDP the model and optimizer entries hold this rank's shards, keyed by
-        parameter name (``moelab.sharded_ckpt.tensor_state``)."""
+        parameter name (``moelab.runs.sharded_checkpoint.tensor_state``)."""
         if Checkpointer.sharded(trainer):
             tensors = sharded_ckpt.tensor_state(trainer.model, trainer.optimizer)
         else:

@@ -6,23 +6,23 @@ model runs (torchtitan's ``parallelize_fn`` is the pattern).
 1. **device**: ``model.to(device)``;
 2. **expert sharding** (expert parallel, ``train.expert_parallel`` > 1 under torchrun): each
    MoE layer keeps its rank's experts and exchanges token rows by all-to-all
-   (``moelab.distributed.shard_experts``);
+   (``moelab.distributed.ddp_ep.shard_experts``);
 3. **global statistics** (any world size > 1): every MoE layer sums its routing counts and
    Default MoE's statistics over the ranks, so the balance loss and Ê are the global batch's;
 4. **compile** (``train.compile``): ``torch.compile(fullgraph=True)`` of each block in place
    (:func:`compile_blocks`; activation checkpointing lives inside each block, so it is
    compiled with it);
 5. **data parallel** (``train.parallel``): "ddp": DDP over the non-expert parameters (the
-   sharded experts' gradients are reduced by ``moelab.distributed.sync_expert_grads`` after
+   sharded experts' gradients are reduced by ``moelab.distributed.ddp_ep.sync_expert_grads`` after
    backward); "fsdp": FSDP2, ``fully_shard`` per block and the root over a 2-D DeviceMesh
    (dp_shard x ep), the experts' DTensors sharded over their replicas, with its
-   ``MixedPrecisionPolicy`` under bf16 (``moelab.fsdp.shard_model``).
+   ``MixedPrecisionPolicy`` under bf16 (``moelab.distributed.fsdp.shard_model``).
 
-The precision policy (``moelab.precision``) is not a wrapper: autocast surrounds the forward
+The precision policy (``moelab.train.precision``) is not a wrapper: autocast surrounds the forward
 in the step, and :func:`runtime_settings` holds the TF32 switches.
 
 :func:`init_parallel` resolves ``train.device`` and joins the process group under torchrun;
-``moelab.distributed`` keeps the collectives themselves; :func:`runtime_settings` holds the
+``moelab.distributed.ddp_ep`` keeps the collectives themselves; :func:`runtime_settings` holds the
 process-wide torch settings of a run while it trains or evaluates.
 """
 
@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moelab import distributed as mdist
-from moelab.precision import matmul_flags
+from moelab.distributed import ddp_ep as mdist
+from moelab.train.precision import matmul_flags
 
 if TYPE_CHECKING:
     from moelab.config import TrainConfig
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 COMPILE_BACKEND = "inductor"
 
 __all__ = ["COMPILE_BACKEND", "broadcast_from_main", "compile_blocks", "init_parallel",
-           "model_blocks", "resolve_device", "runtime_settings", "wrap_model"]
+           "resolve_device", "runtime_settings", "wrap_model"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +84,7 @@ def init_parallel(tcfg: TrainConfig, global_batch: int
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     if tcfg.parallel == "fsdp":
-        from moelab.fsdp import build_mesh
+        from moelab.distributed.fsdp import build_mesh
 
         mesh = build_mesh(ctx.world_size, ctx.expert_parallel, device.type)
         ctx = dataclasses.replace(ctx, parallel="fsdp", mesh=mesh)
@@ -126,22 +126,10 @@ def wrap_model(model: nn.Module, ctx: mdist.ParallelContext | None, device: torc
     if ctx is None:
         return model, expert_params
     if ctx.parallel == "fsdp":
-        from moelab.fsdp import shard_model
+        from moelab.distributed.fsdp import shard_model
 
         return shard_model(model, ctx, precision), []
     return mdist.wrap_ddp(model, ctx), expert_params
-
-
-def model_blocks(model: nn.Module) -> tuple[list[nn.Module], bool]:
-    """The repeated blocks of ``model`` and whether they are moelab's own: a moelab model's
-    ``blocks``, or the decoder layers of a Hugging Face model (``moelab.hf``); empty if it has
-    neither."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None:
-        return list(blocks), True
-    hf = getattr(model, "hf", model)
-    layers = getattr(getattr(hf, "model", None), "layers", None)
-    return (list(layers) if layers is not None else []), False
 
 
 def compile_blocks(model: nn.Module, precision: str = "fp32") -> int:
@@ -156,6 +144,7 @@ def compile_blocks(model: nn.Module, precision: str = "fp32") -> int:
     dtype: checked here, outside tracing, with a clear error if not. Activation checkpointing
     inside a compiled block recomputes in the compiled backward and does not run the forward's
     side effects again (Default MoE's EMA and the routing counts update once per step)."""
+    from moelab.models import model_blocks
     from moelab.moe import MoELayer
     from moelab.moe.gemm import grouped_mm_supported
 
@@ -194,7 +183,7 @@ def runtime_settings(tcfg: TrainConfig, device: torch.device, precision: str = "
                      ) -> Iterator[None]:
     """``train.threads`` (torch's CPU thread count, 0: unchanged), ``train.deterministic``
     (``torch.use_deterministic_algorithms``, warn-only; on CUDA with cuBLAS's deterministic
-    workspace) and the TF32 switches of ``precision`` (``moelab.precision.matmul_flags``) for
+    workspace) and the TF32 switches of ``precision`` (``moelab.train.precision.matmul_flags``) for
     the duration of the block; the previous settings are restored afterwards, so a run leaves
     no global state behind."""
     prev_threads = torch.get_num_threads()

@@ -6,17 +6,17 @@
                     train: step, loss (mean over the log window), aux_loss, lr, grad_norm,
                       tokens_per_s (LM) or images_per_s, elapsed_s (training time so far)
                     eval:  step, split, val_loss + val_ppl (LM) or val_acc, and ``layers``: one
-                      dict per MoE layer (depth order) from ``moelab.metrics.layer_metrics`` on
+                      dict per MoE layer (depth order) from ``moelab.analysis.metrics.layer_metrics`` on
                       the counts aggregated over the whole evaluation (``track_out_norm`` on),
                       plus ``excitation`` {layer: last multipliers} when Excitation is on
                     final: the last evaluation on the full validation and test splits, params,
                       throughput, training time
-    ckpt.pt         rank 0's checkpoint (``moelab.checkpoint``), written atomically: model (MoE
+    ckpt.pt         rank 0's checkpoint (``moelab.runs.checkpoint``), written atomically: model (MoE
                     buffers included), optimizer (Excitation included), RNG states, batcher,
                     step, the open log window; ``ckpt.rank<r>.pt`` per extra expert-parallel
                     rank
 
-Used by the trainer (writing), ``moelab.report`` and ``moelab eval`` (reading).
+Used by the trainer (writing), ``moelab.analysis.report`` and ``moelab eval`` (reading).
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moelab.analysis.metrics import LayerAccumulator
 from moelab.data import EvalWindows, RunData, iter_image_batches
-from moelab.fsdp import reshard
-from moelab.guard import NonFiniteError
-from moelab.metrics import LayerAccumulator
-from moelab.precision import autocast
-from moelab.progress import EvalProgress
+from moelab.distributed.fsdp import reshard
+from moelab.train.guard import NonFiniteError
+from moelab.train.precision import autocast
+from moelab.train.progress import EvalProgress
 
 __all__ = ["EvalInterrupted", "evaluate", "eval_batches", "excitation_summary",
            "final_summary", "n_eval_batches"]
@@ -71,7 +71,7 @@ def evaluate(model: nn.Module, data: RunData, split: str, *, batch_size: int, se
              layer_blocks: list[int] | None = None, step: int | None = None,
              run_dir: object = None, precision: str = "fp32") -> dict[str, Any]:
     """Loss and perplexity (LM) or accuracy of ``model`` on ``split`` ("val" | "test"), plus,
-    with ``routing``, one metrics dict per MoE layer under ``layers`` (``moelab.metrics``
+    with ``routing``, one metrics dict per MoE layer under ``layers`` (``moelab.analysis.metrics``
     ``layer_metrics`` over the counts of the whole evaluation, expert output norms on;
     ``layer_blocks[i]``: the block index of MoE layer i).
 
@@ -79,7 +79,7 @@ def evaluate(model: nn.Module, data: RunData, split: str, *, batch_size: int, se
     (tokens or images scored), ``layers``. ``progress``: an EvalProgress bar / lines.
     ``should_stop`` is asked before each batch; True raises :class:`EvalInterrupted`. A NaN
     or infinite loss raises NonFiniteError (naming ``step`` and ``run_dir`` when given).
-    ``precision``: the run's (``moelab.precision``); "bf16" runs the forward under autocast.
+    ``precision``: the run's (``moelab.train.precision``); "bf16" runs the forward under autocast.
     The model's train/eval mode is restored afterwards.
     """
     if split not in ("val", "test"):

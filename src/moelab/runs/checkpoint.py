@@ -6,7 +6,7 @@ layout). Rank 0 writes ``RUN/ckpt.pt``; with expert parallelism every other rank
 own experts to ``RUN/ckpt.rank<r>.pt``; plain data-parallel ranks > 0 write nothing (rank 0's
 file holds everything). Under FSDP (``train.parallel = "fsdp"``) the model and optimizer
 tensors go to a DCP directory every rank writes its shards to, and ``ckpt.pt`` names it
-(``moelab.sharded_ckpt``).
+(``moelab.runs.sharded_checkpoint``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moelab.moe.dtensor import local
-from moelab.rundir import CHECKPOINT
+from moelab.runs.directory import CHECKPOINT
 
 __all__ = [
     "CKPT_VERSION", "CheckpointError", "capture_rng", "check_finite", "check_parallel",
@@ -179,7 +179,7 @@ def check_finite(state: dict[str, Any]) -> list[str]:
 
 def check_parallel(state: dict[str, Any], world_size: int, expert_parallel: int) -> None:
     """Raise if ``state`` comes from an expert-parallel run of another layout (a sharded
-    checkpoint, ``moelab.sharded_ckpt``, loads at any layout)."""
+    checkpoint, ``moelab.runs.sharded_checkpoint``, loads at any layout)."""
     if "shards" in state:
         return
     saved = state.get("parallel", {"world_size": 1, "expert_parallel": 1})

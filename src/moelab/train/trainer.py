@@ -7,24 +7,26 @@
 
 The Trainer assembles parts and runs the loop; each part lives in its own module:
 
-    moelab.data.run       the run's data and training batcher (``load_run_data``)
-    moelab.parallel       device, expert sharding, DDP: the model that trains (``wrap_model``)
-    moelab.optim          optimizer, Excitation, learning-rate schedule
-    moelab.evaluation     evaluation batches, metrics, the final summary's numbers
-    moelab.callbacks      the lifecycle: signals, run directory + lock, logging + progress,
-                          periodic evaluation, checkpoints (hooks the loop calls)
-    moelab.guard          the non-finite guard of each step
+    moelab.data.run             the run's data and training batcher (``load_run_data``)
+    moelab.distributed.wrap     device, expert sharding, DDP / FSDP: the model that trains
+                                (``wrap_model``)
+    moelab.train.optim          optimizer, Excitation, learning-rate schedule
+    moelab.train.evaluation     evaluation batches, metrics, the final summary's numbers
+    moelab.train.callbacks      the lifecycle: signals, run directory + lock, logging + progress,
+                                periodic evaluation, checkpoints (hooks the loop calls)
+    moelab.train.guard          the non-finite guard of each step
 
 The run directory (``config.toml``, ``command.txt``, ``metrics.jsonl``, ``ckpt.pt``): its
-layout and records in ``moelab.rundir``; checkpoints (model, optimizer with Excitation, RNG
-states, batcher, step, the open log window) in ``moelab.checkpoint``.
+layout and records in ``moelab.runs.directory``; checkpoints (model, optimizer with Excitation, RNG
+states, batcher, step, the open log window) in ``moelab.runs.checkpoint``.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) the Trainer initialises
 ``torch.distributed``, shards each global batch of ``data.batch_size`` rows over the ranks, shards
 the experts over ``train.expert_parallel`` ranks and wraps the model in DDP or FSDP (see
-``moelab.parallel``). Rank 0 alone prints, logs and writes ``config.toml``/``ckpt.pt``; DDP with
-EP: rank r > 0 writes its experts to ``ckpt.rank<r>.pt``; FSDP: every rank its shards (DCP,
-``moelab.sharded_ckpt``). Logged losses are global-batch means; evaluation runs everywhere.
+``moelab.distributed.wrap``). Rank 0 alone prints, logs and writes ``config.toml``/``ckpt.pt``;
+DDP with EP: rank r > 0 writes its experts to ``ckpt.rank<r>.pt``; FSDP: every rank its shards
+(DCP, ``moelab.runs.sharded_checkpoint``). Logged losses are global-batch means; evaluation runs
+everywhere.
 
 Determinism: seeded (``train.seed``) init and data order; batches depend on (seed, step) only;
 ``torch.use_deterministic_algorithms`` during the run (``train.deterministic``). Resuming
@@ -46,10 +48,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moelab import checkpoint as ckpt
-from moelab import distributed as mdist
-from moelab import rundir, sharded_ckpt
-from moelab.callbacks import (
+from moelab.config import RunConfig
+from moelab.data import load_run_data
+from moelab.distributed import ddp_ep as mdist
+from moelab.distributed.wrap import broadcast_from_main, init_parallel, runtime_settings, wrap_model
+from moelab.runs import checkpoint as ckpt
+from moelab.runs import directory as rundir
+from moelab.runs import sharded_checkpoint as sharded_ckpt
+from moelab.train.callbacks import (
     Callbacks,
     Checkpointer,
     GuardCheck,
@@ -58,13 +64,10 @@ from moelab.callbacks import (
     RunDirectory,
     StopSignals,
 )
-from moelab.config import RunConfig
-from moelab.data import load_run_data
-from moelab.evaluation import EvalInterrupted, evaluate, final_summary
-from moelab.guard import NonFiniteError, NonFiniteGuard
-from moelab.optim import build_optimizer, set_lr
-from moelab.parallel import broadcast_from_main, init_parallel, runtime_settings, wrap_model
-from moelab.precision import autocast, resolve_precision
+from moelab.train.evaluation import EvalInterrupted, evaluate, final_summary
+from moelab.train.guard import NonFiniteError, NonFiniteGuard
+from moelab.train.optim import build_optimizer, set_lr
+from moelab.train.precision import autocast, resolve_precision
 
 __all__ = ["Trainer", "load_trained"]
 
@@ -87,7 +90,7 @@ class Trainer:
 
     Construction loads the data and builds the model and optimizer; it raises ValueError /
     FileNotFoundError / ModuleNotFoundError with a clear message for bad settings or missing
-    data. Nothing is written until :meth:`fit`. ``callbacks`` (``moelab.callbacks``) are the
+    data. Nothing is written until :meth:`fit`. ``callbacks`` (``moelab.train.callbacks``) are the
     parts the loop calls at its named points; append your own before :meth:`fit`.
     """
 
@@ -162,7 +165,8 @@ class Trainer:
     data_source = property(lambda self: self.data.source)
 
     def _runtime(self) -> contextlib.AbstractContextManager[None]:
-        """The run's global torch settings for the duration of a call (``moelab.parallel``)."""
+        """The run's global torch settings for the duration of a call
+        (``moelab.distributed.wrap.runtime_settings``)."""
         return runtime_settings(self.cfg.train, self.device, self.precision)
 
     def say(self, msg: str) -> None:
@@ -268,7 +272,7 @@ class Trainer:
                  routing: bool = True, progress: bool = False) -> dict[str, Any]:
         """Loss and perplexity (LM) or accuracy on ``split`` ("val" | "test") over the first
         ``max_batches`` batches (None: all), plus per-MoE-layer routing metrics (``layers``);
-        see ``moelab.evaluation.evaluate``. ``progress``: show progress (a bar, or plain
+        see ``moelab.train.evaluation.evaluate``. ``progress``: show progress (a bar, or plain
         lines when stderr is not a terminal). Raises NonFiniteError if the loss is NaN or
         infinite."""
         return self._evaluate(split, max_batches, routing, progress)
@@ -376,7 +380,7 @@ class Trainer:
         if done is not None:
             self.run.release()
             return done
-        from moelab.loggers import require_backends
+        from moelab.train.loggers import require_backends
 
         require_backends(self.cfg.train.loggers)  # a missing tracker: before any write
         failed = True
