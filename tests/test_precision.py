@@ -136,14 +136,47 @@ def test_precision_resolution_and_flags():
         resolve_precision("tf32", cpu)
     with pytest.raises(ValueError, match="train.precision='fp16' is invalid"):
         resolve_precision("fp16", cpu)
-    before = torch.backends.cuda.matmul.allow_tf32
+    knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+    before = [k.fp32_precision for k in knobs]
     with matmul_flags("tf32"):
-        assert torch.backends.cuda.matmul.allow_tf32
+        assert [k.fp32_precision for k in knobs] == ["tf32"] * 3
     with matmul_flags("fp32"):
-        assert not torch.backends.cuda.matmul.allow_tf32
-    assert torch.backends.cuda.matmul.allow_tf32 == before
+        assert [k.fp32_precision for k in knobs] == ["ieee"] * 3
+    assert [k.fp32_precision for k in knobs] == before
     with pytest.raises(ValueError, match="train.precision"):
         tiny("train.precision=half")
+
+
+def test_tf32_settings_beside_hugging_face_new_api(tmp_path):
+    """Item 7 of issue 35: once HF has set TF32 through torch's new ``fp32_precision`` API
+    (``TrainingArguments(tf32=True)`` calls ``enable_tf32``; on a machine without an Ampere
+    GPU TrainingArguments refuses tf32=True, so its helper is called directly), moelab's
+    runtime settings in tf32 and fp32 neither raise "mix of the legacy and new APIs" nor
+    leave anything changed behind."""
+    pytest.importorskip("transformers")
+    from transformers.utils.import_utils import enable_tf32
+
+    from moelab.config import TrainConfig
+    from moelab.distributed.wrap import runtime_settings
+    from moelab.train.precision import new_tf32_api
+
+    assert new_tf32_api()  # torch >= 2.9 (pyproject pins a newer one)
+    knobs = (torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn.conv,
+             torch.backends.cudnn.rnn)
+    before = [k.fp32_precision for k in knobs]
+    try:
+        enable_tf32(True)
+        hf_state = [k.fp32_precision for k in knobs]
+        assert hf_state[0] == "tf32"
+        cpu = torch.device("cpu")
+        for precision, mode in (("tf32", "tf32"), ("fp32", "ieee")):
+            with runtime_settings(TrainConfig(device="cpu"), cpu, precision):
+                assert [k.fp32_precision for k in knobs[1:]] == [mode] * 3
+                torch.ones(2, 2) @ torch.ones(2, 2)
+            assert [k.fp32_precision for k in knobs] == hf_state
+    finally:
+        for k, value in zip(knobs, before, strict=True):
+            k.fp32_precision = value
 
 
 def test_a_bf16_run_checkpoints_its_precision_and_a_resume_may_change_it(tmp_path, capsys):

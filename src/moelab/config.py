@@ -213,7 +213,10 @@ class TrainConfig:
     device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps".
     threads: torch CPU threads (0: torch default).
     grad_accum: micro-batches per optimizer step.
-    deterministic: ``torch.use_deterministic_algorithms`` during the run.
+    deterministic: "auto" (on for CPU, off for CUDA and other devices), true or false. On:
+        deterministic algorithms that raise where torch has none (``warn_only=False``); on
+        CUDA also math attention and a deterministic cuBLAS workspace
+        (``moelab.distributed.wrap.runtime_settings``; docs/GPU.md).
     expert_parallel: under torchrun, shard every MoE layer's experts over this many ranks
         (a divisor of the world size and of n_experts; 1: plain data parallel).
     parallel: how the other parameters are spread over the ranks under torchrun: "ddp" (a
@@ -246,7 +249,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     grad_accum: int = 1
-    deterministic: bool = True
+    deterministic: bool | str = "auto"
     expert_parallel: int = 1
     parallel: str = "ddp"
     dist_backend: str = "auto"
@@ -286,6 +289,8 @@ class TrainConfig:
         require(self.precision in PRECISIONS, "precision", self.precision,
                 f"choose one of {', '.join(PRECISIONS)}")
         require(isinstance(self.compile, bool), "compile", self.compile, "need true or false")
+        require(isinstance(self.deterministic, bool) or self.deterministic == "auto",
+                "deterministic", self.deterministic, "use auto, true or false")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ model runs (torchtitan's ``parallelize_fn`` is the pattern).
    ``MixedPrecisionPolicy`` under bf16 (``moelab.distributed.fsdp.shard_model``).
 
 The precision policy (``moelab.train.precision``) is not a wrapper: autocast surrounds the forward
-in the step, and :func:`runtime_settings` holds the TF32 switches.
+in the step, and :func:`runtime_settings` holds the TF32 switches and determinism.
 
 :func:`init_parallel` resolves ``train.device`` and joins the process group under torchrun;
 ``moelab.distributed.ddp_ep`` keeps the collectives themselves; :func:`runtime_settings` holds the
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 COMPILE_BACKEND = "inductor"
 
 __all__ = ["COMPILE_BACKEND", "broadcast_from_main", "compile_blocks", "init_parallel",
-           "resolve_device", "runtime_settings", "wrap_model"]
+           "resolve_deterministic", "resolve_device", "runtime_settings", "wrap_model"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,27 +178,67 @@ def compile_blocks(model: nn.Module, precision: str = "fp32") -> int:
     return len(blocks)
 
 
+def resolve_deterministic(value: bool | str, device: torch.device) -> bool:
+    """``train.deterministic`` on ``device``: "auto" is on for CPU (where the deterministic
+    algorithms cost nothing measurable and runs repeat to the last digit) and off for CUDA
+    and every other device (where they cost speed: sort-based ``index_add_``, math
+    attention); true / false as given."""
+    if value == "auto":
+        return device.type == "cpu"
+    if not isinstance(value, bool):
+        raise ValueError(f"train.deterministic={value!r} is invalid: use auto, true or false")
+    return value
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms for real while the block runs: an op without a deterministic
+    implementation raises (``warn_only=False``), ``torch.empty`` is not NaN-filled
+    (``fill_uninitialized_memory`` off: costs time and changes no result of correct code);
+    on CUDA, cuBLAS's deterministic workspace (``CUBLAS_WORKSPACE_CONFIG``, if unset) and
+    math attention only (flash and memory-efficient attention have non-deterministic
+    backwards). Everything is restored afterwards."""
+    import torch.utils.deterministic as det
+
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
+    prev_env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    with contextlib.ExitStack() as stack:
+        try:
+            if device.type == "cuda":
+                if prev_env is None:
+                    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            det.fill_uninitialized_memory = False
+            yield
+        finally:
+            torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+            det.fill_uninitialized_memory = prev[2]
+            if prev_env is None:
+                os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 @contextlib.contextmanager
 def runtime_settings(tcfg: TrainConfig, device: torch.device, precision: str = "fp32"
                      ) -> Iterator[None]:
     """``train.threads`` (torch's CPU thread count, 0: unchanged), ``train.deterministic``
-    (``torch.use_deterministic_algorithms``, warn-only; on CUDA with cuBLAS's deterministic
-    workspace) and the TF32 switches of ``precision`` (``moelab.train.precision.matmul_flags``) for
-    the duration of the block; the previous settings are restored afterwards, so a run leaves
-    no global state behind."""
+    (:func:`resolve_deterministic`; when on, :func:`_deterministic`: real determinism or an
+    error, never a warning) and the TF32 switches of ``precision``
+    (``moelab.train.precision.matmul_flags``) for the duration of the block; the previous
+    settings are restored afterwards, so a run leaves no global state behind. The benchmarks
+    time their steps inside it too, so they measure what ``moelab train`` runs."""
     prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        if tcfg.threads > 0:
-            torch.set_num_threads(tcfg.threads)
-        if tcfg.deterministic:
-            if device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        with matmul_flags(precision):
+    with contextlib.ExitStack() as stack:
+        try:
+            if tcfg.threads > 0:
+                torch.set_num_threads(tcfg.threads)
+            if resolve_deterministic(tcfg.deterministic, device):
+                stack.enter_context(_deterministic(device))
+            stack.enter_context(matmul_flags(precision))
             yield
-    finally:
-        if tcfg.threads > 0:
-            torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        finally:
+            if tcfg.threads > 0:
+                torch.set_num_threads(prev_threads)

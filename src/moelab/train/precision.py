@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "matmul_flags", "resolve_precision"]
+__all__ = ["PRECISIONS", "autocast", "matmul_flags", "new_tf32_api", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
@@ -46,18 +46,46 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def new_tf32_api() -> bool:
+    """Whether this torch has the ``fp32_precision`` switches (torch >= 2.9). Where it has
+    them, only they are used: once anything in the process (e.g. Hugging Face's
+    ``TrainingArguments(tf32=...)``) has set one, torch raises "mix of the legacy and new
+    APIs" on a read of the legacy ``allow_tf32`` flags."""
+    return hasattr(torch.backends, "fp32_precision")
+
+
+def _tf32_knobs() -> tuple[object, ...]:
+    """The objects whose ``fp32_precision`` :func:`matmul_flags` sets: cuBLAS matmuls and
+    cuDNN convolutions and RNNs."""
+    cudnn = torch.backends.cudnn
+    return (torch.backends.cuda.matmul, cudnn.conv, cudnn.rnn)
+
+
 @contextlib.contextmanager
 def matmul_flags(precision: str) -> Iterator[None]:
     """TF32 on (``tf32``) or off (every other precision) for CUDA matmuls and cuDNN
-    convolutions while the block runs; the previous flags are restored afterwards."""
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    convolutions while the block runs; the previous settings are restored afterwards. On
+    torch >= 2.9 through the new ``fp32_precision`` API ("tf32" / "ieee"), on older torch
+    through the legacy ``allow_tf32`` flags (:func:`new_tf32_api`)."""
     on = precision == "tf32"
+    if new_tf32_api():
+        knobs = _tf32_knobs()
+        prev = [k.fp32_precision for k in knobs]
+        for k in knobs:
+            k.fp32_precision = "tf32" if on else "ieee"
+        try:
+            yield
+        finally:
+            for k, value in zip(knobs, prev, strict=True):
+                k.fp32_precision = value
+        return
+    prev_flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_flags
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

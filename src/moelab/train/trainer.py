@@ -29,8 +29,9 @@ DDP with EP: rank r > 0 writes its experts to ``ckpt.rank<r>.pt``; FSDP: every r
 everywhere.
 
 Determinism: seeded (``train.seed``) init and data order; batches depend on (seed, step) only;
-``torch.use_deterministic_algorithms`` during the run (``train.deterministic``). Resuming
-restores every piece of state, so N steps straight and N/2 + resume + N/2 log identical losses.
+deterministic algorithms during the run where ``train.deterministic`` resolves on (by default on
+CPU, not on CUDA: ``moelab.distributed.wrap.resolve_deterministic``). Resuming restores every
+piece of state, so N steps straight and N/2 + resume + N/2 log identical losses.
 """
 
 from __future__ import annotations
