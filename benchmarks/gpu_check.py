@@ -106,7 +106,10 @@ class Check:
 
     def write(self) -> None:
         self.result["elapsed_s"] = round(self.elapsed(), 1)
-        self.result["summary"] = summarize(self.result["sections"])
+        try:
+            self.result["summary"] = summarize(self.result["sections"])
+        except Exception as e:  # the rows are what counts; a summary bug must not cost them
+            self.result["summary"] = {"error": f"{type(e).__name__}: {e}"}
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.result, indent=1, default=str) + "\n")
         tmp.replace(self.path)
@@ -182,13 +185,13 @@ def summarize(sections: dict[str, dict]) -> dict[str, Any]:
     rows = {k: v["value"] for k, v in step.items() if v.get("ok") and k != "dense_peak"}
     if rows:
         out["step_mfu"] = {k: v.get("mfu") for k, v in rows.items()}
-        out["step_tokens_per_s"] = {k: v["tokens_per_s"] for k, v in rows.items()}
+        out["step_tokens_per_s"] = {k: v.get("tokens_per_s") for k, v in rows.items()}
         for mode in ("eager", "compiled"):
             a, b = rows.get(f"moelab_{mode}"), rows.get(f"hf_bf16_{mode}")
-            if a and b:
+            if a and b and "step_ms" in a and "step_ms" in b:
                 out[f"step_moelab_vs_hf_time_{mode}"] = round(a["step_ms"] / b["step_ms"], 3)
         a, b = rows.get("moelab_compiled"), rows.get("moelab_eager")
-        if a and b:
+        if a and b and "step_ms" in a and "step_ms" in b:
             out["step_moelab_compiled_vs_eager_time"] = round(a["step_ms"] / b["step_ms"], 3)
     gaps = {k: v["value"]["max_loss_gap"] for k, v in sections.get("cuda_vs_cpu", {}).items()
             if v.get("ok")}

@@ -145,22 +145,3 @@ def test_reproduce_packing_trains_every_run_at_each_jobs(tmp_path):
     assert [(r["jobs"], r["runs"], r["failed"]) for r in res["rows"]] == [(1, 2, []), (2, 2, [])]
     assert res["auto_jobs"] is None and res["profile"] == "gpu-smoke"
     assert json.loads(out.read_text())["rows"] == res["rows"]
-
-
-def test_gpu_check_sections_run_on_cpu(tmp_path):
-    """The prepared GPU check as its CPU smoke run, every section but ``methods`` (minutes
-    even at --quick): each succeeds and records its numbers."""
-    from benchmarks.gpu_check import METHODS, main
-
-    out = tmp_path / "gpu_check.json"
-    res = main(["--device", "cpu", "--quick", "--out", str(out),
-                "--sections", "sync_free,cuda_vs_cpu,layer,step,train"])
-    assert json.loads(out.read_text())["sync_free"] == res["sync_free"]
-    for name in ("sync_free", "cuda_vs_cpu", "layer", "step", "train"):
-        assert res[name]["ok"], res[name].get("error")
-    assert res["sync_free"]["value"]["precision"] == "fp32"  # auto on CPU
-    gaps = res["cuda_vs_cpu"]["value"]
-    assert set(gaps) == {m[0] for m in METHODS}
-    assert all(g["max_loss_gap"] == 0.0 for g in gaps.values())  # CPU against itself
-    assert res["train"]["value"]["step"] == 4 and res["train"]["value"]["val_ppl"] > 1
-    assert "methods" not in res
