@@ -6,11 +6,27 @@ results are reported as ratios measured in one run.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def train_settings(device: str, precision: str) -> Iterator[None]:
+    """What ``moelab train`` holds while it trains on ``device`` in ``precision``: its
+    ``runtime_settings`` with the run defaults (``train.deterministic=auto``: on for CPU, off
+    for CUDA; the TF32 switches), so a benchmark times what a run runs."""
+    import torch
+
+    from moelab.config import TrainConfig
+    from moelab.distributed.wrap import runtime_settings
+
+    dev = torch.device(device)
+    with runtime_settings(TrainConfig(device=dev.type), dev, precision):
+        yield
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], reps: int = 20,

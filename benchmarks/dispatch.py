@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import fwd_bwd, saved_tensor_bytes, time_interleaved
+from benchmarks.common import fwd_bwd, saved_tensor_bytes, time_interleaved, train_settings
 from moelab.methods.default_moe import default_moe_layer
 from moelab.moe import MoEConfig, MoELayer
 
@@ -161,8 +161,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.gpu_shapes:
         print(f"# torch {torch.__version__}, {args.device}, {args.dtype}")
-        layer_table(GPU_SHAPES, args.tokens or 16384, args.reps, args.device,
-                    DTYPES[args.dtype])
+        with train_settings(args.device, args.dtype):  # as `moelab train` runs
+            layer_table(GPU_SHAPES, args.tokens or 16384, args.reps, args.device,
+                        DTYPES[args.dtype])
         return
     args.tokens = args.tokens or 2048
     torch.set_num_threads(args.threads)

@@ -42,7 +42,6 @@ defaults, so they measure what ``moelab train`` runs (``train.deterministic=auto
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -58,7 +57,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -459,18 +458,6 @@ def cuda_vs_cpu_row(method: tuple, device: str, smoke: bool) -> dict:
 
 # --------------------------------------------------------------------------- layer and step
 
-@contextlib.contextmanager
-def train_settings(device: str, precision: str) -> Iterator[None]:
-    """What ``moelab train`` holds while it trains (threads, ``train.deterministic=auto``,
-    the TF32 switches): ``runtime_settings`` of a default TrainConfig on ``device``."""
-    from moelab.config import TrainConfig
-    from moelab.distributed.wrap import runtime_settings
-
-    dev = torch.device(device)
-    with runtime_settings(TrainConfig(device=dev.type), dev, precision):
-        yield
-
-
 def dense_peak_row(device: str, n: int) -> dict:
     from benchmarks import train_step
 
@@ -480,6 +467,7 @@ def dense_peak_row(device: str, n: int) -> dict:
 
 def layer_row(shape: tuple, tokens: int, reps: int, device: str, peak: float | None) -> dict:
     from benchmarks import dispatch
+    from benchmarks.common import train_settings
 
     with train_settings(device, "bf16"):
         row = dispatch.layer_table([shape], tokens, reps, device, torch.bfloat16)[0]
@@ -500,6 +488,7 @@ def step_row(lib: str, size: str, compiled: bool, device: str, backend: str, rep
     bf16 weights; eager or with every block compiled. First-step time (compile included),
     median step time, tokens/s, MFU against ``peak``, peak memory."""
     from benchmarks import train_step as ts
+    from benchmarks.common import train_settings
 
     shape = ts.ALL_SIZES[size]
     recipe = ts.Recipe(device, "bf16", compiled, backend)

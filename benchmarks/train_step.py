@@ -35,6 +35,8 @@ token's matmuls use, i.e. every non-expert weight but the embedding lookup, K of
 per layer, and the tied output head; the second term is causal attention's score and value
 products, forward and backward, counted in full as in PaLM's formula), and ``peak`` the bf16
 throughput of a dense 8192^3 ``torch.mm`` measured in the same run.
+Everything runs inside ``moelab train``'s runtime settings for the device and precision
+(``benchmarks.common.train_settings``: ``train.deterministic=auto``, off on CUDA, on on CPU).
 
 ``--methods`` times moelab's LM at each size with the methods off, each method alone (Default
 MoE, heavy-ball MomentumSMoE, Excitation positive_sum on the AdamW) and all three together,
@@ -60,7 +62,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import step_peak_bytes, time_interleaved, write_result
+from benchmarks.common import step_peak_bytes, time_interleaved, train_settings, write_result
 
 
 @dataclass(frozen=True)
@@ -394,9 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = Recipe(args.device, args.precision, args.compile)
-    from moelab.train.precision import matmul_flags
-
-    with matmul_flags(args.precision):
+    with train_settings(args.device, args.precision):  # as `moelab train` runs
         return _run(args, argv, recipe)
 
 
