@@ -76,9 +76,9 @@ METHODS = (("plain", False, "none", None), ("default_moe", True, "none", None),
            ("robust", False, "robust", None), ("excitation", False, "none", "positive_sum"),
            ("all_three", True, "heavy_ball", "positive_sum"))
 MIN_TORCH = (2, 11)
-#: the default LM at tiny size for the CPU smoke run (``--device cpu`` or ``--quick``)
+#: the default LM at tiny size, one CPU thread, for the smoke run (``--device cpu``, ``--quick``)
 SMOKE_MODEL = ("model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
-               "model.moe.d_ff=32", "data.seq_len=32", "data.batch_size=4")
+               "model.moe.d_ff=32", "data.seq_len=32", "data.batch_size=4", "train.threads=1")
 TRACEBACK_LINES = 12
 
 
@@ -495,11 +495,13 @@ def step_row(lib: str, size: str, compiled: bool, device: str, backend: str, rep
     with train_settings(device, "bf16"):
         torch.manual_seed(0)
         inp, target = (t.to(device) for t in ts._batch(shape, 0))
+        with torch.device(device):  # initialised where it trains: seconds, not a minute
+            built = ts.moelab_model(shape) if lib == "moelab" else ts.hf_model(shape)
         if lib == "moelab":
-            model = ts.prepare_moelab(ts.moelab_model(shape), recipe)
+            model = ts.prepare_moelab(built, recipe)
             step = ts.moelab_step(model, recipe.optimizer(model), inp, target, recipe)
         else:
-            model = ts.prepare_hf(ts.hf_model(shape).to(torch.bfloat16), recipe)
+            model = ts.prepare_hf(built.to(torch.bfloat16), recipe)
             opt = recipe.optimizer(model)
 
             def step() -> None:
@@ -612,7 +614,8 @@ def main(argv: list[str] | None = None) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/gpu_check.py " + " ".join(
                 sys.argv[1:] if argv is None else argv),
-            "device": device, "smoke": smoke, "python": sys.version.split()[0],
+            "device": device, "smoke": smoke, "cpu_threads": 1 if smoke else None,
+            "python": sys.version.split()[0],
             "machine": platform.platform(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     check = Check(out_dir / "gpu_check.json", args.budget_s, meta)
 
@@ -620,6 +623,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise Interrupted()
 
     prev_handler = signal.signal(signal.SIGTERM, on_term)
+    prev_threads = torch.get_num_threads()
+    if smoke:  # tiny shapes: one thread is faster than many on a shared machine
+        torch.set_num_threads(1)
     try:
         _run(check, args, wanted, device, cuda, smoke, scratch)
         check.result["finished"] = True
@@ -627,6 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
         check.result["interrupted"] = "SIGTERM"
     finally:
         signal.signal(signal.SIGTERM, prev_handler)
+        torch.set_num_threads(prev_threads)
         check.write()
     print(f"wrote {check.path} ({check.result['elapsed_s']} s)", flush=True)
     return check.result

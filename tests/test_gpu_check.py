@@ -138,7 +138,8 @@ def test_every_section_runs_on_cpu(tmp_path):
     pytest.importorskip("transformers")
     from benchmarks.gpu_check import METHODS, main
 
-    res = main(["--device", "cpu", "--out", str(tmp_path)])
+    res = main(["--device", "cpu", "--out", str(tmp_path),  # syncs: the test above
+                "--sections", "cuda_vs_cpu,layer,train,step"])
     bad = {f"{s}/{r}": v for s, rows in res["sections"].items() for r, v in rows.items()
            if not v["ok"]}
     assert not bad, bad
