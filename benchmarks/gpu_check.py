@@ -1,5 +1,6 @@
-"""The prepared GPU check: every GPU measurement of moelab in one command that cannot fail on
-set-up, written to one JSON file after every row.
+"""The prepared GPU check: every GPU measurement of moelab in one command, one JSON file.
+
+It cannot fail on set-up, and it writes its JSON after every row.
 
     python benchmarks/gpu_check.py --out DIR        # from the repository root, nothing installed
     python -m benchmarks.gpu_check --out DIR        # the same
