@@ -94,3 +94,19 @@ def test_cuda_determinism_uses_math_attention_and_the_cublas_workspace(monkeypat
     with _deterministic(torch.device("cuda", 0)):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_runs_saved_with_deterministic_true_are_not_stale_under_auto():
+    """`moelab reproduce` compares a run's saved config with its definition: a run saved
+    before "auto" existed (deterministic = true) is the same run on CPU, not a stale one."""
+    from moelab.experiments.runner import _comparable
+
+    def cfg(*sets: str):
+        return load_config("default", ["train.device=cpu", *sets])
+
+    assert _comparable(cfg("train.deterministic=true")) == _comparable(cfg())
+    assert _comparable(cfg("train.deterministic=false")) != _comparable(cfg())
+    on_cuda = [_comparable(load_config("default", ["train.device=cuda",
+                                                   f"train.deterministic={v}"]))
+               for v in ("true", "false", "auto")]
+    assert on_cuda[0] != on_cuda[2] and on_cuda[1] == on_cuda[2]

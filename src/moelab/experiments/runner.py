@@ -228,7 +228,22 @@ def _comparable(cfg) -> dict[str, Any]:
     for p in parents:
         node = node.get(p, {})
     node.pop(leaf, None)
+    train = d.get("train", {})
+    if "deterministic" in train:  # as resolved: runs saved before "auto" say true (= CPU's auto)
+        train["deterministic"] = _resolved_deterministic(train)
     return d
+
+
+def _resolved_deterministic(train: dict[str, Any]) -> bool:
+    """``train.deterministic`` of a config dict as it resolves on the config's device."""
+    import torch
+
+    from moelab.distributed.wrap import resolve_deterministic
+
+    name = train.get("device", "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_deterministic(train["deterministic"], torch.device(name))
 
 
 def run_state(spec: RunSpec, cfg) -> str:
