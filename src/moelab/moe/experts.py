@@ -151,12 +151,8 @@ class Experts(nn.Module):
             else:
                 backend = resolve_backend(self.backend, x_TD.device.type, dtype, w_in, w_out)
             if backend == "loop":
-                # the layer's one host read (none when expert parallel read them already)
-                counts = (list(plan.host_counts) if plan.host_counts is not None
-                          else plan.routed_counts.tolist())
-                y_TD, act_sums_EF, norm_sums_E = expert_loop(
-                    x_TD, w_in, w_out, plan.weights, plan.token_idx, plan.expert_ids,
-                    counts, self.activation, row_weight_N, track_out_norm)
+                y_TD, act_sums_EF, norm_sums_E = self._loop(x_TD, w_in, w_out, plan,
+                                                            row_weight_N, track_out_norm)
             else:
                 y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, w_in, w_out, plan,
                                                                row_weight_N, track_out_norm)
@@ -171,6 +167,27 @@ class Experts(nn.Module):
         ``moelab.distributed.fsdp``: sharded over the expert-parallel ranks) gives its local
         experts."""
         return local(self.w_in), local(self.w_out)
+
+    def _loop(self, x_TD: Tensor, w_in: Tensor, w_out: Tensor, plan: DispatchPlan,
+              row_weight_N: Tensor | None, track_out_norm: bool
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The loop path (``moe.expert_loop``), after the layer's one host read of the expert
+        sizes (none when expert parallel read them already). With a capacity, only the kept
+        rows run: a stable sort puts them first (the dropped ones are the last rows of each
+        expert), and the loop stops after them."""
+        weights, token_idx, expert_ids = plan.weights, plan.token_idx, plan.expert_ids
+        if plan.keep is None:
+            counts = (list(plan.host_counts) if plan.host_counts is not None
+                      else plan.routed_counts.tolist())
+        else:
+            counts = plan.kept_counts.tolist()
+            kept = torch.sort(plan.keep.logical_not().to(torch.int8), stable=True
+                              ).indices[:sum(counts)]
+            weights, token_idx, expert_ids = weights[kept], token_idx[kept], expert_ids[kept]
+            if row_weight_N is not None:
+                row_weight_N = row_weight_N[kept]
+        return expert_loop(x_TD, w_in, w_out, weights, token_idx, expert_ids, counts,
+                           self.activation, row_weight_N, track_out_norm)
 
     def _grouped(self, x_TD: Tensor, w_in: Tensor, w_out: Tensor, plan: DispatchPlan,
                  row_weight_N: Tensor | None, track_out_norm: bool
