@@ -271,3 +271,19 @@ def test_fsdp_bf16_equals_one_process_under_autocast(tmp_path, single_bf16_run, 
         assert a == pytest.approx(b, rel=1e-2), (got[0], ref[0])
     for a, b in zip(got[1], ref[1], strict=True):  # grad norms
         assert a == pytest.approx(b, rel=5e-2), (got[1], ref[1])
+
+
+def _compiled_worker(rank: int, world: int, run_dir: str) -> None:
+    from moelab.distributed import wrap
+    from moelab.train.trainer import Trainer
+
+    wrap.COMPILE_BACKEND = "aot_eager"
+    trainer = Trainer(tiny_all(FSDP, "train.precision=bf16", "train.compile=true",
+                               "train.steps=2", "train.grad_accum=1"), run_dir, quiet=True)
+    assert trainer.fit()["step"] == 2
+
+
+def test_compiled_blocks_train_under_fsdp_bf16(tmp_path):
+    """Compiled blocks (fullgraph) under FSDP's bf16 policy: no nested FSDP unit inside a
+    compiled block (its hooks would break the graph)."""
+    spawn(2, tmp_path, _compiled_worker, str(tmp_path / "run"))

@@ -23,14 +23,15 @@ the root):
 
 Buffers (Default MoE's EMA) are not sharded: every rank updates its copy from statistics
 summed over all ranks (the layers' ``stats_reducer``), so the copies stay equal, as under DDP.
-With ``train.precision = "bf16"`` every unit computes with bf16 parameters and reduces
-gradients in fp32 (``MixedPrecisionPolicy``); the sharded parameters and the optimizer state
-stay fp32. The numerics are one GPU's under bf16 autocast: no unit casts its inputs
-(:func:`mixed_precision`), so the residual stream, MomentumSMoE's state and the routing
+With ``train.precision = "bf16"`` the block and expert units compute with bf16 parameters and
+every unit reduces gradients in fp32 (``MixedPrecisionPolicy``); the sharded parameters and the
+optimizer state stay fp32. The numerics are one GPU's under bf16 autocast: no unit casts its
+inputs (:func:`mixed_precision`), so the residual stream, MomentumSMoE's state and the routing
 weights keep their dtype; the root unit (embeddings, final norm, head, learnable mu/gamma) and
-each router (a unit of its own) keep fp32 parameters, so the stream starts in fp32 and the
-router and Default MoE compute in fp32; the blocks' bf16 parameters are what autocast would
-cast them to. The cost: the root's all-gather moves fp32 (twice the bytes of bf16). With ``train.grad_accum`` > 1 only the last micro-batch
+each router (a unit of its own, except in a compiled block) keep fp32 parameters, so the
+stream starts in fp32 and the router and Default MoE compute in fp32; the blocks' bf16
+parameters are what autocast would cast them to. The cost: the root's all-gather moves fp32
+(twice the bytes of bf16). With ``train.grad_accum`` > 1 only the last micro-batch
 reduce-scatters (``set_requires_gradient_sync``, in ``moelab.train.trainer``); each block
 prefetches the next block's all-gathers (``set_modules_to_forward_prefetch``).
 """
@@ -145,7 +146,11 @@ def shard_model(model: nn.Module, ctx: ParallelContext, precision: str = "fp32")
         _distribute_experts(model, ctx, mp_policy, gloo)
     fp32 = mixed_precision(precision, keep_fp32=True)
     for block in blocks:
-        for router in _routers(block):  # fp32 weights, as under one-GPU autocast
+        # fp32 router weights, as under one-GPU autocast; not inside a compiled block (FSDP's
+        # hooks of a nested unit would break its graph: there the router computes in fp32 from
+        # the bf16-gathered weights)
+        compiled = getattr(block, "_compiled_call_impl", None) is not None
+        for router in [] if compiled else _routers(block):
             fully_shard(router, mesh=ctx.mesh[DP_SHARD], mp_policy=fp32)
         fully_shard(block, mesh=ctx.mesh[DP_SHARD], mp_policy=mp_policy)
     # the root in fp32: the embedding starts the residual stream in fp32 (as one GPU's
