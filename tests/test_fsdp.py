@@ -214,3 +214,76 @@ def test_killed_rank_leaves_the_last_complete_checkpoint(tmp_path, single_run):
     assert load_trained(run).step == 3
     run_dist(tmp_path, 2, run, resume=True)
     assert_same_run(run, single_run, 2, 2)
+
+
+# ---------------------------------------------------------------------------- bf16 numerics
+
+
+@pytest.fixture(scope="module")
+def single_bf16_run(tmp_path_factory):
+    """One process under bf16 autocast, every method on: what FSDP's bf16 policy must equal."""
+    from moelab.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("single-bf16") / "run"
+    Trainer(tiny_all("train.precision=bf16"), run, quiet=True).fit()
+    return run
+
+
+def _bf16_dtypes_worker(rank: int, world: int, run_dir: str, ep: int) -> None:
+    """Under FSDP's bf16 policy the router (input and weight), the routing weights handed to
+    the experts and the residual stream / MomentumSMoE state stay fp32, as under one-GPU
+    autocast; the experts compute in bf16."""
+    from moelab.moe.layer import MoELayer
+    from moelab.train.trainer import Trainer
+
+    trainer = Trainer(tiny_all(FSDP, "train.precision=bf16", f"train.expert_parallel={ep}"),
+                      run_dir, quiet=True)
+    seen: dict[str, set] = {k: set() for k in ("router", "routing", "state", "expert_w")}
+    for layer in [m for m in trainer.model.modules() if isinstance(m, MoELayer)]:
+        layer.router.register_forward_pre_hook(lambda m, a: seen["router"].update(
+            {a[0].dtype, m.weight.dtype}))
+        layer.experts.register_forward_pre_hook(lambda m, a: seen["routing"].add(
+            a[1].weights.dtype))
+    rule = trainer.model.combine_rule
+
+    def combine(h, f, state, i, _orig=rule.combine):
+        seen["state"].update({h.dtype, *(s.dtype for s in state)})
+        return _orig(h, f, state, i)
+
+    rule.combine = combine
+    qkv = trainer.model.blocks[0].attn.qkv
+    qkv.register_forward_pre_hook(lambda m, a: seen["expert_w"].add(m.weight.dtype))
+    trainer.fit()
+    assert seen["router"] == seen["routing"] == seen["state"] == {torch.float32}, seen
+    assert seen["expert_w"] == {torch.bfloat16}  # the policy still gathers bf16 weights
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_fsdp_bf16_equals_one_process_under_autocast(tmp_path, single_bf16_run, ep):
+    """FSDP with the bf16 policy on 2 ranks (every method on, gradient accumulation: the
+    reduce-scatter of the last micro-batch only) follows the one-process bf16 autocast run to
+    bf16 accuracy, with fp32 routing and state."""
+    run = tmp_path / "fsdp-bf16"
+    spawn(2, tmp_path, _bf16_dtypes_worker, str(run), ep)
+    got, ref = train_log(run), train_log(single_bf16_run)
+    assert len(got[0]) == len(ref[0]) == 6
+    for a, b in zip(got[0], ref[0], strict=True):
+        assert a == pytest.approx(b, rel=1e-2), (got[0], ref[0])
+    for a, b in zip(got[1], ref[1], strict=True):  # grad norms
+        assert a == pytest.approx(b, rel=5e-2), (got[1], ref[1])
+
+
+def _compiled_worker(rank: int, world: int, run_dir: str) -> None:
+    from moelab.distributed import wrap
+    from moelab.train.trainer import Trainer
+
+    wrap.COMPILE_BACKEND = "aot_eager"
+    trainer = Trainer(tiny_all(FSDP, "train.precision=bf16", "train.compile=true",
+                               "train.steps=2", "train.grad_accum=1"), run_dir, quiet=True)
+    assert trainer.fit()["step"] == 2
+
+
+def test_compiled_blocks_train_under_fsdp_bf16(tmp_path):
+    """Compiled blocks (fullgraph) under FSDP's bf16 policy: no nested FSDP unit inside a
+    compiled block (its hooks would break the graph)."""
+    spawn(2, tmp_path, _compiled_worker, str(tmp_path / "run"))

@@ -114,12 +114,16 @@ def test_auto_picks_the_loop_on_cpu_and_grouped_mm_elsewhere(monkeypatch, recwar
     assert resolve_backend("auto", "cpu", torch.float32, w) == "loop"
     assert not recwarn.list  # the loop is the CPU default, not a fallback
     monkeypatch.setattr(dispatch, "grouped_mm_supported", lambda *args: True)
-    assert resolve_backend("auto", "cuda", torch.float32, w) == "grouped_mm"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the policy, not a GPU's
+    assert resolve_backend("auto", "cuda", torch.bfloat16, w) == "grouped_mm"
     assert resolve_backend("grouped_mm", "cpu", torch.float32, w) == "grouped_mm"
+    # fp32 / tf32 on CUDA: torch's grouped GEMM would read offs on the host per GEMM
+    assert resolve_backend("auto", "cuda", torch.float32, w) == "loop"
+    assert not recwarn.list  # a policy, not a fallback
     monkeypatch.setattr(dispatch, "grouped_mm_supported", lambda *args: False)
     dispatch._warn_loop_fallback.cache_clear()
     with pytest.warns(RuntimeWarning, match="falls back to a per-expert loop"):
-        assert resolve_backend("auto", "cuda", torch.float32, w) == "loop"
+        assert resolve_backend("auto", "cuda", torch.bfloat16, w) == "loop"
     with pytest.raises(RuntimeError, match="dispatch='grouped_mm' is not supported"):
         resolve_backend("grouped_mm", "cuda", torch.float32, w)
 

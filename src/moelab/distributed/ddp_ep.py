@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moelab.moe.dispatch import DispatchPlan, add_per_expert_, combine
+from moelab.moe.amp import compute_dtype
+from moelab.moe.dispatch import DispatchPlan, combine, segment_sum
 from moelab.moe.dtensor import full, is_dtensor, local
 from moelab.moe.experts import Experts, ExpertsOutput
-from moelab.moe.layer import MoELayer
+from moelab.moe.layer import MoELayer, in_backward_pass
 
 __all__ = ["ExpertParallelExperts", "ParallelContext", "clip_grad_norm_", "dtensor_grad_norm",
            "enable_global_stats", "expert_parameters", "init_distributed", "make_context",
@@ -162,7 +163,11 @@ class ExpertParallelExperts(nn.Module):
     Forward (same contract as ``Experts.forward``): token rows gathered in ``plan`` order
     (grouped by global expert id) -> per-expert counts exchanged -> rows sent to their
     expert's rank -> run by the local experts (regrouped by local expert) -> sent back ->
-    scaled by the routing weight and combined into [T, D]. Default MoE's
+    scaled by the routing weight and combined into [T, D]. Host syncs: one read per layer
+    forward (the exchanged counts, ``.tolist()`` once: an uneven all-to-all needs its split
+    sizes on the host; the local experts reuse them), none in an activation-checkpoint
+    recompute (it reuses its forward's counts). The rows travel in the compute dtype
+    (``moe.amp.compute_dtype``: bf16 under autocast). Default MoE's
     per-expert output sums (``sums_ED`` [E, D]) cover this rank's rows for all E experts; the
     layer's ``stats_reducer`` adds the other ranks'.
     """
@@ -180,26 +185,47 @@ class ExpertParallelExperts(nn.Module):
         self.expert_range = range(first, first + local.n_experts)
         #: rows sent to each rank of the group by the last forward (index = group rank)
         self.last_send_splits: list[int] = []
+        # the last first-pass forward's (received counts [P, E/P], host counts): what an
+        # activation-checkpoint recompute of that forward reuses
+        self._counts: tuple[Tensor, list] | None = None
+
+    def _exchange_counts(self, plan: DispatchPlan) -> tuple[Tensor, list]:
+        """Rows per (rank, local expert) this rank sends and receives: the received counts
+        recv_PE [P, E/P] on the device and ``[send, recv]`` as host lists ([2, P, E/P]) — one
+        all-to-all and the layer's one host read. An activation-checkpoint recompute reuses
+        those of the forward it recomputes (same routing, so the same counts): no exchange and
+        no read."""
+        if in_backward_pass() and self._counts is not None:
+            return self._counts
+        send_PE = plan.routed_counts.view(self.group_size, self.local.n_experts).contiguous()
+        recv_PE = torch.empty_like(send_PE)
+        dist.all_to_all_single(recv_PE, send_PE, group=self.group)
+        self._counts = recv_PE, torch.stack([send_PE, recv_PE]).tolist()
+        return self._counts
 
     def forward(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None = None,
                 track_out_norm: bool = False) -> ExpertsOutput:
         n_local, n_ranks = self.local.n_experts, self.group_size
-        send_PE = plan.routed_counts.view(n_ranks, n_local).contiguous()
-        recv_PE = torch.empty_like(send_PE)
-        dist.all_to_all_single(recv_PE, send_PE, group=self.group)
-        send_splits, recv_splits = send_PE.sum(1).tolist(), recv_PE.sum(1).tolist()
+        recv_PE, counts = self._exchange_counts(plan)
+        send_splits = [sum(row) for row in counts[0]]
+        recv_splits = [sum(row) for row in counts[1]]
         self.last_send_splits = send_splits
+        # the rows travel in the compute dtype (bf16 under autocast), not the fp32 stream's
+        x_TD = x_TD.to(compute_dtype(x_TD))
         x_recv = all_to_all(x_TD.index_select(0, plan.token_idx), recv_splits, send_splits,
                             self.group)
         # received rows: by source rank, then by local expert -> regroup by local expert; the
         # local experts' combine through this permutation puts their outputs back in recv order
         ids = torch.arange(n_local, device=x_TD.device).repeat(n_ranks)
-        local_ids = torch.repeat_interleave(ids, recv_PE.reshape(-1))
+        local_ids = torch.repeat_interleave(ids, recv_PE.reshape(-1),
+                                            output_size=sum(recv_splits))
         sorted_ids, order = torch.sort(local_ids, stable=True)
         kept = recv_PE.sum(0)
+        host_kept = tuple(sum(col) for col in zip(*counts[1], strict=True))
         ones = torch.ones(order.numel(), device=x_TD.device)
         local_plan = DispatchPlan(order, sorted_ids, ones, kept, kept,
-                                  torch.cumsum(kept, 0).to(torch.int32), kept.new_zeros(()))
+                                  torch.cumsum(kept, 0).to(torch.int32), kept.new_zeros(()),
+                                  host_counts=host_kept)
         y_recv = self.local(x_recv, local_plan).y_TD
         y_ND = all_to_all(y_recv, send_splits, recv_splits, self.group)
         y_TD = combine(y_ND * plan.weights.to(y_ND.dtype).unsqueeze(1), plan, x_TD.shape[0])
@@ -210,11 +236,9 @@ class ExpertParallelExperts(nn.Module):
                 norms = rows.norm(dim=1)
                 if plan.keep is not None:  # rows dropped by capacity were computed, not used
                     norms = norms * plan.keep
-                norm_sums_E = add_per_expert_(rows.new_zeros(self.n_experts), norms,
-                                              plan.expert_ids)
+                norm_sums_E = segment_sum(norms, plan.routed_counts)
             if row_weight_N is not None:
-                sums_ED = add_per_expert_(rows.new_zeros(self.n_experts, rows.shape[1]), rows,
-                                          plan.expert_ids, row_weight_N.float())
+                sums_ED = segment_sum(rows, plan.routed_counts, row_weight_N.float())
         return ExpertsOutput(y_TD, sums_ED, norm_sums_E)
 
 

@@ -23,9 +23,17 @@ the root):
 
 Buffers (Default MoE's EMA) are not sharded: every rank updates its copy from statistics
 summed over all ranks (the layers' ``stats_reducer``), so the copies stay equal, as under DDP.
-With ``train.precision = "bf16"`` every unit computes with bf16 parameters and reduces
-gradients in fp32 (``MixedPrecisionPolicy``); the sharded parameters and the optimizer state
-stay fp32.
+With ``train.precision = "bf16"`` the block and expert units compute with bf16 parameters and
+every unit reduces gradients in fp32 (``MixedPrecisionPolicy``); the sharded parameters and the
+optimizer state stay fp32. The numerics are one GPU's under bf16 autocast: no unit casts its
+inputs (:func:`mixed_precision`), so the residual stream, MomentumSMoE's state and the routing
+weights keep their dtype; the root unit (embeddings, final norm, head, learnable mu/gamma) and
+each router (a unit of its own, except in a compiled block) keep fp32 parameters, so the
+stream starts in fp32 and the router and Default MoE compute in fp32; the blocks' bf16
+parameters are what autocast would cast them to. The cost: the root's all-gather moves fp32
+(twice the bytes of bf16). With ``train.grad_accum`` > 1 only the last micro-batch
+reduce-scatters (``set_requires_gradient_sync``, in ``moelab.train.trainer``); each block
+prefetches the next block's all-gathers (``set_modules_to_forward_prefetch``).
 """
 
 from __future__ import annotations
@@ -75,14 +83,20 @@ def build_mesh(world_size: int, expert_parallel: int, device_type: str) -> Meshe
     return Meshes(root, root[(DP_REPLICA, EP)]._flatten(DP_SHARD))
 
 
-def mixed_precision(precision: str) -> object:
+def mixed_precision(precision: str, keep_fp32: bool = False) -> object:
     """FSDP2's MixedPrecisionPolicy for a run's resolved ``precision``: bf16 parameters in
-    compute and fp32 gradient reduction for "bf16"; the parameters' own dtype otherwise."""
+    compute and fp32 gradient reduction for "bf16" (``keep_fp32``: fp32 parameters, for the
+    routers); the parameters' own dtype otherwise. Never ``cast_forward_inputs``: FSDP2 would
+    cast every floating tensor of a unit's arguments, recursing into dataclasses and
+    NamedTuples (the residual stream, MomentumSMoE's state, the dispatch plan's routing
+    weights), where one-GPU autocast keeps them fp32; the model casts what it computes in
+    bf16 itself (autocast runs around the forward under FSDP too)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=None if keep_fp32 else torch.bfloat16,
+                                    reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(cast_forward_inputs=False)
 
 
 def _distribute_experts(model: nn.Module, ctx: ParallelContext, mp_policy: object,
@@ -130,10 +144,40 @@ def shard_model(model: nn.Module, ctx: ParallelContext, precision: str = "fp32")
     gloo = dist.get_backend() == "gloo"
     if ctx.expert_parallel > 1:
         _distribute_experts(model, ctx, mp_policy, gloo)
+    fp32 = mixed_precision(precision, keep_fp32=True)
     for block in blocks:
+        # fp32 router weights, as under one-GPU autocast; not inside a compiled block (FSDP's
+        # hooks of a nested unit would break its graph: there the router computes in fp32 from
+        # the bf16-gathered weights)
+        compiled = getattr(block, "_compiled_call_impl", None) is not None
+        for router in [] if compiled else _routers(block):
+            fully_shard(router, mesh=ctx.mesh[DP_SHARD], mp_policy=fp32)
         fully_shard(block, mesh=ctx.mesh[DP_SHARD], mp_policy=mp_policy)
-    fully_shard(model, mesh=ctx.mesh[DP_SHARD], mp_policy=mp_policy)
+    # the root in fp32: the embedding starts the residual stream in fp32 (as one GPU's
+    # autocast, which leaves lookups alone), the head still computes in bf16 under autocast
+    fully_shard(model, mesh=ctx.mesh[DP_SHARD], mp_policy=fp32)
+    _prefetch(blocks)
     return model
+
+
+def _routers(block: nn.Module) -> list[nn.Module]:
+    """The routers (with parameters) of the MoE layers in ``block``."""
+    from moelab.moe.layer import MoELayer
+
+    return [m.router for m in block.modules()
+            if isinstance(m, MoELayer) and any(True for _ in m.router.parameters())]
+
+
+def _prefetch(blocks: list[nn.Module]) -> None:
+    """Explicit forward prefetch (as torchtitan does for MoE): when block i starts its
+    forward, FSDP already issues the all-gathers of block i+1 and of its nested units (the
+    expert-parallel experts: the largest all-gathers; the routers), instead of waiting for the
+    CPU to reach them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for block, following in zip(blocks, blocks[1:], strict=False):
+        units = [m for m in following.modules() if isinstance(m, FSDPModule)]
+        block.set_modules_to_forward_prefetch(units)
 
 
 def reshard(model: nn.Module) -> None:

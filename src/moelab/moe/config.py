@@ -28,9 +28,10 @@ class MoEConfig:
         ceil(capacity_factor * T * K / E) assignments per forward and drops the rest.
     aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in
         ``MoELosses.total``.
-    dispatch: "auto" (the chunked expert loop on CPU; grouped GEMM on other devices when the
-        installed torch supports it, else the loop), "grouped_mm" (error if unsupported) or
-        "loop" (see ``moe.expert_loop``).
+    dispatch: "auto" (the chunked expert loop on CPU and for fp32 / tf32 on CUDA; grouped GEMM
+        for bf16 on CUDA when the installed torch supports it, else the loop; see
+        ``moe.dispatch.resolve_backend``), "grouped_mm" (error if unsupported) or "loop" (see
+        ``moe.expert_loop``).
     """
 
     d_model: int | None = None

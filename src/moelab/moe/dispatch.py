@@ -23,8 +23,9 @@ from moelab.moe.gemm import GROUPED_MM, grouped_mm, grouped_mm_supported
 
 _GROUPED_MM = GROUPED_MM  # the name the expert loop and older code use
 
-__all__ = ["DispatchPlan", "combine", "count_per_expert", "expert_capacity", "grouped_linear",
-           "grouped_mm_supported", "per_expert_weight", "plan_dispatch", "resolve_backend"]
+__all__ = ["DispatchPlan", "backend_policy", "combine", "count_per_expert", "expert_capacity",
+           "grouped_linear", "grouped_mm_supported", "grouped_mm_sync_free", "per_expert_weight",
+           "plan_dispatch", "resolve_backend", "segment_sum"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class DispatchPlan:
     n_dropped: 0-d int64 tensor, assignments dropped by the capacity limit.
     keep: [N] bool, False for a dropped assignment (None when dropless). A dropped row is
         still computed by its expert, but adds nothing to the output and gets no gradient.
+    host_counts: ``routed_counts`` already read on the host (expert parallel reads its
+        received counts once per layer and hands them on), or None: the loop path then reads
+        them itself, once.
     """
 
     token_idx: Tensor
@@ -51,6 +55,7 @@ class DispatchPlan:
     offsets: Tensor
     n_dropped: Tensor
     keep: Tensor | None = None
+    host_counts: tuple[int, ...] | None = None
 
 
 def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
@@ -91,20 +96,49 @@ def plan_dispatch(topk_ids_TK: Tensor, topk_weights_TK: Tensor, n_experts: int,
                         offsets.to(torch.int32), n_dropped, keep)
 
 
-def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO: Tensor) -> str:
+def backend_policy(device_type: str) -> str:
+    """The device type whose dispatch policy :func:`resolve_backend` applies to tensors on
+    ``device_type``: itself. (The CPU stand-ins for a GPU's host syncs in tests/test_sync_free.py
+    replace this function to run CUDA's policy on CPU tensors.)"""
+    return device_type
+
+
+def grouped_mm_sync_free(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM runs on ``device_type`` in ``dtype`` without reading its
+    ``offs`` back on the host. On CUDA only bf16 on sm90 / sm100 has a grouped kernel (CUTLASS);
+    every other dtype or GPU takes torch's ``_grouped_mm_fallback`` (``offs.cpu()``, then one
+    matmul per expert: a host sync per GEMM, six per layer and step). Elsewhere (CPU) there is
+    no device to wait for: True."""
+    if device_type != "cuda":
+        return True
+    if dtype != torch.bfloat16:
+        return False
+    if not torch.cuda.is_available():  # the policy alone (a CPU stand-in)
+        return True
+    return torch.cuda.get_device_capability()[0] in (9, 10)
+
+
+def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO: Tensor,
+                    w_out_EFD: Tensor | None = None) -> str:
     """Turn "auto" into "grouped_mm" or "loop"; raise if "grouped_mm" can't run.
 
     "auto" picks the chunked expert loop on CPU (there torch's grouped GEMM is itself a loop
-    of matmuls, and the one-GEMM path's [N, D] buffers page-fault; see ``moe.expert_loop``)
-    and grouped GEMM elsewhere when the installed torch runs it for this dtype/device/shape,
-    else the loop with a one-time warning.
+    of matmuls, and the one-GEMM path's [N, D] buffers page-fault; see ``moe.expert_loop``),
+    and on CUDA for every dtype but bf16 on sm90+ (:func:`grouped_mm_sync_free`: torch's
+    fallback would sync on every GEMM, the loop reads the expert sizes once per layer); else
+    grouped GEMM when the installed torch runs it for this dtype/device and both GEMMs' shapes
+    (``w_EIO`` and, if given, ``w_out_EFD``), else the loop with a one-time warning.
     """
-    if requested == "loop" or (requested == "auto" and device_type == "cpu"):
+    policy = backend_policy(device_type)
+    if requested == "loop" or (requested == "auto" and (
+            policy == "cpu" or not grouped_mm_sync_free(policy, dtype))):
         return "loop"
-    if grouped_mm_supported(device_type, dtype, w_EIO.shape[1], w_EIO.shape[2]):
+    weights = [w for w in (w_EIO, w_out_EFD) if w is not None]
+    if all(grouped_mm_supported(device_type, dtype, w.shape[1], w.shape[2]) for w in weights):
         return "grouped_mm"
+    shapes = " and ".join(str(tuple(w.shape)) for w in weights)
     why = (f"torch {torch.__version__} has no grouped GEMM for dtype={dtype} on "
-           f"{device_type} with expert weights of shape {tuple(w_EIO.shape)} (it needs "
+           f"{device_type} with expert weights of shape {shapes} (it needs "
            f"fp32/bf16/fp16 and row strides that are multiples of 16 bytes)")
     if requested == "grouped_mm":
         raise RuntimeError(f"dispatch='grouped_mm' is not supported: {why}; "
@@ -133,8 +167,21 @@ def combine(weighted_ND: Tensor, plan: DispatchPlan, n_tokens: int) -> Tensor:
 
 def per_expert_weight(row_weight_N: Tensor, plan: DispatchPlan, n_experts: int) -> Tensor:
     """[E] fp32 ``sum_{n -> e} row_weight_N[n]`` over the kept rows of ``plan``."""
-    weight_E = torch.zeros(n_experts, device=row_weight_N.device, dtype=torch.float)
-    return weight_E.index_add_(0, plan.expert_ids, row_weight_N.float())
+    return segment_sum(row_weight_N, plan.routed_counts)
+
+
+def segment_sum(rows_N: Tensor, counts_E: Tensor, row_weight_N: Tensor | None = None
+                ) -> Tensor:
+    """[E, ...] fp32 ``sum_{n in segment e} row_weight_N[n] * rows_N[n]`` for rows grouped by
+    expert (expert e owns the next ``counts_E[e]`` rows: a plan's layout, ``counts_E`` its
+    ``routed_counts``, a device tensor). One segmented reduction over the already-grouped rows,
+    not an index_add_ of N rows into E slots (which deterministic mode turns into a sort-based
+    accumulate); no host read (the segment count is E; ``unsafe`` skips torch's check that the
+    lengths sum to N, which reads their sum on the host). rows_N: [N] or [N, X];
+    row_weight_N: [N] or None (unweighted)."""
+    if row_weight_N is not None:
+        rows_N = rows_N * row_weight_N.view(-1, *([1] * (rows_N.dim() - 1)))
+    return torch.segment_reduce(rows_N.float(), "sum", lengths=counts_E, axis=0, unsafe=True)
 
 
 def add_per_expert_(sums_E: Tensor, rows_N: Tensor, expert_ids_N: Tensor,

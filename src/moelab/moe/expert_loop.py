@@ -13,7 +13,9 @@ output. Backward walks the same chunks and writes each expert's weight gradient 
 every expert, takes the weight gradients straight from grouped GEMM. Only the pre-activations h
 are saved (in chunks), plus the input x when w_in needs a gradient (its rows are gathered again
 in backward). Runs on any device and dtype; on CUDA the
-one-grouped-GEMM path (``Experts._grouped``) is the default.
+one-grouped-GEMM path (``Experts._grouped``) is the default for bf16, and the loop the one for
+fp32 / tf32 (``moe.dispatch.resolve_backend``): there it reads nothing on the host beyond the
+counts its caller read once (no grouped chunks, whose ``offs`` would be copied from the host).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moelab.moe import dispatch
 from moelab.moe.activations import activation_backward, activation_forward, row_dot
 from moelab.moe.dispatch import (
     _GROUPED_MM,
@@ -168,7 +171,11 @@ class _ExpertLoop(torch.autograd.Function):
 
 
 def _grouped_mm_runs(x_TD: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
-    """Whether grouped GEMM runs for every product of the loop (all row strides aligned)."""
+    """Whether the chunks run as grouped GEMMs: on CPU only (each chunk's ``offs`` is built
+    from the host counts, which on a GPU would be a host-to-device copy per chunk), when grouped
+    GEMM runs for every product of the loop (all row strides aligned)."""
+    if dispatch.backend_policy(x_TD.device.type) != "cpu":
+        return False
     d_model, width_in, d_ff = w_in.shape[1], w_in.shape[2], w_out.shape[1]
     return (grouped_mm_supported(x_TD.device.type, x_TD.dtype, d_model, width_in)
             and grouped_mm_supported(x_TD.device.type, x_TD.dtype, d_ff, d_model))
@@ -181,11 +188,12 @@ def _chunk_offsets(counts: list[int], device: torch.device) -> Tensor:
 
 def _empty_weight_grad(w_E: Tensor, counts: list[int]) -> Tensor:
     """An uninitialised gradient for w_E, zeroed only at the experts that got no rows (not a
-    full zero fill: the per-expert matmuls overwrite the rest)."""
+    full zero fill: the per-expert matmuls overwrite the rest; one zero_ per idle expert, not
+    an index tensor built from a host list, which on a GPU is a host-to-device copy)."""
     grad = torch.empty_like(w_E)
-    idle = [e for e, count in enumerate(counts) if count == 0]
-    if idle:
-        grad[idle] = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            grad[e].zero_()
     return grad
 
 

@@ -10,9 +10,21 @@ bias), so no [N, D] product is ever allocated — on CPU, fresh large allocation
 cost more than the arithmetic.
 
 Two paths compute the same thing (``MoEConfig.dispatch``): "grouped_mm" (gather the rows,
-two grouped GEMMs, combine; the default on CUDA, and always under ``torch.compile``: it has no
-data-dependent shapes and no host sync) and "loop" (``moe.expert_loop``: the experts run chunk
-by chunk, fused with the gather and combine; the default on CPU).
+two grouped GEMMs, combine; the default for bf16 on sm90+ GPUs, and always under
+``torch.compile``: it has no data-dependent shapes and no host sync) and "loop"
+(``moe.expert_loop``: the experts run chunk by chunk, fused with the gather and combine; the
+default on CPU and for fp32 / tf32 on CUDA).
+
+Host syncs on CUDA, per precision ("auto"): bf16 on sm90 / sm100 runs torch's grouped kernel,
+with no host read at all. fp32 and tf32 have no grouped kernel in torch (its fallback reads
+``offs`` on the host for every GEMM: six syncs per layer and step, forward and backward), so
+they take the loop, which reads the per-expert row counts ONCE per layer forward (one
+``.tolist()``; one more when activation checkpointing recomputes the layer) and reuses them
+for both GEMMs and the whole backward: one host sync per layer and forward, plus one matmul
+launch per expert and GEMM (6E per layer and step). A padded sync-free alternative (a batched
+matmul over [E, T, D], every expert's capacity bound) would cost E/K times the flops and the
+memory. Under ``torch.compile`` fp32 / tf32 still run torch's grouped GEMM (through the
+custom op ``moelab::grouped_mm``, a host sync per GEMM): the loop's host list cannot be traced.
 
 Precision: the GEMMs run in ``moe.amp.compute_dtype`` of the input (the autocast dtype
 under ``torch.autocast``, else the input's dtype), with the weights cast to it; the per-expert
@@ -30,11 +42,11 @@ from moelab.moe.activations import ACTIVATIONS, activation_backward, activation_
 from moelab.moe.amp import autocast_off, compute_dtype
 from moelab.moe.dispatch import (
     DispatchPlan,
-    add_per_expert_,
     combine,
     grouped_linear,
     raw_output_norms,
     resolve_backend,
+    segment_sum,
 )
 from moelab.moe.dtensor import local
 from moelab.moe.expert_loop import expert_loop
@@ -55,17 +67,17 @@ class ExpertsOutput(NamedTuple):
 class _ScaledActivation(torch.autograd.Function):
     """out[n] = act(h[n]) * scale[n], plus optional per-expert sums of the unscaled act(h).
 
-    h: [N, 2F] (swiglu: gate | up) or [N, F] (gelu); scale: [N]. The sums ([E, F], no grad)
-    are ``sum_{n: expert n = e} row_weight[n] * act(h[n])`` when ``row_weight`` is given.
+    h: [N, 2F] (swiglu: gate | up) or [N, F] (gelu), rows grouped by expert (counts: [E]);
+    scale: [N]. The sums ([E, F] fp32, no grad) are ``sum_{n: expert n = e} row_weight[n] *
+    act(h[n])`` when ``row_weight`` is given (a segmented reduction over the grouped rows).
     """
 
     @staticmethod
-    def forward(ctx, h, scale, activation, expert_ids, row_weight, n_experts):
+    def forward(ctx, h, scale, activation, counts, row_weight):
         act = activation_forward(h, activation)
         sums = h.new_zeros(0)
         if row_weight is not None:
-            sums = torch.zeros(n_experts, act.shape[1], device=h.device, dtype=torch.float)
-            add_per_expert_(sums, act, expert_ids, row_weight)
+            sums = segment_sum(act, counts, row_weight)
         ctx.activation = activation
         ctx.save_for_backward(h, scale)
         ctx.mark_non_differentiable(sums)
@@ -77,7 +89,27 @@ class _ScaledActivation(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_h, act = activation_backward(h, grad_out * scale.unsqueeze(1), ctx.activation)
         grad_scale = row_dot(grad_out, act).to(scale.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_scale, None, None, None, None
+        return grad_h, grad_scale, None, None, None
+
+
+#: Largest transient fp32 copy of w_out slices made by :func:`project_sums` (bytes).
+PROJECT_CHUNK_BYTES = 16 << 20
+
+
+def project_sums(act_sums_EF: Tensor, w_out_EFD: Tensor) -> Tensor:
+    """[E, D] fp32 ``act_sums_EF[e] @ w_out_EFD[e]``. An fp32 w_out is used as is; a 16-bit one
+    (bf16 weights, FSDP's bf16 parameters) is widened to fp32 a few experts at a time (at most
+    ``PROJECT_CHUNK_BYTES`` at once), not copied whole per layer and forward."""
+    if w_out_EFD.dtype == torch.float32:
+        return torch.bmm(act_sums_EF.unsqueeze(1), w_out_EFD).squeeze(1)
+    n_experts, d_ff, d_model = w_out_EFD.shape
+    step = max(1, PROJECT_CHUNK_BYTES // (4 * d_ff * d_model))
+    out = act_sums_EF.new_empty(n_experts, d_model)
+    for e0 in range(0, n_experts, step):
+        e1 = min(e0 + step, n_experts)
+        torch.bmm(act_sums_EF[e0:e1].unsqueeze(1), w_out_EFD[e0:e1].float(),
+                  out=out[e0:e1].unsqueeze(1))
+    return out
 
 
 class Experts(nn.Module):
@@ -117,18 +149,17 @@ class Experts(nn.Module):
             if torch.compiler.is_compiling():  # the probe must not run under tracing
                 backend = "grouped_mm"
             else:
-                backend = resolve_backend(self.backend, x_TD.device.type, dtype, w_in)
+                backend = resolve_backend(self.backend, x_TD.device.type, dtype, w_in, w_out)
             if backend == "loop":
-                y_TD, act_sums_EF, norm_sums_E = expert_loop(
-                    x_TD, w_in, w_out, plan.weights, plan.token_idx, plan.expert_ids,
-                    plan.routed_counts.tolist(), self.activation, row_weight_N, track_out_norm)
+                y_TD, act_sums_EF, norm_sums_E = self._loop(x_TD, w_in, w_out, plan,
+                                                            row_weight_N, track_out_norm)
             else:
                 y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, w_in, w_out, plan,
                                                                row_weight_N, track_out_norm)
             sums_ED = None
             if row_weight_N is not None:
                 # the down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out
-                sums_ED = torch.bmm(act_sums_EF.unsqueeze(1), w_out.detach().float()).squeeze(1)
+                sums_ED = project_sums(act_sums_EF, w_out.detach())
         return ExpertsOutput(y_TD, sums_ED, norm_sums_E if track_out_norm else None)
 
     def weights(self) -> tuple[Tensor, Tensor]:
@@ -137,6 +168,27 @@ class Experts(nn.Module):
         experts."""
         return local(self.w_in), local(self.w_out)
 
+    def _loop(self, x_TD: Tensor, w_in: Tensor, w_out: Tensor, plan: DispatchPlan,
+              row_weight_N: Tensor | None, track_out_norm: bool
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The loop path (``moe.expert_loop``), after the layer's one host read of the expert
+        sizes (none when expert parallel read them already). With a capacity, only the kept
+        rows run: a stable sort puts them first (the dropped ones are the last rows of each
+        expert), and the loop stops after them."""
+        weights, token_idx, expert_ids = plan.weights, plan.token_idx, plan.expert_ids
+        if plan.keep is None:
+            counts = (list(plan.host_counts) if plan.host_counts is not None
+                      else plan.routed_counts.tolist())
+        else:
+            counts = plan.kept_counts.tolist()
+            kept = torch.sort(plan.keep.logical_not().to(torch.int8), stable=True
+                              ).indices[:sum(counts)]
+            weights, token_idx, expert_ids = weights[kept], token_idx[kept], expert_ids[kept]
+            if row_weight_N is not None:
+                row_weight_N = row_weight_N[kept]
+        return expert_loop(x_TD, w_in, w_out, weights, token_idx, expert_ids, counts,
+                           self.activation, row_weight_N, track_out_norm)
+
     def _grouped(self, x_TD: Tensor, w_in: Tensor, w_out: Tensor, plan: DispatchPlan,
                  row_weight_N: Tensor | None, track_out_norm: bool
                  ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -144,13 +196,11 @@ class Experts(nn.Module):
         x_ND = x_TD.index_select(0, plan.token_idx)
         h = grouped_linear(x_ND, w_in, plan)
         act, act_sums_EF = _ScaledActivation.apply(
-            h, plan.weights.to(h.dtype), self.activation, plan.expert_ids, row_weight_N,
-            self.n_experts)
+            h, plan.weights.to(h.dtype), self.activation, plan.routed_counts, row_weight_N)
         out_ND = grouped_linear(act, w_out, plan)
         norm_sums_E = None
         if track_out_norm:
             with torch.no_grad():
-                norm_sums_E = add_per_expert_(out_ND.new_zeros(self.n_experts, dtype=torch.float),
-                                              raw_output_norms(out_ND, plan.weights),
-                                              plan.expert_ids)
+                norm_sums_E = segment_sum(raw_output_norms(out_ND, plan.weights),
+                                          plan.routed_counts)
         return combine(out_ND, plan, x_TD.shape[0]), act_sums_EF, norm_sums_E

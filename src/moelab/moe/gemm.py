@@ -34,10 +34,21 @@ def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     return GROUPED_MM(a, b, offs=offs)
 
 
+def output_strides(shape: tuple[int, ...], dtype: torch.dtype, device_type: str
+                   ) -> tuple[int, ...]:
+    """The strides of grouped GEMM's output of ``shape``: on CUDA the rows are padded to a
+    multiple of 16 bytes (as ``torch._grouped_mm``'s CUDA kernel and its meta function
+    allocate them); elsewhere contiguous."""
+    last = shape[-1]
+    if device_type == "cuda":
+        align = max(1, 16 // dtype.itemsize)
+        last = -(-last // align) * align
+    return (shape[1] * last, last, 1) if len(shape) == 3 else (last, 1)
+
+
 def _grouped_mm_fake(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    if b.dim() == 3:
-        return a.new_empty(a.shape[0], b.shape[2])
-    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+    shape = (a.shape[0], b.shape[2]) if b.dim() == 3 else (offs.shape[0], a.shape[0], b.shape[1])
+    return a.new_empty_strided(shape, output_strides(shape, a.dtype, a.device.type))
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library signature

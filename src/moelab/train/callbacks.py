@@ -104,33 +104,76 @@ def _any_rank(trainer: Trainer, flag: bool) -> bool:
 class StopSignals(Callback):
     """The first SIGINT / SIGTERM during ``fit()`` asks the run to stop: the step in progress
     finishes, a checkpoint is written and ``fit()`` returns; a second one aborts at once
-    (``moelab.train.interrupt``). Sets ``trainer.stop_signal`` ("SIGINT" / "SIGTERM"); under
-    torchrun a signal on any rank stops every rank after the same step."""
+    (``moelab.train.interrupt``). Sets ``trainer.stop_signal`` ("SIGINT" / "SIGTERM").
+
+    Under torchrun a signal on any rank stops every rank after the same step, without a device
+    sync: the flag is a host tensor all-reduced (MAX) over a gloo group (the default group when
+    it is gloo, else a gloo group made at the first ``pre_train``). Each ``post_step`` reads
+    the all-reduce started at the step before (usually finished long ago) and starts this
+    step's, so every rank stops after the step following the one in which the signal arrived
+    (one step later than on one process, the same step on every rank)."""
 
     def __init__(self) -> None:
         self._stop: StopOnSignal | None = None
+        self._group: dist.ProcessGroup | None = None  # the gloo group of the flag
+        # the flag: a host tensor [1] and its numpy view (read and written without torch ops)
+        self._flag = torch.zeros(1)
+        self._flag_np = self._flag.numpy()
+        self._pending: Any = None  # the all-reduce started at the last step
 
     def pre_train(self, trainer: Trainer) -> None:
         self._stop = StopOnSignal().__enter__()
+        if trainer.ctx is not None and self._group is None:
+            # collective: every rank reaches its first pre_train in the same order
+            self._group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                           else dist.new_group(backend="gloo"))
+
+    def _agree(self, trainer: Trainer, any_rank: bool) -> bool:
+        """When a stop was asked on any rank (``any_rank``), record this rank's signal, or
+        "SIGTERM" for another rank's, in ``trainer.stop_signal``; returns ``any_rank``."""
+        if any_rank and trainer.stop_signal is None:
+            local = self._stop.requested if self._stop is not None else None
+            trainer.stop_signal = local or "SIGTERM"
+        return any_rank
+
+    def _local_flag(self) -> float:
+        return float(self._stop is not None and self._stop.requested is not None)
 
     def requested(self, trainer: Trainer) -> bool:
-        """Whether a stop was asked (on any rank); records it in ``trainer.stop_signal``."""
-        name = self._stop.requested if self._stop is not None else None
-        if _any_rank(trainer, name is not None) and name is None:
-            name = "SIGTERM"  # another rank's signal
-        if name is not None and trainer.stop_signal is None:
-            trainer.stop_signal = name
-        return name is not None
+        """Whether a stop was asked (on any rank, agreed now: a blocking all-reduce of the host
+        flag, on every rank; used between evaluation batches); records it in
+        ``trainer.stop_signal``."""
+        if trainer.ctx is None:
+            return self._agree(trainer, self._local_flag() > 0)
+        self._drain(trainer)
+        self._flag_np[0] = self._local_flag()
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
+        return self._agree(trainer, self._flag_np[0] > 0)
+
+    def _drain(self, trainer: Trainer) -> None:
+        """Wait for the all-reduce started at the last step and act on its flag."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+            self._agree(trainer, self._flag_np[0] > 0)
 
     def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
-        self.requested(trainer)
+        if trainer.ctx is None:
+            self._agree(trainer, self._local_flag() > 0)
+            return
+        self._drain(trainer)  # the previous step's flags, all ranks'
+        self._flag_np[0] = self._local_flag()
+        self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group,
+                                        async_op=True)
 
     def post_loop(self, trainer: Trainer) -> None:
+        self._drain(trainer)  # every rank has started the same all-reduces: finish the last
         if self._stop is not None:  # what the next signal interrupts now
             self._stop.message = ("stopping the final evaluation (ckpt.pt holds the last "
                                   "step; a resume redoes just the evaluation)")
 
     def post_train(self, trainer: Trainer, failed: bool) -> None:
+        self._pending = None  # drained at post_loop; after an error, left to the group
         if self._stop is not None:
             self._stop.__exit__()
             self._stop = None

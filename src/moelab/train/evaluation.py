@@ -13,6 +13,7 @@ statistics. ``max_batches`` evaluates only the first batches (the periodic evalu
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -94,22 +95,10 @@ def evaluate(model: nn.Module, data: RunData, split: str, *, batch_size: int, se
     acc = [LayerAccumulator() for _ in layers]
     loss_sum, n_items, correct = 0.0, 0, 0
     try:
-        for b, (x, y) in enumerate(eval_batches(data, split, batch_size, seq_len, max_batches)):
-            if should_stop is not None and should_stop():
-                raise EvalInterrupted
-            x, y = x.to(device), y.to(device)
-            with autocast(precision, device):
-                out = model(x)
-                loss_sum += float(loss_fn(out.logits, y, reduction="sum"))
-            if not math.isfinite(loss_sum):  # before the routing metrics see NaNs
-                break
-            n_items += y.numel()
-            if not data.is_lm:
-                correct += int((out.logits.argmax(-1) == y).sum())
-            for i, layer in enumerate(layers):
-                losses = out.moe_losses[i] if i < len(out.moe_losses) else None
-                acc[i].add(layer.last_stats, losses)
-            bar.update(b + 1)
+        with eager_if_compiled():
+            loss_sum, n_items, correct = _run_batches(
+                model, data, split, batch_size, seq_len, device, loss_fn, max_batches,
+                should_stop, precision, layers, acc, bar)
     finally:
         bar.close()
         if routing:
@@ -118,6 +107,41 @@ def evaluate(model: nn.Module, data: RunData, split: str, *, batch_size: int, se
         reshard(model)  # FSDP: the parameters the optimizer holds, not gathered copies
     return _results(split, loss_sum, n_items, correct, data.is_lm, acc if routing else None,
                     layer_blocks or [], step, run_dir)
+
+
+def eager_if_compiled() -> contextlib.AbstractContextManager:
+    """Compiled blocks run eagerly inside (``torch.compiler.set_stance("force_eager")``; a
+    no-op in torch without it). An evaluation differs from a training step in every guard of
+    a compiled block (grad mode, ``training``, output norms tracked), so a compiled evaluation
+    would compile each block again; evaluations are a small share of a run's forwards, and
+    eager blocks compute the same values."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
+def _run_batches(model: nn.Module, data: RunData, split: str, batch_size: int, seq_len: int,
+                 device: torch.device, loss_fn: LossFn, max_batches: int | None,
+                 should_stop: Callable[[], bool] | None, precision: str, layers: list,
+                 acc: list[LayerAccumulator], bar: EvalProgress) -> tuple[float, int, int]:
+    """The evaluation loop of :func:`evaluate`: (loss sum, items, correct)."""
+    loss_sum, n_items, correct = 0.0, 0, 0
+    for b, (x, y) in enumerate(eval_batches(data, split, batch_size, seq_len, max_batches)):
+        if should_stop is not None and should_stop():
+            raise EvalInterrupted
+        x, y = x.to(device), y.to(device)
+        with autocast(precision, device):
+            out = model(x)
+            loss_sum += float(loss_fn(out.logits, y, reduction="sum"))
+        if not math.isfinite(loss_sum):  # before the routing metrics see NaNs
+            break
+        n_items += y.numel()
+        if not data.is_lm:
+            correct += int((out.logits.argmax(-1) == y).sum())
+        for i, layer in enumerate(layers):
+            losses = out.moe_losses[i] if i < len(out.moe_losses) else None
+            acc[i].add(layer.last_stats, losses)
+        bar.update(b + 1)
+    return loss_sum, n_items, correct
 
 
 def _results(split: str, loss_sum: float, n_items: int, correct: int, is_lm: bool,

@@ -14,12 +14,13 @@ skipped steps and raises when the budget is spent, naming the first bad step.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "divergence_message"]
+__all__ = ["NonFiniteError", "NonFiniteGuard", "StepBuffers", "divergence_message"]
 
 
 class NonFiniteError(ValueError):
@@ -99,3 +100,61 @@ class NonFiniteGuard:
                                                     self.skipped))
         self.skipped += int(n_bad)
         return int(bad_items)
+
+
+class StepBuffers:
+    """The model's buffers before a step, so that a skipped step can be undone, without cloning
+    every buffer every step.
+
+    A buffer that a step replaces (Default MoE's EMA and update counts are new tensors after
+    each training forward) is kept by reference: the old tensor is unchanged. Only buffers that
+    a step writes in place (the layers' assignment counts, BatchNorm statistics) are cloned;
+    which those are is learned on the first step, when every buffer is cloned. Constant
+    buffers (rotary tables) cost nothing. ``take`` before the step, ``restore`` after it.
+    """
+
+    def __init__(self) -> None:
+        self._in_place: set[str] | None = None  # None: not learned yet (clone all)
+        self._warned: set[str] = set()
+
+    def take(self, model: nn.Module) -> list[tuple]:
+        """The buffers of ``model`` now: (module, name, key, tensor, version, clone or None)."""
+        out = []
+        for prefix, module in model.named_modules():
+            for name, buf in module._buffers.items():
+                if buf is None:
+                    continue
+                key = f"{prefix}.{name}"
+                clone = (buf.detach().clone()
+                         if self._in_place is None or key in self._in_place else None)
+                out.append((module, name, key, buf, buf._version, clone))
+        return out
+
+    @torch.no_grad()
+    def restore(self, taken: list[tuple], ok: Tensor | None = None) -> None:
+        """Undo the step's changes to the buffers (``ok`` None), or undo them where the bool
+        tensor ``ok`` is False (deferred mode: decided on the device, no host read)."""
+        in_place = set()
+        for module, name, key, old, version, clone in taken:
+            now = module._buffers[name]
+            if now is old and old._version == version:
+                continue  # untouched
+            if now is old:  # written in place: only its clone has the old values
+                in_place.add(key)
+                if clone is None:
+                    self._warn(key)
+                    continue
+                now.copy_(clone if ok is None else torch.where(ok, now, clone))
+            else:  # replaced: the old tensor is the old value
+                module._buffers[name] = old if ok is None else torch.where(ok, now, old)
+        if self._in_place is None:
+            self._in_place = in_place
+        else:
+            self._in_place |= in_place
+
+    def _warn(self, key: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"buffer {key} was first written in place by a step after the first "
+                          "one: that step's change to it could not be undone; it is cloned "
+                          "before every step from now on", RuntimeWarning, stacklevel=3)

@@ -66,7 +66,7 @@ from moelab.train.callbacks import (
     StopSignals,
 )
 from moelab.train.evaluation import EvalInterrupted, evaluate, final_summary
-from moelab.train.guard import NonFiniteError, NonFiniteGuard
+from moelab.train.guard import NonFiniteError, NonFiniteGuard, StepBuffers
 from moelab.train.optim import build_optimizer, set_lr
 from moelab.train.precision import autocast, resolve_precision
 
@@ -77,6 +77,16 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def batch_to(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A batch's tensors on ``device``. To a GPU through pinned host memory with
+    ``non_blocking`` (the copy overlaps the step; a ``non_blocking`` copy from pageable memory
+    would be a synchronous one); elsewhere a plain copy."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    return tuple(t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True)
+                 for t in tensors)
 
 
 class Trainer:
@@ -114,6 +124,7 @@ class Trainer:
         self.checkpoint_step: int | None = None  # the step ckpt.pt holds (None: none yet)
         self.stop_signal: str | None = None  # "SIGINT" / "SIGTERM" once one stopped fit()
         self.guard = NonFiniteGuard(max_skips=tcfg.skip_nonfinite_steps)
+        self._step_buffers = StepBuffers()  # what a skipped step restores
         self.signals = StopSignals()
         self.run = RunDirectory(self.run_dir)
         self.metrics = MetricsLog()
@@ -193,13 +204,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         items = 0
-        # a skipped step must leave the model as it was: keep the buffers (small) it may update
-        buffers = ([b.detach().clone() for b in self.model.buffers()]
+        # a skipped step must leave the model as it was: keep the buffers it may update
+        buffers = (self._step_buffers.take(self.model)
                    if self.guard.deferred or self.guard.max_skips > self.guard.skipped else [])
         for i in range(tcfg.grad_accum):
             x, y = self.data.batcher.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = batch_to(self.device, x, y)
             last = i == tcfg.grad_accum - 1
+            # FSDP2 has no no_sync: its gradients reduce-scatter at the last micro-batch only
+            gradient_sync = getattr(self._train_model, "set_requires_gradient_sync", None)
+            if gradient_sync is not None:
+                gradient_sync(last)
             no_sync = getattr(self._train_model, "no_sync", None)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 with autocast(self.precision, self.device):
@@ -230,8 +245,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.guard.skip(self.step + 1, res["loss"], res["grad_norm"], lr,
                             self.checkpoint_note())
-            for b, saved in zip(self.model.buffers(), buffers, strict=True):
-                b.copy_(saved)  # undo what the bad forward did to EMA buffers etc.
+            self._step_buffers.restore(buffers)  # undo what the bad forward did to the EMA etc.
             self.step += 1
             return {**res, "skipped": True}
         self.optimizer.step()
@@ -241,7 +255,7 @@ class Trainer:
         return res
 
     def _deferred_update(self, loss: torch.Tensor, aux: torch.Tensor, grad_norm: torch.Tensor,
-                         lr: float, items: int, buffers: list[torch.Tensor]) -> dict[str, Any]:
+                         lr: float, items: int, buffers: list[tuple]) -> dict[str, Any]:
         """The end of a step that reads nothing back from the device (a fused optimizer): a
         non-finite step is skipped by the optimizer (``found_inf``), its buffer updates are
         undone, and the guard notes it, to be read at the next logged step. The result's
@@ -254,8 +268,7 @@ class Trainer:
         finally:
             self.optimizer.found_inf = None
         self.optimizer.zero_grad(set_to_none=True)
-        for b, saved in zip(self.model.buffers(), buffers, strict=True):
-            b.copy_(torch.where(ok, b, saved))
+        self._step_buffers.restore(buffers, ok)
         self.step += 1
         self.items_seen += items  # the skipped steps' items come off at the guard's flush
         self.guard.record(ok, self.step, loss, grad_norm, lr, items)
