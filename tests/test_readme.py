@@ -229,3 +229,26 @@ def test_results_md_word_swap_row_matches_the_rerun():
         f"p (BH) {post2['p_bh']:.3f} there)",
     ]:
         assert want in flat(RESULTS_MD), want
+
+
+def _wall_min(name: str) -> int:
+    return round(page(name)["meta"]["invocation_wall_s"] / 60)
+
+
+def test_wall_times_quoted_in_the_docs_come_from_provenance():
+    """Every 'N min' quoted for a page in docs/RESULTS.md and every 'measured N min' in
+    docs/REPRODUCE.md equals that page's invocation wall time (results.json meta)."""
+    quoted = re.findall(r"\[([a-z0-9/-]+)\]\(results/reproduce/\1/results\.md\); (\d+) min\)",
+                        RESULTS_MD)
+    assert len(quoted) >= 4
+    for name, minutes in quoted:
+        assert int(minutes) == _wall_min(name), name
+    reproduce_md = (ROOT / "docs" / "REPRODUCE.md").read_text(encoding="utf-8")
+    measured = re.findall(r"(?m)^moelab reproduce (\S+)(.*)measured (\d+) min", reproduce_md)
+    assert len(measured) >= 5
+    for name, rest, minutes in measured:
+        where = name + ("/seeds5" if "--seeds 5" in rest else "")
+        assert int(minutes) == _wall_min(where), where
+    depth = page("momentum-depth")["meta"]
+    assert (f"trained {depth['n_run']} of them ({depth['n_skipped']} done before) in "
+            f"{round(depth['invocation_wall_s'] / 60)} min") in reproduce_md
