@@ -252,3 +252,19 @@ def test_wall_times_quoted_in_the_docs_come_from_provenance():
     depth = page("momentum-depth")["meta"]
     assert (f"trained {depth['n_run']} of them ({depth['n_skipped']} done before) in "
             f"{round(depth['invocation_wall_s'] / 60)} min") in reproduce_md
+
+
+def test_summary_names_a_per_layer_claims_own_verdict():
+    """A per-layer claim contradicted overall, with layers 1-2 and 4 supported after BH: the
+    table lists those layers together and the whole claim's verdict beside them."""
+    from moelab.experiments.summary import survivors
+
+    rows = [{"layer": i, "verdict": v, "p_bh": p} for i, (v, p) in enumerate(
+        [("contradicted", 0.01), ("supported", 0.01), ("supported", 0.02), ("supported", 0.2),
+         ("supported", 0.03)])]
+    doc = {"claims": [{"arm": "src/adam+exc", "metric": "gini", "verdict": "contradicted",
+                       "per_layer": rows},
+                      {"arm": "sgd", "metric": "gini", "verdict": "supported", "p_bh": 0.04}]}
+    assert survivors(doc) == {
+        "supported": ["adam+exc L1–L2, L4 (whole claim: contradicted)", "sgd"],
+        "contradicted": ["adam+exc L0"]}

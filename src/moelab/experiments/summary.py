@@ -30,21 +30,35 @@ def _rows(c: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(c["per_layer"]) if "per_layer" in c else [c]
 
 
-def _label(c: Mapping[str, Any], row: Mapping[str, Any], metrics: int) -> str:
-    arm = c["arm"].split("/")[-1]
-    what = f" {c['metric']}" if metrics > 1 else ""
-    return arm + what + (f" L{row['layer']}" if "layer" in row else "")
+def _layers(layers: list[int]) -> str:
+    """``[11, 12, 13, 15]`` -> ``"L11–L13, L15"``."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"L{r[0]}" if len(r) == 1 else f"L{r[0]}–L{r[-1]}" for r in runs)
 
 
 def survivors(doc: Mapping[str, Any], alpha: float = ALPHA) -> dict[str, list[str]]:
-    """verdict -> labels of the supported / contradicted rows with p (BH) < ``alpha``."""
+    """verdict -> labels of the supported / contradicted rows with p (BH) < ``alpha``. The
+    layers of a per-layer claim are listed together (``gini L11–L15``), followed by the
+    claim's own verdict over every layer when it differs (``whole claim: contradicted``)."""
     metrics = len({c["metric"] for c in doc["claims"]})
     out: dict[str, list[str]] = {"supported": [], "contradicted": []}
     for c in doc["claims"]:
-        for r in _rows(c):
-            p = r.get("p_bh")
-            if r["verdict"] in out and p is not None and p < alpha:
-                out[r["verdict"]].append(_label(c, r, metrics))
+        name = c["arm"].split("/")[-1] + (f" {c['metric']}" if metrics > 1 else "")
+        for v in out:
+            rows = [r for r in _rows(c) if r["verdict"] == v and r.get("p_bh") is not None
+                    and r["p_bh"] < alpha]
+            if not rows:
+                continue
+            if "per_layer" not in c:
+                out[v].append(name)
+                continue
+            whole = f" (whole claim: {c['verdict']})" if c["verdict"] != v else ""
+            out[v].append(f"{name} {_layers([r['layer'] for r in rows])}{whole}")
     return out
 
 
