@@ -268,3 +268,37 @@ def test_summary_names_a_per_layer_claims_own_verdict():
     assert survivors(doc) == {
         "supported": ["adam+exc L1–L2, L4 (whole claim: contradicted)", "sgd"],
         "contradicted": ["adam+exc L0"]}
+
+
+def test_shared_runs_are_said_once_in_results_md_and_on_each_page():
+    """Arms of two pages holding the same runs (bit-identical per seed) are listed, as
+    generated, in docs/RESULTS.md and on each page concerned: methods-combined base/dmoe are
+    default-moe-lr's x1 arms (and default-moe-speed's seeds 0-2)."""
+    from moelab.experiments.summary import page_section, shared_runs, shared_runs_block
+
+    assert shared_runs_block(ROOT) in RESULTS_MD, \
+        "docs/RESULTS.md's shared runs are stale: python -m moelab.experiments.summary --write"
+    groups = shared_runs(ROOT)
+    assert [("default-moe-lr", "topk-x1"), ("default-moe-speed", "base"),
+            ("methods-combined", "base")] in [[(p, a) for p, a, _ in g] for g in groups]
+    for name in {p for g in groups for p, _, _ in g}:
+        md = (ROOT / "docs" / "results" / "reproduce" / name / "results.md").read_text()
+        assert page_section(name, groups) in md, name
+
+
+def test_shared_runs_need_every_common_seed_identical(tmp_path):
+    from moelab.experiments.summary import shared_runs
+
+    def write(name, arm, vals):
+        d = tmp_path / "docs" / "results" / "reproduce" / name
+        d.mkdir(parents=True)
+        doc = {"arms": [{"key": arm, "metrics": {"test_loss": {"per_seed": vals}}}]}
+        (d / "results.json").write_text(json.dumps(doc))
+
+    write("a", "x", {"0": 1.5, "1": 1.25})
+    write("b", "y", {"0": 1.5, "1": 1.25, "2": 1.0})
+    write("c", "z", {"0": 1.5, "1": 1.3})            # one seed differs: other runs
+    assert shared_runs(tmp_path) == [[("a", "x", ["0", "1"]), ("b", "y", ["0", "1"])]]
+    write("d/seeds5", "x", {"0": 2.5, "1": 2.25})    # d's own follow-up: by design, not listed
+    write("d", "x", {"0": 2.5, "1": 2.25})
+    assert len(shared_runs(tmp_path)) == 1
