@@ -299,6 +299,6 @@ def test_shared_runs_need_every_common_seed_identical(tmp_path):
     write("b", "y", {"0": 1.5, "1": 1.25, "2": 1.0})
     write("c", "z", {"0": 1.5, "1": 1.3})            # one seed differs: other runs
     assert shared_runs(tmp_path) == [[("a", "x", ["0", "1"]), ("b", "y", ["0", "1"])]]
-    write("d/seeds5", "x", {"0": 2.5, "1": 2.25})    # d's own follow-up: by design, not listed
     write("d", "x", {"0": 2.5, "1": 2.25})
+    write("d/seeds5", "x", {"0": 2.5, "1": 2.25})    # d's own follow-up: by design, not listed
     assert len(shared_runs(tmp_path)) == 1
