@@ -215,3 +215,25 @@ def test_both_never_reach_a_fixed_target_no_verdict(tmp_path):
             for a in ("topk", "arm") for s in range(3)]
     c = aggregate(_exp(fraction=None, value=1.0), runs)["claims"][0]
     assert c["pairs"]["neither"] == 3 and c["n"] == 0 and c["verdict"] == "not enough runs"
+
+
+# ------------------------------------------------------------------ image_datasets default
+
+
+def test_image_datasets_follow_the_base_configs_kind(tmp_path):
+    """An LM experiment written as a new user would (base="default", no image_datasets)
+    plans runs whose configs load: no image dataset forced onto the LM."""
+    from moelab.experiments.runner import plan_runs, resolve_config
+    from moelab.experiments.spec import IMAGE_CHOICES
+
+    lm = Experiment(name="t-lm", claim="", paper="", base="default", arms=(Arm("a"),),
+                    metrics=(Metric.final("loss"),), profiles=PROFILES)
+    assert lm.image_datasets == ()
+    img = Experiment(name="t-img", claim="", paper="", base="mnist_mlp", arms=(Arm("a"),),
+                     metrics=(Metric.final("acc"),), profiles=PROFILES)
+    assert img.image_datasets == IMAGE_CHOICES
+    (spec,) = plan_runs(lm, "quick", 1, tmp_path, None)
+    assert resolve_config(spec).model.kind == "lm"
+    with pytest.raises(ValueError, match="base config 'nope' cannot be loaded"):
+        Experiment(name="t-bad", claim="", paper="", base="nope", arms=(Arm("a"),),
+                   metrics=(Metric.final("loss"),), profiles=PROFILES)

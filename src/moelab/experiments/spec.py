@@ -305,6 +305,8 @@ class Experiment:
     image_datasets: the image datasets this experiment may use, in order of preference, among
         "cifar10" (when --data-dir holds it), "fashion-mnist" (when installed) and "mnist5k"
         (always there); the runner takes the first available. Empty: the base config's data.
+        None (default): follows the base config's ``model.kind``: all three for an image
+        model ("mlp", "vit"), empty for a text one ("lm", "hf").
     chance: accuracy of guessing (for the escape fraction), None when not reported.
     sources: experiments whose runs this one analyses instead of training its own.
     factors: for a full 2^k factorial: the factor names; arm ``"base"`` has none on, every
@@ -326,7 +328,7 @@ class Experiment:
     metrics: tuple[Metric, ...] = ()
     lr_grid: tuple[float, ...] | None = None
     profiles: dict[str, Profile] = field(default_factory=dict)
-    image_datasets: tuple[str, ...] = ("cifar10", "fashion-mnist", "mnist5k")
+    image_datasets: tuple[str, ...] | None = None
     chance: float | None = None
     sources: tuple[str, ...] = ()
     factors: tuple[str, ...] = ()
@@ -345,6 +347,8 @@ class Experiment:
         if bool(self.arms) == bool(self.sources):
             raise ValueError(f"experiment {self.name!r}: give arms (it trains) or sources "
                              "(it analyses other experiments' runs), not both or neither")
+        if self.image_datasets is None:
+            object.__setattr__(self, "image_datasets", _default_image_datasets(self))
         bad = set(self.image_datasets) - set(IMAGE_CHOICES)
         if bad:
             raise ValueError(f"experiment {self.name!r}: image_datasets {sorted(bad)} invalid: "
@@ -446,6 +450,21 @@ class Experiment:
         if profile.lr_index is None:
             return tuple(grid)
         return tuple(grid[i] for i in profile.lr_index if -len(grid) <= i < len(grid))
+
+
+def _default_image_datasets(exp: Experiment) -> tuple[str, ...]:
+    """``image_datasets`` when not given: by the base config's model kind (an analysis-only
+    experiment trains nothing: none)."""
+    if exp.sources:
+        return ()
+    from moelab.config import load_config
+
+    try:
+        kind = load_config(exp.base).model.kind
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"experiment {exp.name!r}: base config {exp.base!r} cannot be "
+                         f"loaded ({e}); give a shipped config name or a TOML path") from e
+    return () if kind in ("lm", "hf") else IMAGE_CHOICES
 
 
 def _subsets(factors: Sequence[str]) -> list[tuple[str, ...]]:
