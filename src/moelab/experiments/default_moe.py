@@ -136,9 +136,10 @@ def _gpu_sparsity(name: str) -> tuple[str, ...]:
 
 #: every gpu profile's CPU smoke run: the tiny LM, fp32, not compiled, 2 steps
 _GPU_SMOKE = SMOKE_LM + (kv(K.PRECISION, "fp32"), kv(K.COMPILE, False), kv(K.N_LAYERS, 2))
-_GPU_NOTE = (" The gpu profile (defined 2026-12-04, before any GPU run: no GPU has run it "
-             "yet) trains the ~105 M-parameter LM above on the docs corpus; its lr is the "
-             "paper's 3e-4 with AdamW (0.9, 0.95), not tuned on our runs; its time is an "
+_GPU_NOTE = (" The gpu profile (a budget run on one GPU, sized to ~12 min, not to the paper's "
+             "~2 B parameters and 320 B tokens; defined 2026-12-04, before any GPU run: no GPU "
+             "has run it yet) trains the ~105 M-parameter LM above on the docs corpus; its lr "
+             "is the paper's 3e-4 with AdamW (0.9, 0.95), not tuned on our runs; its time is an "
              "estimate (moelab.experiments.gpu) until measured.")
 
 # ------------------------------------------------------------------------ 1. speed

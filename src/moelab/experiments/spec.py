@@ -273,7 +273,8 @@ class Profile:
     the default number of seeds, which entries of each arm's lr grid to run (``lr_index``;
     None: all), and the estimated CPU time on 2 cores in minutes.
 
-    A GPU profile ("gpu") also has ``gpu_minutes`` (its estimated time on one H200 with
+    A GPU profile ("gpu": a budget run on one GPU, sized to ~12 minutes, not to the paper's
+    scale) also has ``gpu_minutes`` (its estimated time on one H200 with
     packed runs; how each is estimated is in the experiment's notes), may replace the
     experiment's ``arms`` and ``claims`` (a paper's setting that the CPU arms only
     approximate, e.g. its model depths), and has ``smoke``: overrides that shrink every run
@@ -441,6 +442,25 @@ class Experiment:
         return dataclasses.replace(self, arms=prof.arms or self.arms,
                                    claims=prof.claims if prof.claims is not None
                                    else self.claims, profiles=plain)
+
+    def items_per_run(self, profile: str) -> tuple[int, str] | None:
+        """What one run of ``profile`` trains on, from its resolved config (the first arm's):
+        ``(steps x batch x seq_len x grad_accum, "tokens")`` for a language model,
+        ``(steps x batch x grad_accum, "images")`` otherwise; None for an analysis-only
+        experiment (it trains nothing)."""
+        from moelab.config import load_config
+
+        exp = self.at(profile)
+        if exp.sources:
+            return None
+        prof = exp.profile(profile)
+        arm = exp.arms[0]
+        cfg = load_config(exp.base, list(exp.overrides + prof.overrides + arm.overrides
+                                         + prof.after_arms))
+        n = cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum
+        if cfg.model.kind in ("lm", "hf"):
+            return n * cfg.data.seq_len, "tokens"
+        return n, "images"
 
     def lr_grid_of(self, arm: Arm, profile: Profile) -> tuple[float | None, ...]:
         """The learning rates ``arm`` is trained at under ``profile`` ((None,): config lr)."""
