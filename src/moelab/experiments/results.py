@@ -604,8 +604,10 @@ def _render_extra(exp: Experiment, res: Mapping[str, Any]) -> list[str]:
     if exp.report_divergence:
         L += ["## Divergence", "",
               "Diverged: stopped at a non-finite loss, or finished with a non-finite final "
-              "validation loss or one above the initial training loss. Diverged runs are an "
-              "outcome, not a failure; they have no metric value when they stopped early.", "",
+              "validation loss or one more than 5% above the initial training loss (a run "
+              "that ended near its initial loss did not learn; it did not diverge). Diverged "
+              "runs are an outcome, not a failure; they have no metric value when they "
+              "stopped early.", "",
               "| arm | lr | diverged | of n | failed (other errors) | reasons |",
               "|---|---|---|---|---|---|"]
         for a in res["arms"]:
