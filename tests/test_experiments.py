@@ -329,6 +329,14 @@ def test_cli_reproduce_list_and_errors(capsys):
     for name in ("excitation-foundation", "excitation-rescue", "excitation-specialization"):
         assert name in out
     assert "min full" in out and "paper:" in out
+    # the gpu profiles say what they are, with their size per run and GPU-hours: 600 steps
+    # x batch 32 x 512 tokens = 9.8 M tokens per default-moe-speed gpu run
+    assert "gpu: a budget run on one GPU (sized to ~12 min, not to the paper): 9.8 M tokens " \
+        "per run" in out and "GPU-hours" in out and "150 TFLOP/s" in out
+    from moelab.experiments import get_experiment
+
+    assert get_experiment("default-moe-speed").items_per_run("gpu") == (600 * 32 * 512, "tokens")
+    assert get_experiment("excitation-specialization").items_per_run("full") is None
     assert main(["reproduce", "excitation-foundatoin"]) == 2
     assert "did you mean 'excitation-foundation'" in capsys.readouterr().err
     assert main(["reproduce", "all", "--jobs", "0"]) == 2

@@ -97,7 +97,7 @@ def test_text_robustness_evaluates_the_source_runs(tmp_path, small_depth):
         assert set(gaps) == {"0", "1"} and all(isinstance(v, float) for v in gaps.values())
         for seed, run_dir in arm["run_dirs"].items():
             cached = json.loads((tmp_path / "t-mom-depth" / "runs" / run_dir.split("/")[-1] /
-                                 "robustness" / "word_swap-v2-r0.025-seed0-b1.json").read_text())
+                                 "robustness" / "word_swap-v3-r0.025-seed0-b1.json").read_text())
             test_row = next(r for r in cached["rows"] if r["split"] == "test")
             assert gaps[seed] == pytest.approx(test_row["gap_ppl"])
             clean = arm["metrics"]["clean_ppl"]["per_seed"][seed]

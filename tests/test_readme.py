@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moelab.experiments.reaggregate import old_steps_metrics
 from moelab.experiments.summary import readme_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +80,14 @@ def readme_figures() -> list[str]:
     mxe = effect(comb, "test_loss", "mom × exc")
     adam_cells = [c for c in depth["claims"] if c["text"].startswith("adam beats")]
     adam_worse = [c for c in adam_cells if c["verdict"] == "contradicted"]
+    pre_set = speed["claims"]
+    assert all(c["verdict"] == "inconclusive" for c in pre_set)
+    rule = ("old steps rule: 8-window curves, 32-window target, not rerun"
+            if old_steps_metrics(speed) else "current steps rule")
     return [
-        f"it reached Top-K's final validation loss {-st['mean']:.0f} steps sooner (95% CI "
-        f"[{f(st['ci_low'], '.0f')}, {f(st['ci_high'], '.0f')}], "
+        f"Its {len(pre_set)} pre-set claims on the byte LM are inconclusive; pooled over 8c1 and "
+        f"32c4 (factorial main effect, {rule}) it reached Top-K's final validation loss "
+        f"{-st['mean']:.0f} steps sooner ([{f(st['ci_low'], '.0f')}, {f(st['ci_high'], '.0f')}], "
         f"~{-100 * st['mean'] / topk_steps:.0f}% of Top-K's {topk_steps:.0f})",
         f"test perplexity lower by {-pp['mean']:.3f} [{-pp['ci_high']:.3f}, "
         f"{-pp['ci_low']:.3f}] (~{-100 * pp['mean'] / topk_ppl:.1f}%)",
@@ -223,3 +229,76 @@ def test_results_md_word_swap_row_matches_the_rerun():
         f"p (BH) {post2['p_bh']:.3f} there)",
     ]:
         assert want in flat(RESULTS_MD), want
+
+
+def _wall_min(name: str) -> int:
+    return round(page(name)["meta"]["invocation_wall_s"] / 60)
+
+
+def test_wall_times_quoted_in_the_docs_come_from_provenance():
+    """Every 'N min' quoted for a page in docs/RESULTS.md and every 'measured N min' in
+    docs/REPRODUCE.md equals that page's invocation wall time (results.json meta)."""
+    quoted = re.findall(r"\[([a-z0-9/-]+)\]\(results/reproduce/\1/results\.md\); (\d+) min\)",
+                        RESULTS_MD)
+    assert len(quoted) >= 4
+    for name, minutes in quoted:
+        assert int(minutes) == _wall_min(name), name
+    reproduce_md = (ROOT / "docs" / "REPRODUCE.md").read_text(encoding="utf-8")
+    measured = re.findall(r"(?m)^moelab reproduce (\S+)(.*)measured (\d+) min", reproduce_md)
+    assert len(measured) >= 5
+    for name, rest, minutes in measured:
+        where = name + ("/seeds5" if "--seeds 5" in rest else "")
+        assert int(minutes) == _wall_min(where), where
+    depth = page("momentum-depth")["meta"]
+    assert (f"trained {depth['n_run']} of them ({depth['n_skipped']} done before) in "
+            f"{round(depth['invocation_wall_s'] / 60)} min") in reproduce_md
+
+
+def test_summary_names_a_per_layer_claims_own_verdict():
+    """A per-layer claim contradicted overall, with layers 1-2 and 4 supported after BH: the
+    table lists those layers together and the whole claim's verdict beside them."""
+    from moelab.experiments.summary import survivors
+
+    rows = [{"layer": i, "verdict": v, "p_bh": p} for i, (v, p) in enumerate(
+        [("contradicted", 0.01), ("supported", 0.01), ("supported", 0.02), ("supported", 0.2),
+         ("supported", 0.03)])]
+    doc = {"claims": [{"arm": "src/adam+exc", "metric": "gini", "verdict": "contradicted",
+                       "per_layer": rows},
+                      {"arm": "sgd", "metric": "gini", "verdict": "supported", "p_bh": 0.04}]}
+    assert survivors(doc) == {
+        "supported": ["adam+exc L1–L2, L4 (whole claim: contradicted)", "sgd"],
+        "contradicted": ["adam+exc L0"]}
+
+
+def test_shared_runs_are_said_once_in_results_md_and_on_each_page():
+    """Arms of two pages holding the same runs (bit-identical per seed) are listed, as
+    generated, in docs/RESULTS.md and on each page concerned: methods-combined base/dmoe are
+    default-moe-lr's x1 arms (and default-moe-speed's seeds 0-2)."""
+    from moelab.experiments.summary import page_section, shared_runs, shared_runs_block
+
+    assert shared_runs_block(ROOT) in RESULTS_MD, \
+        "docs/RESULTS.md's shared runs are stale: python -m moelab.experiments.summary --write"
+    groups = shared_runs(ROOT)
+    assert [("default-moe-lr", "topk-x1"), ("default-moe-speed", "base"),
+            ("methods-combined", "base")] in [[(p, a) for p, a, _ in g] for g in groups]
+    for name in {p for g in groups for p, _, _ in g}:
+        md = (ROOT / "docs" / "results" / "reproduce" / name / "results.md").read_text()
+        assert page_section(name, groups) in md, name
+
+
+def test_shared_runs_need_every_common_seed_identical(tmp_path):
+    from moelab.experiments.summary import shared_runs
+
+    def write(name, arm, vals):
+        d = tmp_path / "docs" / "results" / "reproduce" / name
+        d.mkdir(parents=True)
+        doc = {"arms": [{"key": arm, "metrics": {"test_loss": {"per_seed": vals}}}]}
+        (d / "results.json").write_text(json.dumps(doc))
+
+    write("a", "x", {"0": 1.5, "1": 1.25})
+    write("b", "y", {"0": 1.5, "1": 1.25, "2": 1.0})
+    write("c", "z", {"0": 1.5, "1": 1.3})            # one seed differs: other runs
+    assert shared_runs(tmp_path) == [[("a", "x", ["0", "1"]), ("b", "y", ["0", "1"])]]
+    write("d", "x", {"0": 2.5, "1": 2.25})
+    write("d/seeds5", "x", {"0": 2.5, "1": 2.25})    # d's own follow-up: by design, not listed
+    assert len(shared_runs(tmp_path)) == 1

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from moelab.experiments.reaggregate import reaggregate, splice_sections
+from moelab.experiments.reaggregate import (
+    as_stored,
+    old_steps_metrics,
+    reaggregate,
+    splice_sections,
+)
 from moelab.experiments.registry import get_experiment
-from moelab.experiments.results import compare_arms
+from moelab.experiments.results import OLD_STEPS_RULE, compare_arms, verdict_rule
 from moelab.experiments.stats import bh_adjust
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +44,8 @@ def test_committed_page_carries_bh_and_matches_its_per_seed_values(page):
     md = (page.parent / "results.md").read_text()
     assert "| p (BH) |" in md and "Benjamini-Hochberg, over the" in md
     # the claims follow from the stored per-seed values under today's rules
-    exp = get_experiment(doc["experiment"]["name"])
+    old = old_steps_metrics(doc)
+    exp = as_stored(get_experiment(doc["experiment"]["name"]), doc, old)
     again = compare_arms(exp, [dict(a) for a in doc["arms"]])
     for old, new in zip(doc["claims"], again, strict=True):
         assert old["text"] == new["text"]
@@ -50,6 +56,26 @@ def test_committed_page_carries_bh_and_matches_its_per_seed_values(page):
                     assert not math.isfinite(rn[k])
                 else:
                     assert rn[k] == pytest.approx(ro[k], rel=1e-9)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.parent.relative_to(ROOT)))
+def test_committed_page_states_its_rules_and_seeds_from_its_runs(page):
+    """The rule text in results.json is today's (or says the page keeps the old
+    steps-to-target rule, as its targets section does), and the seeds and base config lines
+    are generated from the runs the page holds (an analysis-only page names its sources)."""
+    doc = json.loads(page.read_text())
+    md = (page.parent / "results.md").read_text()
+    old = old_steps_metrics(doc)
+    exp = as_stored(get_experiment(doc["experiment"]["name"]), doc, old)
+    assert doc["verdict_rule"] == verdict_rule(exp, old_steps=bool(old))
+    if old:
+        targets = md.split(": targets and censoring", 1)[1].split("\n## ", 1)[0]
+        assert OLD_STEPS_RULE in targets
+    seeds = sorted({int(s) for a in doc["arms"] for s in a["seeds"]})
+    assert f"seeds: {len(seeds)} ({seeds[0]}..{seeds[-1]})" in md
+    if exp.sources:
+        assert "- Base config: none of its own (trains nothing); the runs analysed are those " \
+            f"of {exp.sources[0]}" in md
 
 
 def test_splice_replaces_generated_sections_and_keeps_the_rest():

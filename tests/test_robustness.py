@@ -145,6 +145,18 @@ def test_paragraph_units_hold_200_words_and_their_swap_count():
         assert sum(1 for a, _ in spans if lo <= a < hi) == len(u) * 25 // 1000  # floor
 
 
+def test_stopwords_are_nltk_english_as_textattack_uses():
+    """TextAttack's StopwordModification default is NLTK's English list: 179 words; the four
+    the issue found swapped are in it, the Shakespeare pronouns (not in NLTK) are not."""
+    assert len(STOPWORDS) == 179
+    for w in ("as", "because", "until", "while", "couldn't", "should've", "that'll", "ma"):
+        assert w in STOPWORDS, w
+    for w in ("thou", "thee", "yet", "shall", "would", "could", "may", "must"):
+        assert w not in STOPWORDS, w
+    assert word_swap("as because until while crown", seed=0) == \
+        "as because until while AAA"
+
+
 def test_contractions_of_stopwords_are_stopwords():
     for w in ("don't", "It's", "we're", "I'll", "you've", "she'd", "THE"):
         assert is_stopword(w), w
@@ -255,7 +267,7 @@ def test_eval_attack_cli(train_tiny, capsys):
     assert main(["eval", str(run_dir), "--attack", "word_swap:0.1", "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "| val |" in out and "| test |" in out
-    path = run_dir / "robustness" / "word_swap-v2-r0.1-seed0-b2.json"
+    path = run_dir / "robustness" / "word_swap-v3-r0.1-seed0-b2.json"
     res = json.loads(path.read_text())
     assert path.with_suffix(".md").is_file()
     for r in res["rows"]:
@@ -373,5 +385,31 @@ def test_clean_and_attacked_evaluations_score_the_same_span(train_tiny, monkeypa
         assert attacked.numel() < n and att.count("AAA") == row["swapped"] > 0
         assert _swapped(text[:row["span_chars"]], att)  # same words, same skeleton
         assert row["words"] == count_words(text[:row["span_chars"]])
+        # every attacked target is scored, the last partial window included: the same
+        # characters as the clean evaluation
+        assert row["attacked_tokens"] == attacked.numel() - 1
+        assert row["clean_tokens"] == clean.numel() - 1
+        assert row["attacked_loss"] == pytest.approx(
+            _naive_loss(load(run_dir), attacked, 32), rel=1e-5)
     test_row = res["rows"][1]  # the clean test windows are those of the run's final eval
     assert test_row["clean_ppl"] == pytest.approx(final["test_ppl"], rel=1e-6)
+
+
+def _naive_loss(trainer, tokens, s):
+    """Mean loss over every target of ``tokens``, each scored once: windows of ``s`` targets
+    from the start, then the remaining targets with the ``s`` tokens before them as context."""
+    import torch.nn.functional as F
+
+    trainer.model.eval()
+    total, n = 0.0, tokens.numel() - 1
+    with torch.no_grad():
+        for k in range(0, n - n % s, s):
+            w = tokens[k:k + s + 1].long()
+            total += float(F.cross_entropy(trainer.model(w[None, :-1]).logits[0], w[1:],
+                                           reduction="sum"))
+        r = n % s
+        if r:
+            w = tokens[-s - 1:].long()
+            total += float(F.cross_entropy(trainer.model(w[None, :-1]).logits[0, -r:],
+                                           w[-r:], reduction="sum"))
+    return total / n

@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--profile", choices=("quick", "full", "gpu", "gpu-smoke"),
                     default="quick",
                     help="quick: tiny smoke-test runs; full: the documented CPU setting; gpu: "
-                    "the paper-sized setting for one GPU (with --device cuda; `list` gives "
-                    "each one's estimated GPU time); gpu-smoke: the gpu profile shrunk to two "
-                    "CPU steps (default: quick)")
+                    "a budget run on one GPU, ~12 min, not the paper's scale (with --device "
+                    "cuda; `list` gives each one's tokens per run and GPU-hours); gpu-smoke: "
+                    "the gpu profile shrunk to two CPU steps (default: quick)")
     rp.add_argument("--jobs", "-j", type=int, default=None, metavar="J",
                     help="worker processes, the CPU cores split between them (default: one "
                     "per core)")
@@ -353,6 +353,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How ``moelab reproduce list`` says its GPU-time estimates are made (moelab.experiments.gpu).
+GPU_ASSUMPTION = ("LMs: training FLOPs = tokens x (6 x active parameters + 12 x layers x "
+                  "d_model x seq) at 150 TFLOP/s for all packed runs together; small image "
+                  "models: 4 ms per step; plus 20 s per run; 8 runs at a time")
+
+
+def _per_run(e, profile: str) -> str:
+    got = e.items_per_run(profile)
+    if got is None:
+        return ""
+    n = f"{got[0] / 1e6:.1f} M" if got[0] >= 1e6 else f"{got[0]:,}"
+    return f"{n} {got[1]} per run; "
+
+
 def _print_experiments(exps: Sequence, how: str) -> None:
     width = max((len(e.name) for e in exps), default=0)
     print(f"experiments ({how} [--profile quick|full|gpu]):")
@@ -361,10 +375,14 @@ def _print_experiments(exps: Sequence, how: str) -> None:
         cost = (f"~{full.cpu_minutes:.0f} min full, ~{quick.cpu_minutes * 60:.0f} s quick "
                 "(2 CPU cores)") if not e.sources else "analyses " + ", ".join(e.sources)
         gpu = e.profiles.get("gpu")
-        gpu_line = (f"\n  {'':<{width}}  GPU time: ~{gpu.gpu_minutes:.0f} min gpu (one H200, "
-                    "packed runs; an estimate until measured)") if gpu else ""
-        print(f"  {e.name:<{width}}  {e.claim}\n  {'':<{width}}  paper: {e.paper}\n"
-              f"  {'':<{width}}  CPU time: {cost}{gpu_line}")
+        pad = f"\n  {'':<{width}}  "
+        gpu_line = (f"{pad}gpu: a budget run on one GPU (sized to ~12 min, not to the paper): "
+                    f"{_per_run(e, 'gpu')}~{gpu.gpu_minutes / 60:.2f} GPU-hours "
+                    f"(~{gpu.gpu_minutes:.0f} min on one H200, packed runs; an estimate: "
+                    f"{GPU_ASSUMPTION})") if gpu else ""
+        full_size = "" if e.sources else f"; {_per_run(e, 'full').rstrip('; ')}"
+        print(f"  {e.name:<{width}}  {e.claim}{pad}paper: {e.paper}{pad}"
+              f"CPU time: {cost}{full_size}{gpu_line}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

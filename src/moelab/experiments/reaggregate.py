@@ -8,12 +8,20 @@ computed again with today's rules from ``arms[*].metrics[*].per_seed``, checked 
 stored numbers (means, CIs, p-values and verdicts must agree; a change of rule that alters
 one is reported, not hidden), and written back. In results.md only the generated sections
 that depend on them are replaced (Results, Claims, steps-to-target targets, Factorial
-effects); notes added by hand stay, and Provenance gets a line saying what was redone.
+effects); notes added by hand stay, and Provenance gets a line saying what was redone. The
+rule text stored in results.json (``verdict_rule``) is refreshed.
+
+A steps-to-target page written before the current rule (its metric has no ``rule``: the
+target was the baseline's mean final loss) cannot be recomputed: that needs each run's
+validation curve. Its claims keep the old plain paired difference, its labels and claim texts
+stay the stored ones, and the page says plainly that it uses the old rule
+(``results.OLD_STEPS_RULE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -25,11 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from moelab.experiments.registry import get_experiment
-from moelab.experiments.results import _clean, compare_arms, factorial_result, render_markdown
+from moelab.experiments.results import (
+    _clean,
+    compare_arms,
+    factorial_result,
+    render_markdown,
+    verdict_rule,
+)
 from moelab.experiments.spec import Experiment
 from moelab.experiments.stats import NOT_ENOUGH
 
-__all__ = ["reaggregate", "splice_sections"]
+__all__ = ["as_stored", "old_steps_metrics", "reaggregate", "splice_sections"]
 
 _FIELDS = ("mean", "ci_low", "ci_high", "p_value")
 
@@ -81,6 +95,29 @@ def splice_sections(old_md: str, new_md: str, headings: Sequence[str]) -> str:
     return out
 
 
+def old_steps_metrics(doc: Mapping[str, Any]) -> set[str]:
+    """The steps-to-target metrics that the stored page computed with the old rule."""
+    return {name for a in doc["arms"] for name, x in a["metrics"].items()
+            if "censored" in x and "rule" not in x}
+
+
+def as_stored(exp: Experiment, doc: Mapping[str, Any], old: set[str]) -> Experiment:
+    """``exp`` with the stored labels and claim texts of the old-rule metrics ``old`` (their
+    numbers follow the old definition, so the words must too)."""
+    if not old:
+        return exp
+    labels = {m["name"]: m["label"] for m in doc["experiment"]["metrics"]}
+    metrics = tuple(dataclasses.replace(m, label=labels.get(m.name, m.label))
+                    if m.name in old else m for m in exp.metrics)
+    stored = doc["experiment"]["claims"]
+    if len(stored) != len(exp.claims):
+        return dataclasses.replace(exp, metrics=metrics)
+    claims = tuple(dataclasses.replace(c, text=sc["text"])
+                   if (c.metric or exp.metric.name) in old else c
+                   for c, sc in zip(exp.claims, stored, strict=True))
+    return dataclasses.replace(exp, metrics=metrics, claims=claims)
+
+
 def _headings(exp: Experiment) -> list[str]:
     out = ["Results", "Claims"] if not exp.sources else ["Claims"]
     out += [f"{m.label}: targets and censoring" for m in exp.metrics if m.target is not None]
@@ -96,7 +133,8 @@ def reaggregate(directory: str | Path, command: str = "", when: str | None = Non
     ValueError naming the differences if a recomputed number disagrees with the stored one."""
     d = Path(directory)
     doc = json.loads((d / "results.json").read_text(encoding="utf-8"))
-    exp = get_experiment(doc["experiment"]["name"])
+    old = old_steps_metrics(doc)
+    exp = as_stored(get_experiment(doc["experiment"]["name"]), doc, old)
     arms = doc["arms"]
     for a in arms:
         a.pop("vs_first", None)
@@ -108,21 +146,28 @@ def reaggregate(directory: str | Path, command: str = "", when: str | None = Non
                          + "; ".join(problems))
     no_verdict = [rn for c in claims for rn in _rows(c) if rn["verdict"] == NOT_ENOUGH]
     doc["claims"] = claims
+    doc["verdict_rule"] = verdict_rule(exp, old_steps=bool(old))
     if exp.factors:
         doc["factorial"] = factorial_result(exp, arms)
     when = when or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc["meta"]["reaggregated"] = {
         "when": when, "command": command,
-        "what": "claims, Δ vs the first arm and factorial effects recomputed from the stored "
-                "per-seed values with the current rules (p_bh added); nothing rerun"}
+        "what": "claims, Δ vs the first arm, factorial effects and the rule text recomputed "
+                "from the stored per-seed values with the current rules; nothing rerun"
+                + ("; steps-to-target on the old rule (no curves stored)" if old else "")}
     res = {k: doc[k] for k in ("arms", "claims", "failed", "factorial", "data_sources")
            if k in doc}
     new_md = render_markdown(exp, res, doc["meta"])
     md_path = d / "results.md"
     md = splice_sections(md_path.read_text(encoding="utf-8"), new_md, _headings(exp))
     line = (f"- Re-aggregated {when} from the per-seed values in results.json "
-            f"(`{command}`): p (BH) over the claims table added; nothing rerun; the stored "
-            "means, CIs, p-values and verdicts recomputed equal.")
+            f"(`{command}`): claims, p (BH) and rule text recomputed with the current rules; "
+            "nothing rerun; the stored means, CIs, p-values and verdicts recomputed equal"
+            + (" (steps-to-target: the old rule, see above)." if old else "."))
+    for head in ("- Profile: ", "- Base config: "):  # generated from the runs, not typed
+        new_line = next((x for x in new_md.splitlines() if x.startswith(head)), None)
+        if new_line is not None:
+            md = re.sub(rf"(?m)^{re.escape(head)}.*$", lambda _m, x=new_line: x, md, count=1)
     md = re.sub(r"(?m)^- Re-aggregated .*\n", "", md)  # a later run replaces its line
     md = re.sub(r"(?m)^(- Finished: .*)$", lambda m: m.group(1) + "\n" + line, md, count=1)
     (d / "results.json").write_text(json.dumps(_clean(doc), indent=1) + "\n",

@@ -19,12 +19,16 @@ from moelab.experiments.spec import (
     divergence,
     factorial_arm_name,
     factorial_factors,
-    final_record,
+    final_on_other_windows,
+    target_curve,
 )
 from moelab.experiments.stats import (
+    CENSORED_RULE,
     MULTIPLICITY_NOTE,
     VERDICT_RULE,
     bh_adjust,
+    censored_difference,
+    censored_verdict,
     combine_verdicts,
     escape_fraction,
     factorial_effects,
@@ -32,11 +36,12 @@ from moelab.experiments.stats import (
     pick_lr,
     steps_to_target,
     summarize,
+    value_at,
     verdict,
 )
 
-__all__ = ["aggregate", "arm_key", "compare_arms", "factorial_result", "render_markdown",
-           "write_results"]
+__all__ = ["OLD_STEPS_RULE", "aggregate", "arm_key", "compare_arms", "factorial_result",
+           "render_markdown", "verdict_rule", "write_results"]
 
 
 def arm_key(source: str, arm: str, exp: Experiment) -> str:
@@ -66,19 +71,38 @@ def _value(metric: Metric, records: list[dict[str, Any]], val: bool = False,
 
 
 def _target_value(exp: Experiment, m: Metric, sel: dict[str, dict[str, Any]]
-                  ) -> dict[str, float | None]:
-    """Per arm: the mean final ``m.target.key`` over its baseline arm's runs (None: none)."""
-    assert m.target is not None
-    out: dict[str, float | None] = {}
+                  ) -> dict[str, dict[str, Any]]:
+    """Per arm: its target (``Target``; None when no baseline run gives one), the baseline
+    seeds it comes from and the baseline seeds left out (diverged; curve not covering the
+    step, or on mixed windows)."""
+    t = m.target
+    assert t is not None
+    out: dict[str, dict[str, Any]] = {}
     for arm in exp.arms:
-        base = sel.get(m.target.baseline_of(arm.name), {}).get("runs", {})
-        vals = []
-        for _, r in base.values():
-            fin = final_record(r)
-            if fin is not None and fin.get(m.target.key) is not None:
-                vals.append(float(fin[m.target.key]))
+        if t.value is not None:
+            out[arm.name] = {"target": t.value, "from": [], "excluded_diverged": [],
+                             "excluded_unreadable": []}
+            continue
+        base = sel.get(t.baseline_of(arm.name), {}).get("runs", {})
+        vals, used, div, bad = [], [], [], []
+        for seed, (o, r) in sorted(base.items()):
+            if divergence(r, o.status) is not None:
+                div.append(seed)
+                continue
+            planned = _planned_steps(o)
+            try:
+                v = None if planned is None else value_at(target_curve(r, t.key),
+                                                          t.fraction * planned)
+            except ValueError:
+                v = None
+            if v is None:
+                bad.append(seed)
+            else:
+                vals.append(v)
+                used.append(seed)
         s = summarize(vals)
-        out[arm.name] = s.mean if s.n else None
+        out[arm.name] = {"target": s.mean if s.n else None, "from": used,
+                         "excluded_diverged": div, "excluded_unreadable": bad}
     return out
 
 
@@ -93,16 +117,24 @@ def _planned_steps(o: RunOutcome) -> float | None:
 
 
 def _steps_values(m: Metric, runs: Mapping[int, tuple[RunOutcome, list]],
-                  target: float | None
-                  ) -> tuple[dict[int, float | None], list[int], list[int]]:
-    """Steps-to-target per seed, the censored seeds and the diverged seeds (``Target``): a
-    run that never reaches the target is censored at its last evaluated step; a diverged run
-    at its planned final step. None for a run without an evaluation or without a target."""
+                  target: float | None) -> tuple[dict[int, float | None], dict[str, Any]]:
+    """Steps-to-target per seed and how each was read (``Target``): ``censored`` (never
+    reached: at its last evaluated step; a diverged run at its planned final step),
+    ``diverged``, ``other_final_windows`` (final evaluation left out of the curve: other
+    windows) and ``refused`` (seed -> why no value: periodic evaluations on mixed windows).
+    None for a run without an evaluation or without a target."""
     assert m.target is not None
     values: dict[int, float | None] = {}
-    censored, diverged = [], []
+    censored, diverged, other, refused = [], [], [], {}
     for seed, (o, records) in runs.items():
-        curve = _value(m, records)
+        try:
+            curve = target_curve(records, m.target.key) if records else []
+        except ValueError as e:
+            values[seed] = None
+            refused[str(seed)] = str(e)
+            continue
+        if records and final_on_other_windows(records, m.target.key):
+            other.append(seed)
         if target is None or (not curve and o.status != "diverged"):
             values[seed] = None
             continue
@@ -115,7 +147,8 @@ def _steps_values(m: Metric, runs: Mapping[int, tuple[RunOutcome, list]],
         values[seed], cens = steps_to_target(curve, target, m.target.interpolate)
         if cens:
             censored.append(seed)
-    return values, sorted(censored), sorted(diverged)
+    return values, {"censored": sorted(censored), "diverged": sorted(diverged),
+                    "other_final_windows": sorted(other), "refused": refused}
 
 
 def _summary(values: Mapping[int, Any], per_layer: bool) -> Any:
@@ -169,9 +202,12 @@ def _arm_result(exp: Experiment, source: str, arm: str, sel: dict[str, Any],
     for m in exp.metrics:
         extra: dict[str, Any] = {}
         if m.target is not None:
-            target = (targets or {}).get(m.name, {}).get(arm)
-            values, censored, diverged = _steps_values(m, runs, target)
-            extra = {"target": target, "censored": censored, "diverged": diverged}
+            tv = (targets or {}).get(m.name, {}).get(arm) or {"target": None}
+            values, how = _steps_values(m, runs, tv["target"])
+            extra = {"target": tv["target"], "rule": m.target.describe(),
+                     "target_from": tv.get("from", []),
+                     "target_excluded_diverged": tv.get("excluded_diverged", []),
+                     "target_excluded_unreadable": tv.get("excluded_unreadable", []), **how}
         else:
             values = {s: _value(m, r, run=o) for s, (o, r) in runs.items()}
         res["metrics"][m.name] = {"per_seed": {str(s): v for s, v in sorted(values.items())},
@@ -235,6 +271,20 @@ def _target_factors(exp: Experiment, m: Metric) -> set[str]:
 
 def _per_seed(arm_res: dict[str, Any], metric: str) -> dict[int, Any]:
     return {int(s): v for s, v in arm_res["metrics"][metric]["per_seed"].items()}
+
+
+def _compare_steps(a: Mapping[str, Any], b: Mapping[str, Any], m: Metric,
+                   direction: str) -> dict[str, Any]:
+    """A steps-to-target comparison of two arms' results: censored pairs handled by
+    ``stats.censored_difference`` (a page written before that rule, whose metric has no
+    ``rule``, keeps the old plain paired difference: ``"rule": "old"``)."""
+    xa, xb = a["metrics"][m.name], b["metrics"][m.name]
+    pa, pb = _per_seed(a, m.name), _per_seed(b, m.name)
+    if "rule" not in xa:
+        return {**_compare(pa, pb, m, direction), "rule": "old"}
+    d, pairs = censored_difference(pa, pb, xa.get("censored", []), xb.get("censored", []))
+    return {**d.as_dict(), "pairs": pairs.as_dict(),
+            "verdict": censored_verdict(d, pairs, direction)}
 
 
 def _compare(a: dict[int, Any], b: dict[int, Any], m: Metric, direction: str) -> dict[str, Any]:
@@ -308,9 +358,11 @@ def compare_arms(exp: Experiment, arms: list[dict[str, Any]]) -> list[dict[str, 
             if m0.target is not None and not m0.target.shared(a["arm"], first.name):
                 continue  # steps to different targets do not compare
             if exp.arm(a["arm"]).lr_grid == first.lr_grid:
-                a["vs_first"] = {"baseline": first.name, **_compare(
-                    _per_seed(a, m0.name), _per_seed(by_key[first.name], m0.name), m0,
-                    "higher" if m0.higher_is_better else "lower")}
+                how = "higher" if m0.higher_is_better else "lower"
+                cmp = (_compare_steps(a, by_key[first.name], m0, how) if m0.target is not None
+                       else _compare(_per_seed(a, m0.name),
+                                     _per_seed(by_key[first.name], m0.name), m0, how))
+                a["vs_first"] = {"baseline": first.name, **cmp}
 
     claims = []
     for c in exp.claims:
@@ -319,8 +371,9 @@ def compare_arms(exp: Experiment, arms: list[dict[str, Any]]) -> list[dict[str, 
         ka, kb = arm_key(src, c.arm, exp), arm_key(src, c.baseline, exp)
         if ka not in by_key or kb not in by_key:
             raise ValueError(f"{exp.name}: claim {c.arm} vs {c.baseline}: arm not in {src}")
-        cmp = _compare(_per_seed(by_key[ka], m.name), _per_seed(by_key[kb], m.name), m,
-                       c.direction)
+        cmp = (_compare_steps(by_key[ka], by_key[kb], m, c.direction) if m.target is not None
+               else _compare(_per_seed(by_key[ka], m.name), _per_seed(by_key[kb], m.name), m,
+                             c.direction))
         claims.append({"text": c.text or f"{c.arm} {c.direction} than {c.baseline}",
                        "arm": ka, "baseline": kb, "metric": m.name, "direction": c.direction,
                        **cmp})
@@ -362,10 +415,9 @@ def _diff(d: Mapping[str, Any], pct: bool) -> tuple[str, str, str]:
 def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     """results.md text: setting, per-arm table, claims with verdicts, rule, provenance."""
     L: list[str] = [f"# {exp.name}", "", f"**Claim** ({exp.paper}): {exp.claim}", ""]
-    L += [f"- Profile: `{meta['profile']}`, seeds: {meta['seeds']} (0..{meta['seeds'] - 1})",
+    L += [_profile_line(exp, res, meta),
           f"- Dataset actually used: {', '.join(res['data_sources']) or meta.get('data', '–')}",
-          f"- Base config: `{exp.base}` with overrides: "
-          + (", ".join(f"`{o}`" for o in meta.get("overrides", [])) or "none")]
+          _base_line(exp, meta)]
     if exp.notes and meta["profile"] == "full":
         L.append(f"- Notes: {exp.notes}")
     elif exp.notes:
@@ -450,6 +502,7 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
                      f"{c['n']} | **{c['verdict']}** |")
     L += ["", VERDICT_RULE + (" Accuracy differences are in percentage points."
                               if any(_is_pct(c["metric"]) for c in res["claims"]) else ""), ""]
+    L += _steps_claim_lines(res["claims"])
     if bh:
         L += [MULTIPLICITY_NOTE.format(n=n_p), ""]
     sel = [a for a in res["arms"] if a["lr_selection"]]
@@ -477,6 +530,37 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
           f"- Machine: {meta['machine']}", _wall_line(meta, exp.name, len(res["failed"])),
           f"- Finished: {meta['finished']}", ""]
     return "\n".join(L)
+
+
+def _seed_list(seeds: Sequence[int]) -> str:
+    if seeds and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+    return ", ".join(map(str, seeds))
+
+
+def _profile_line(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """``- Profile: ..., seeds: ...``: the seeds of the runs the page's arms hold (not the
+    profile's number, which an analysis-only page does not use)."""
+    seeds = sorted({int(s) for a in res["arms"] for s in a.get("seeds", [])})
+    counts = sorted({len(a.get("seeds", [])) for a in res["arms"]})
+    text = f"{len(seeds)} ({_seed_list(seeds)})" if seeds else "none finished"
+    if len(counts) > 1:
+        text += f"; {counts[0]}–{counts[-1]} per arm (n in the tables)"
+    if exp.sources:
+        return (f"- Profile: `{meta['profile']}` of the runs analysed, seeds: {text}")
+    return f"- Profile: `{meta['profile']}`, seeds: {text}"
+
+
+def _base_line(exp: Experiment, meta: Mapping[str, Any]) -> str:
+    """``- Base config: ...``; for an analysis-only page, the base configs of its sources."""
+    if not exp.sources:
+        return (f"- Base config: `{exp.base}` with overrides: "
+                + (", ".join(f"`{o}`" for o in meta.get("overrides", [])) or "none"))
+    from moelab.experiments.registry import EXPERIMENTS
+
+    bases = [f"{n} (`{EXPERIMENTS[n].base}`)" if n in EXPERIMENTS else n for n in exp.sources]
+    return ("- Base config: none of its own (trains nothing); the runs analysed are those of "
+            + ", ".join(bases))
 
 
 def _wall_line(meta: Mapping[str, Any], name: str, n_failed: int) -> str:
@@ -515,35 +599,15 @@ def _render_extra(exp: Experiment, res: Mapping[str, Any]) -> list[str]:
     if exp.extra_sections is not None:
         L += exp.extra_sections(res)
     for m in exp.metrics:
-        if m.target is None:
-            continue
-        how = ("linearly interpolated between the two evaluations around the crossing"
-               if m.target.interpolate else "the first evaluation step at or below it")
-        L += [f"## {m.label}: targets and censoring", "",
-              f"Target of each arm: the mean final {m.target.key} of its baseline arm's runs "
-              "(fixed from those runs alone), read on the evaluations that use the same "
-              f"windows as the final one. Steps: {how}. Only arms with the same target are "
-              "compared. A run that never reaches its target is *censored*: counted at its "
-              "last evaluated step, a lower bound on its true value. That favours the arm "
-              "holding the censored run: it shrinks a difference toward 0 when that arm is the "
-              "slower one, and can exaggerate it when that arm is the faster one. A diverged "
-              "run never reaches the target: it is censored at its planned final step.", "",
-              "| arm | baseline | target | reached | censored seeds | diverged seeds |",
-              "|---|---|---|---|---|---|"]
-        for a in res["arms"]:
-            x = a["metrics"][m.name]
-            n = sum(1 for v in x["per_seed"].values() if v is not None)
-            cens = x.get("censored", [])
-            div = ", ".join(map(str, x.get("diverged", []))) or "–"
-            L.append(f"| {a['arm']} | {m.target.baseline_of(a['arm'])} | "
-                     f"{_f(x.get('target'))} | {n - len(cens)} of {n} | "
-                     f"{', '.join(map(str, cens)) or '–'} | {div} |")
-        L.append("")
+        if m.target is not None:
+            L += _targets_section(exp, m, res)
     if exp.report_divergence:
         L += ["## Divergence", "",
               "Diverged: stopped at a non-finite loss, or finished with a non-finite final "
-              "validation loss or one above the initial training loss. Diverged runs are an "
-              "outcome, not a failure; they have no metric value when they stopped early.", "",
+              "validation loss or one more than 5% above the initial training loss (a run "
+              "that ended near its initial loss did not learn; it did not diverge). Diverged "
+              "runs are an outcome, not a failure; they have no metric value when they "
+              "stopped early.", "",
               "| arm | lr | diverged | of n | failed (other errors) | reasons |",
               "|---|---|---|---|---|---|"]
         for a in res["arms"]:
@@ -575,6 +639,96 @@ def _render_extra(exp: Experiment, res: Mapping[str, Any]) -> list[str]:
     return L
 
 
+OLD_STEPS_RULE = (
+    "**This page uses the old steps-to-target rule** (its runs were not rerun): the target "
+    "was the baseline arm's mean *final* validation loss, diverged baseline runs included, "
+    "so the baseline's own slower runs never reach it; a run that never reached it counted "
+    "at its last evaluated step as if it had got there then, so an arm that never gets there "
+    "looks like one that got there last. The current rule (docs/REPRODUCE.md, "
+    "'Steps to a target') needs each run's validation curve, which results.json does not "
+    "hold; rerun the experiment to apply it.")
+
+
+def _steps_claim_lines(claims: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Under the claims table: the censoring rule and each steps claim's pairs, or the old
+    rule's warning."""
+    steps = [c for c in claims if "pairs" in c]
+    old = [c for c in claims if c.get("rule") == "old"]
+    L: list[str] = []
+    if steps:
+        L += [CENSORED_RULE, ""]
+        for c in steps:
+            p = c["pairs"]
+            L.append(f"- {c['text']}: {p['both']} pairs both reached the target, "
+                     f"{p['arm_censored']} with only the arm's run censored, "
+                     f"{p['baseline_censored']} with only the baseline's, {p['neither']} "
+                     "where neither reached it (left out)")
+        L.append("")
+    if old:
+        L += [OLD_STEPS_RULE, ""]
+    return L
+
+
+def _targets_section(exp: Experiment, m: Metric, res: Mapping[str, Any]) -> list[str]:
+    """``## <label>: targets and censoring``: the rule, per arm its target, where it comes
+    from and what was censored; a loud warning when windows differ or a run was refused."""
+    assert m.target is not None
+    xs = {a["arm"]: a["metrics"][m.name] for a in res["arms"]}
+    L = [f"## {m.label}: targets and censoring", ""]
+    if any("rule" not in x for x in xs.values()):
+        L += [OLD_STEPS_RULE, "", "| arm | baseline | target | reached | censored seeds | "
+              "diverged seeds |", "|---|---|---|---|---|---|"]
+        for arm, x in xs.items():
+            n = sum(1 for v in x["per_seed"].values() if v is not None)
+            cens = x.get("censored", [])
+            L.append(f"| {arm} | {m.target.baseline_of(arm)} | {_f(x.get('target'))} | "
+                     f"{n - len(cens)} of {n} | {', '.join(map(str, cens)) or '–'} | "
+                     f"{', '.join(map(str, x.get('diverged', []))) or '–'} |")
+        return L + [""]
+    how = ("linearly interpolated between the two evaluations around the crossing"
+           if m.target.interpolate else "the first evaluation step at or below it")
+    L += [f"Target of each arm: {m.target.describe()}; fixed by the definition before any "
+          f"run. Curve: the periodic validation evaluations, all on one set of windows, plus "
+          f"the final evaluation when it used the same windows. Steps: {how}. A run that "
+          "never reaches its target is censored at its last evaluated step (a diverged run at "
+          "its planned final step); claims handle censored pairs as stated under Claims. "
+          "Only arms with the same target are compared.", ""]
+    other = sorted({f"{a}/s{s}" for a, x in xs.items() for s in x.get("other_final_windows", [])})
+    if other:
+        L += [f"> **Warning: windows.** The final evaluation of {len(other)} run(s) used other "
+              "windows than the periodic ones; it is left out of their curves, which end at "
+              "the last periodic evaluation (give data.final_eval_batches = "
+              "data.eval_batches to include it).", ""]
+    refused = [f"{a}/s{s}: {why}" for a, x in xs.items() for s, why in x.get("refused", {}).items()]
+    if refused:
+        L += ["> **Refused:** no steps-to-target value for " + "; ".join(refused), ""]
+    L += ["| arm | baseline | target | from baseline seeds | left out of the target | reached "
+          "| censored seeds | diverged seeds |", "|---|---|---|---|---|---|---|---|"]
+    for arm, x in xs.items():
+        n = sum(1 for v in x["per_seed"].values() if v is not None)
+        cens = x.get("censored", [])
+        out = [f"{s} (diverged)" for s in x.get("target_excluded_diverged", [])]
+        out += [f"{s} (curve does not cover the step)"
+                for s in x.get("target_excluded_unreadable", [])]
+        src = ", ".join(map(str, x.get("target_from", []))) or (
+            "fixed" if m.target.value is not None else "–")
+        L.append(f"| {arm} | {m.target.baseline_of(arm)} | {_f(x.get('target'))} | {src} | "
+                 f"{', '.join(out) or '–'} | {n - len(cens)} of {n} | "
+                 f"{', '.join(map(str, cens)) or '–'} | "
+                 f"{', '.join(map(str, x.get('diverged', []))) or '–'} |")
+    return L + [""]
+
+
+def verdict_rule(exp: Experiment, old_steps: bool = False) -> str:
+    """The verdict rule text of ``exp``'s results (the censoring rule added for a
+    steps-to-target metric; ``old_steps``: a page on the old steps rule says so instead)."""
+    if old_steps:
+        return VERDICT_RULE + " " + OLD_STEPS_RULE.replace("**", "")
+    if any(m.target is not None for m in exp.metrics):
+        return VERDICT_RULE + " " + CENSORED_RULE
+    return VERDICT_RULE
+
+
 def write_results(out_dir: Path, exp: Experiment, res: Mapping[str, Any],
                   meta: Mapping[str, Any]) -> Path:
     """Write ``results.json`` and ``results.md`` into ``out_dir``; returns results.md."""
@@ -588,7 +742,7 @@ def write_results(out_dir: Path, exp: Experiment, res: Mapping[str, Any],
             "claims": [{"arm": c.arm, "baseline": c.baseline, "direction": c.direction,
                         "metric": c.metric or exp.metric.name, "source": c.source,
                         "text": c.text} for c in exp.claims]}
-    doc = {"experiment": spec, "meta": dict(meta), **res, "verdict_rule": VERDICT_RULE}
+    doc = {"experiment": spec, "meta": dict(meta), **res, "verdict_rule": verdict_rule(exp)}
     (out_dir / "results.json").write_text(json.dumps(_clean(doc), indent=1) + "\n",
                                           encoding="utf-8")
     md = out_dir / "results.md"

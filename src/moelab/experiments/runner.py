@@ -26,6 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -379,12 +380,42 @@ def _describe(o: RunOutcome) -> str:
     return f"{o.status} {' '.join(bits)} ({o.wall_s:.0f} s)"
 
 
+def _run_pool(worker: Callable[..., RunOutcome], specs: list[RunSpec], idx: Iterable[int],
+              jobs: int, command: list[str] | None,
+              finished: Callable[[int, RunOutcome], None]) -> list[tuple[int, BaseException]]:
+    """Run ``specs[i]`` for ``i`` in ``idx`` on ``jobs`` spawned workers, calling
+    ``finished`` for each; returns the runs the pool could not finish because a worker died
+    (``BrokenProcessPool``), with the error."""
+    idx = list(idx)
+    broken: list[tuple[int, BaseException]] = []
+    ctx = get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=min(jobs, len(idx)), mp_context=ctx) as ex:
+        futs = {ex.submit(worker, specs[i], command): i for i in idx}
+        for f in as_completed(futs):
+            i = futs[f]
+            try:
+                o = f.result()
+            except BrokenProcessPool as e:
+                broken.append((i, e))
+                continue
+            except Exception as e:  # noqa: BLE001 - the run could not be sent or returned
+                o = _worker_died(specs[i], e)
+            if o.status == "interrupted":
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise KeyboardInterrupt
+            finished(i, o)
+    return broken
+
+
 def execute_runs(specs: Iterable[RunSpec], jobs: int = 1,
                  on_done: Callable[[RunOutcome], None] | None = None,
-                 command: list[str] | None = None, progress: bool = True) -> list[RunOutcome]:
+                 command: list[str] | None = None, progress: bool = True,
+                 worker: Callable[..., RunOutcome] = execute_run) -> list[RunOutcome]:
     """Execute ``specs`` with ``jobs`` worker processes (1: in this process); one overall
     progress bar on a TTY stderr, else one line per finished run. Returns the outcomes in
-    the order of ``specs``."""
+    the order of ``specs``. ``worker(spec, command)``: what runs one spec (``execute_run``;
+    a module-level function, since workers are spawned). A worker process that dies fails
+    only its own run: the runs its death interrupted are retried, each alone."""
     specs = list(specs)
     if jobs < 1:
         raise ValueError(f"--jobs={jobs} is invalid: need >= 1")
@@ -412,24 +443,18 @@ def execute_runs(specs: Iterable[RunSpec], jobs: int = 1,
     try:
         if jobs == 1 or len(specs) <= 1:
             for i, s in enumerate(specs):
-                o = execute_run(s, command)
+                o = worker(s, command)
                 if o.status == "interrupted":
                     raise KeyboardInterrupt
                 finished(i, o)
         else:
-            ctx = get_context("spawn")  # no forked torch thread pools
-            with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=ctx) as ex:
-                futs = {ex.submit(execute_run, s, command): i for i, s in enumerate(specs)}
-                for f in as_completed(futs):
-                    i = futs[f]
-                    try:
-                        o = f.result()
-                    except Exception as e:  # noqa: BLE001 - a worker died (OOM kill, ...)
-                        o = _worker_died(specs[i], e)
-                    if o.status == "interrupted":
-                        ex.shutdown(wait=True, cancel_futures=True)
-                        raise KeyboardInterrupt
-                    finished(i, o)
+            # a worker that dies breaks the pool and every run still in it: those are retried
+            # one at a time, each in a pool of its own, so a run that kills its worker fails
+            # only itself
+            broken = _run_pool(worker, specs, range(len(specs)), jobs, command, finished)
+            for i, _ in sorted(broken):
+                for j, e in _run_pool(worker, specs, [i], 1, command, finished):
+                    finished(j, _worker_died(specs[j], e))
     finally:
         bar.close()
     return [results[i] for i in range(len(specs))]

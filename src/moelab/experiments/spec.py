@@ -27,8 +27,9 @@ from typing import Any
 
 from moelab.experiments.stats import DIRECTIONS
 
-__all__ = ["Arm", "Claim", "Experiment", "Metric", "Profile", "Records", "Target", "divergence",
-           "eval_curve", "final_record", "target_curve"]
+__all__ = ["DIVERGENCE_MARGIN", "Arm", "Claim", "Experiment", "Metric", "Profile", "Records",
+           "Target", "divergence", "eval_curve", "final_on_other_windows", "final_record",
+           "target_curve"]
 
 #: The entries of one run's metrics.jsonl, in order.
 Records = Sequence[dict[str, Any]]
@@ -63,23 +64,52 @@ def eval_curve(records: Records, key: str = "val_loss") -> list[tuple[float, flo
     return sorted(out, key=lambda sv: sv[0])
 
 
+def _periodic_and_final(records: Records, key: str
+                        ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    evals = [r for r in records if r.get("kind") == "eval" and r.get(key) is not None]
+    fin = next((r for r in reversed(evals) if r.get("final")), None)
+    return [r for r in evals if not r.get("final")], fin
+
+
+def final_on_other_windows(records: Records, key: str = "val_loss") -> bool:
+    """Whether the final evaluation used other windows (``val_items``) than the periodic
+    ones: it is then left out of the steps-to-target curve (``target_curve``)."""
+    periodic, fin = _periodic_and_final(records, key)
+    items = {r["val_items"] for r in periodic if r.get("val_items") is not None}
+    return fin is not None and bool(items) and fin.get("val_items") not in (None, *items)
+
+
 def target_curve(records: Records, key: str = "val_loss") -> list[tuple[float, float]]:
-    """``eval_curve`` restricted to the evaluations on the same windows as the final one
-    (the same ``val_items``; records without it are kept): a steps-to-target target is a mean
-    of final values, so the curve it is read on must come from the same windows."""
-    fin = next((r for r in reversed(records) if r.get("kind") == "eval" and r.get("final")),
-               None)
-    items = None if fin is None else fin.get("val_items")
-    if items is None:
-        return eval_curve(records, key)
-    return eval_curve([r for r in records if r.get("val_items", items) == items], key)
+    """The steps-to-target curve: the periodic validation evaluations, all on one set of
+    windows (the same ``val_items``; records without it are kept), plus the final one when it
+    used those windows too. The target is read on the baseline's curves of the same windows
+    (``Target``), so curve and target never mix windows. Raises ValueError when the periodic
+    evaluations themselves used different windows."""
+    periodic, fin = _periodic_and_final(records, key)
+    items = sorted({r["val_items"] for r in periodic if r.get("val_items") is not None})
+    if len(items) > 1:
+        raise ValueError(f"the periodic evaluations used different windows (val_items "
+                         f"{items}): steps-to-target needs one set; evaluate every time on "
+                         "the same data.eval_batches")
+    kept = periodic + ([fin] if fin is not None and not final_on_other_windows(records, key)
+                       else [])
+    if not periodic and fin is not None:
+        kept = [fin]
+    return eval_curve(kept, key)
+
+
+#: How far above its initial loss a run must finish to count as diverged (a share of it): a
+#: run that barely moved (lr 1e-7) ends within noise of its initial loss; it did not learn,
+#: it did not diverge.
+DIVERGENCE_MARGIN = 0.05
 
 
 def divergence(records: Records, status: str | None = None) -> str | None:
     """Why a run counts as diverged, or None: it stopped at a non-finite loss (runner status
     ``"diverged"``: ``moelab.train.guard.NonFiniteError``), or it finished with a non-finite final
-    validation loss or one above its initial loss (the first logged training loss). A run
-    that failed for another reason or has not finished is not diverged (None)."""
+    validation loss or one more than ``DIVERGENCE_MARGIN`` (5%) above its initial loss (the
+    first logged training loss). A run that failed for another reason, has not finished, or
+    did not learn (ended near its initial loss) is not diverged (None)."""
     if status == "diverged":
         return "stopped at a non-finite loss"
     fin = final_record(records)
@@ -90,24 +120,29 @@ def divergence(records: Records, status: str | None = None) -> str | None:
         return "non-finite final validation loss"
     first = next((r for r in records if r.get("kind") == "train"
                   and r.get("loss") is not None and math.isfinite(float(r["loss"]))), None)
-    if first is not None and v > float(first["loss"]):
-        return f"final validation loss {v:.4g} above the initial loss {float(first['loss']):.4g}"
+    if first is not None and v > float(first["loss"]) * (1.0 + DIVERGENCE_MARGIN):
+        return (f"final validation loss {v:.4g} more than {DIVERGENCE_MARGIN:.0%} above the "
+                f"initial loss {float(first['loss']):.4g}")
     return None
 
 
 @dataclass(frozen=True)
 class Target:
-    """Steps-to-target: each arm's target is the mean final ``key`` (``val_loss``) of its
-    baseline arm's runs (at that arm's picked lr); a run's value is the first step its
-    validation curve reaches the target (linearly interpolated between evaluations when
-    ``interpolate``; see ``stats.steps_to_target``), read on the evaluations that use the
-    same windows as the final one (``target_curve``).
+    """Steps-to-target, fixed before any run: a run's value is the first step its validation
+    curve (``target_curve``: one set of windows) reaches the target, linearly interpolated
+    between evaluations when ``interpolate`` (``stats.steps_to_target``).
 
-    Censoring: a run that never reaches its target is counted at its last evaluated step (a
-    lower bound) and listed as censored. A diverged run (``spec.divergence``: stopped at a
-    non-finite loss, or finished above its initial loss) never reaches the target, whatever
-    its curve did before: it is censored at the planned final step (``train.steps``), listed
-    as diverged.
+    The target of an arm is either the fixed loss ``value``, or (``fraction``, the default)
+    the mean over its baseline arm's runs of their curve's value at ``fraction`` of the
+    planned training steps (``stats.value_at``), read on the same windows as every curve.
+    Diverged baseline runs (``spec.divergence``) are left out of that mean and counted, so a
+    diverged run cannot move the target; so are runs whose curve does not cover that step.
+    With ``fraction`` 0.5 the baseline itself reaches the target near mid-training, leaving
+    room to see an arm up to twice as slow before the end of training.
+
+    Censoring: a run that never reaches its target is censored at its last evaluated step; a
+    diverged run at its planned final step (``train.steps``). Claims on it are decided by
+    ``stats.censored_difference`` / ``censored_verdict`` (``stats.CENSORED_RULE``).
 
     baseline: ``(arm, baseline arm)`` pairs, one for every arm of the experiment (a baseline
     arm maps to itself). Only arms with the same baseline share a target and are compared.
@@ -116,6 +151,18 @@ class Target:
     baseline: tuple[tuple[str, str], ...]
     key: str = "val_loss"
     interpolate: bool = True
+    fraction: float | None = 0.5
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.value is None):
+            raise ValueError("steps-to-target: give the target as fraction= (of the baseline's "
+                             "training) or value= (a fixed loss), exactly one")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"steps-to-target: fraction={self.fraction!r} is invalid: need "
+                             "0 < fraction <= 1")
+        if self.value is not None and not math.isfinite(self.value):
+            raise ValueError(f"steps-to-target: value={self.value!r} is not finite")
 
     def baseline_of(self, arm: str) -> str:
         for a, b in self.baseline:
@@ -126,6 +173,13 @@ class Target:
     def shared(self, a: str, b: str) -> bool:
         """Whether arms ``a`` and ``b`` have the same target (the same baseline arm)."""
         return self.baseline_of(a) == self.baseline_of(b)
+
+    def describe(self) -> str:
+        """The target rule in words (results.json's ``rule`` and the page)."""
+        if self.value is not None:
+            return f"fixed {self.key} {self.value:g}"
+        return (f"the baseline arm's mean {self.key} at {self.fraction:g} of its planned "
+                "training steps (diverged runs excluded), on the curve's windows")
 
 
 @dataclass(frozen=True)
@@ -156,12 +210,16 @@ class Metric:
 
     @classmethod
     def steps_to(cls, baseline: dict[str, str], key: str = "val_loss",
-                 interpolate: bool = True, label: str | None = None) -> Metric:
-        """Steps until the validation ``key`` reaches the baseline arm's mean final ``key``
-        (``baseline``: arm -> its baseline arm, every arm listed); lower is better."""
-        return cls(f"steps_to_{key}", label or f"steps to the baseline's final {key}",
+                 interpolate: bool = True, label: str | None = None,
+                 fraction: float | None = 0.5, value: float | None = None) -> Metric:
+        """Steps until the validation ``key`` reaches the target (``Target``: by default the
+        baseline arm's mean ``key`` at half its training; ``baseline``: arm -> its baseline
+        arm, every arm listed); lower is better."""
+        target = Target(tuple(sorted(baseline.items())), key, interpolate,
+                        None if value is not None else fraction, value)
+        return cls(f"steps_to_{key}", label or f"steps to the target {key}",
                    lambda records: target_curve(records, key), None, higher_is_better=False,
-                   target=Target(tuple(sorted(baseline.items())), key, interpolate))
+                   target=target)
 
     @classmethod
     def final(cls, what: str, label: str | None = None,
@@ -215,7 +273,8 @@ class Profile:
     the default number of seeds, which entries of each arm's lr grid to run (``lr_index``;
     None: all), and the estimated CPU time on 2 cores in minutes.
 
-    A GPU profile ("gpu") also has ``gpu_minutes`` (its estimated time on one H200 with
+    A GPU profile ("gpu": a budget run on one GPU, sized to ~12 minutes, not to the paper's
+    scale) also has ``gpu_minutes`` (its estimated time on one H200 with
     packed runs; how each is estimated is in the experiment's notes), may replace the
     experiment's ``arms`` and ``claims`` (a paper's setting that the CPU arms only
     approximate, e.g. its model depths), and has ``smoke``: overrides that shrink every run
@@ -247,6 +306,8 @@ class Experiment:
     image_datasets: the image datasets this experiment may use, in order of preference, among
         "cifar10" (when --data-dir holds it), "fashion-mnist" (when installed) and "mnist5k"
         (always there); the runner takes the first available. Empty: the base config's data.
+        None (default): follows the base config's ``model.kind``: all three for an image
+        model ("mlp", "vit"), empty for a text one ("lm", "hf").
     chance: accuracy of guessing (for the escape fraction), None when not reported.
     sources: experiments whose runs this one analyses instead of training its own.
     factors: for a full 2^k factorial: the factor names; arm ``"base"`` has none on, every
@@ -268,7 +329,7 @@ class Experiment:
     metrics: tuple[Metric, ...] = ()
     lr_grid: tuple[float, ...] | None = None
     profiles: dict[str, Profile] = field(default_factory=dict)
-    image_datasets: tuple[str, ...] = ("cifar10", "fashion-mnist", "mnist5k")
+    image_datasets: tuple[str, ...] | None = None
     chance: float | None = None
     sources: tuple[str, ...] = ()
     factors: tuple[str, ...] = ()
@@ -287,6 +348,8 @@ class Experiment:
         if bool(self.arms) == bool(self.sources):
             raise ValueError(f"experiment {self.name!r}: give arms (it trains) or sources "
                              "(it analyses other experiments' runs), not both or neither")
+        if self.image_datasets is None:
+            object.__setattr__(self, "image_datasets", _default_image_datasets(self))
         bad = set(self.image_datasets) - set(IMAGE_CHOICES)
         if bad:
             raise ValueError(f"experiment {self.name!r}: image_datasets {sorted(bad)} invalid: "
@@ -380,6 +443,25 @@ class Experiment:
                                    claims=prof.claims if prof.claims is not None
                                    else self.claims, profiles=plain)
 
+    def items_per_run(self, profile: str) -> tuple[int, str] | None:
+        """What one run of ``profile`` trains on, from its resolved config (the first arm's):
+        ``(steps x batch x seq_len x grad_accum, "tokens")`` for a language model,
+        ``(steps x batch x grad_accum, "images")`` otherwise; None for an analysis-only
+        experiment (it trains nothing)."""
+        from moelab.config import load_config
+
+        exp = self.at(profile)
+        if exp.sources:
+            return None
+        prof = exp.profile(profile)
+        arm = exp.arms[0]
+        cfg = load_config(exp.base, list(exp.overrides + prof.overrides + arm.overrides
+                                         + prof.after_arms))
+        n = cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum
+        if cfg.model.kind in ("lm", "hf"):
+            return n * cfg.data.seq_len, "tokens"
+        return n, "images"
+
     def lr_grid_of(self, arm: Arm, profile: Profile) -> tuple[float | None, ...]:
         """The learning rates ``arm`` is trained at under ``profile`` ((None,): config lr)."""
         grid = arm.lr_grid or self.lr_grid
@@ -388,6 +470,21 @@ class Experiment:
         if profile.lr_index is None:
             return tuple(grid)
         return tuple(grid[i] for i in profile.lr_index if -len(grid) <= i < len(grid))
+
+
+def _default_image_datasets(exp: Experiment) -> tuple[str, ...]:
+    """``image_datasets`` when not given: by the base config's model kind (an analysis-only
+    experiment trains nothing: none)."""
+    if exp.sources:
+        return ()
+    from moelab.config import load_config
+
+    try:
+        kind = load_config(exp.base).model.kind
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"experiment {exp.name!r}: base config {exp.base!r} cannot be "
+                         f"loaded ({e}); give a shipped config name or a TOML path") from e
+    return () if kind in ("lm", "hf") else IMAGE_CHOICES
 
 
 def _subsets(factors: Sequence[str]) -> list[tuple[str, ...]]:

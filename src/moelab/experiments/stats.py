@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["DIRECTIONS", "MULTIPLICITY_NOTE", "NOT_ENOUGH", "VERDICT_RULE", "ArmSummary", "Effect",
-           "PairedDiff", "bh_adjust", "combine_verdicts", "escape_fraction", "factorial_effects",
-           "paired_difference", "pick_lr", "steps_to_target", "summarize", "verdict"]
+__all__ = ["CENSORED_RULE", "DIRECTIONS", "MULTIPLICITY_NOTE", "NOT_ENOUGH", "VERDICT_RULE",
+           "ArmSummary", "CensoredPairs", "Effect", "PairedDiff", "bh_adjust",
+           "censored_difference", "censored_verdict", "combine_verdicts", "escape_fraction",
+           "factorial_effects", "paired_difference", "pick_lr", "steps_to_target", "summarize",
+           "value_at", "verdict"]
 
 DIRECTIONS = ("higher", "lower")
 #: The verdict of a claim with fewer than 2 paired seeds: no interval, so no verdict.
@@ -206,6 +208,85 @@ def steps_to_target(curve: Sequence[tuple[float, float]], target: float,
             return float(step), False
         prev = (float(step), v) if math.isfinite(v) else None
     return float(curve[-1][0]), True
+
+
+def value_at(curve: Sequence[tuple[float, float]], step: float) -> float | None:
+    """The curve's value at ``step``, linearly interpolated between the two evaluations
+    around it (exact at an evaluation); None when ``step`` lies outside the evaluated steps
+    or a value it needs is not finite."""
+    pts = [(float(s), float(v)) for s, v in curve]
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:], strict=False):
+        if s0 <= step <= s1:
+            if step == s0:
+                v = v0
+            elif step == s1:
+                v = v1
+            else:
+                v = v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+            return v if math.isfinite(v) else None
+    if len(pts) == 1 and pts[0][0] == step and math.isfinite(pts[0][1]):
+        return pts[0][1]
+    return None
+
+
+#: How a steps-to-target claim is decided (``censored_difference`` / ``censored_verdict``).
+CENSORED_RULE = (
+    "Steps-to-target claims: a run that never reaches its target is *censored*: its steps "
+    "are at least its last evaluated step, so it enters the paired difference at that step, "
+    "a bound. A pair where only the arm's run is censored bounds the difference from below "
+    "(the arm is later by at least that much); only the baseline's, from above; pairs where "
+    "neither run reached the target say nothing about the order and are left out (counted). "
+    "The interval is the Student-t one on these differences; a verdict is given only in the "
+    "direction every bound points to: *supported* / *contradicted* as in the rule above, "
+    "but an interval on the 'arm sooner' side with a censored arm run (or on the 'arm "
+    "later' side with a censored baseline run) is *inconclusive*, because that run could be "
+    "arbitrarily late. So an arm that never gets there is *later*, not *tied at the last "
+    "step*, and a verdict of *contradicted* on 'sooner' means the arm's runs reached the "
+    "target later than the baseline's or never did.")
+
+
+@dataclass(frozen=True)
+class CensoredPairs:
+    """How the seeds of a steps-to-target comparison pair up: both runs reached the target,
+    only the arm's run is censored, only the baseline's, or neither reached it (left out)."""
+
+    both: int
+    arm_censored: int
+    baseline_censored: int
+    neither: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def censored_difference(arm: Mapping[int, float | None], baseline: Mapping[int, float | None],
+                        arm_censored: Sequence[int], baseline_censored: Sequence[int],
+                        confidence: float = 0.95) -> tuple[PairedDiff, CensoredPairs]:
+    """Paired ``arm - baseline`` steps over the seeds both have a value for, censored runs at
+    their bound (``CENSORED_RULE``); seeds where both runs are censored are left out."""
+    ac, bc = set(arm_censored), set(baseline_censored)
+    seeds = [s for s in arm if s in baseline and arm[s] is not None and baseline[s] is not None
+             and math.isfinite(float(arm[s])) and math.isfinite(float(baseline[s]))]
+    neither = [s for s in seeds if s in ac and s in bc]
+    kept = [s for s in seeds if s not in neither]
+    pairs = CensoredPairs(sum(1 for s in kept if s not in ac and s not in bc),
+                          sum(1 for s in kept if s in ac), sum(1 for s in kept if s in bc),
+                          len(neither))
+    d = paired_difference({s: arm[s] for s in kept}, {s: baseline[s] for s in kept},
+                          confidence)
+    return d, pairs
+
+
+def censored_verdict(diff: PairedDiff, pairs: CensoredPairs, direction: str) -> str:
+    """``verdict`` for a steps-to-target claim (lower = sooner), withheld (``inconclusive``)
+    when a censored pair bounds the difference against the interval's side."""
+    v = verdict(diff, direction)
+    if v not in ("supported", "contradicted"):
+        return v
+    arm_sooner = (v == "supported") == (direction == "lower")
+    if (arm_sooner and pairs.arm_censored) or (not arm_sooner and pairs.baseline_censored):
+        return "inconclusive"
+    return v
 
 
 @dataclass(frozen=True)

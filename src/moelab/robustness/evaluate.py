@@ -10,6 +10,7 @@ errors are reported.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,33 @@ def _prefix_chars(text: str, encode, n_tokens: int) -> int:
     return lo
 
 
+def _tail(trainer: Any, tokens: Any) -> tuple[float, int]:
+    """Summed loss and count of the targets ``data.EvalWindows`` leaves out of a stream of
+    ``N`` tokens (the last ``r = (N - 1) % seq_len``): one window of ``seq_len`` inputs ending
+    at the stream's last token, of which only the last ``r`` targets are scored."""
+    import torch
+    import torch.nn.functional as F
+
+    from moelab.train.precision import autocast
+
+    s = trainer.cfg.data.seq_len
+    n = int(tokens.numel())
+    r = (n - 1) % s
+    if r == 0 or n < s + 1:
+        return 0.0, 0
+    w = tokens[n - 1 - s:].to(torch.int64).to(trainer.device)
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), trainer._runtime(), autocast(trainer.precision, trainer.device):
+            logits = model(w[None, :-1]).logits
+        loss = F.cross_entropy(logits[0, -r:].float(), w[-r:], reduction="sum")
+    finally:
+        model.train(was_training)
+    return float(loss), r
+
+
 def evaluate_attack(run_dir: str | Path, rate: float = 0.025, seed: int = 0,
                     batches: int | None = None, *, cache: bool = True,
                     progress: bool = False) -> dict[str, Any]:
@@ -109,14 +137,15 @@ def evaluate_attack(run_dir: str | Path, rate: float = 0.025, seed: int = 0,
     Both score the same span of the original text: the span the first ``batches`` clean
     evaluation windows cover (None: the whole split). The attack is chosen on the whole split
     (``word_swap``'s units) and applied inside that span; since "AAA" is shorter than most
-    words, the attacked span has fewer tokens, and is scored over all of its windows (up to
-    its last partial window, < seq_len tokens). Each row also gives the span's words and the
-    share swapped. The training text is not touched."""
+    words, the attacked span has fewer tokens, and every one of its targets is scored: its
+    full windows, then its last partial window (``_tail``), so clean and attacked score the
+    same characters. Each row also gives the span's words and the share swapped. The
+    training text is not touched."""
     from moelab.data import load_text_dataset
     from moelab.train.trainer import load_trained
 
     run_dir = Path(run_dir)
-    path = run_dir / OUT_DIR / f"word_swap-v2-r{rate:g}-seed{seed}-b{_tag(batches)}.json"
+    path = run_dir / OUT_DIR / f"word_swap-v3-r{rate:g}-seed{seed}-b{_tag(batches)}.json"
     if cache and (hit := _cached(path, run_dir)) is not None:
         return hit
     trainer = load_trained(run_dir)
@@ -140,6 +169,11 @@ def evaluate_attack(run_dir: str | Path, rate: float = 0.025, seed: int = 0,
         clean = trainer.evaluate(split, None, routing=False, progress=progress)
         trainer.tokens[split] = encode(attacked_text).to(dtype)
         att = trainer.evaluate(split, None, routing=False, progress=progress)
+        tail_sum, tail_n = _tail(trainer, trainer.tokens[split])
+        att_n = att[f"{split}_items"] + tail_n
+        att_loss = (att[f"{split}_loss"] * att[f"{split}_items"] + tail_sum) / att_n
+        att = {**att, f"{split}_loss": att_loss, f"{split}_ppl": math.exp(att_loss),
+               f"{split}_items": att_n}
         words = count_words(text[:end])
         rows.append({"split": split, "clean_loss": clean[f"{split}_loss"],
                      "clean_ppl": clean[f"{split}_ppl"], "attacked_loss": att[f"{split}_loss"],

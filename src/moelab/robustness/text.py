@@ -38,20 +38,22 @@ PARAGRAPH_WORDS = 200
 #: From this length on, ``max(floor(0.025 n), 1) == floor(0.025 n)``: a line is a paragraph.
 LONG_LINE_WORDS = 40
 
-#: A small English stopword list (articles, pronouns, auxiliaries, prepositions, conjunctions,
-#: the clitic pieces of contractions, and the archaic pronouns of the Shakespeare corpus).
-#: Never swapped; a contraction whose pieces all are stopwords ("don't", "it's") is one too.
+#: TextAttack's default stopwords for ``StopwordModification``: NLTK's English list
+#: (``nltk.corpus.stopwords.words("english")``, 179 words, contractions included), copied here
+#: so the attack needs neither package nor a download. Never swapped; a contraction whose
+#: apostrophe-separated pieces all are stopwords ("it's", "we're") is one too.
 STOPWORDS: frozenset[str] = frozenset("""
-a an the and or but nor so yet if then than that this these those there here
-i me my mine myself we us our ours ourselves you your yours yourself yourselves
-he him his himself she her hers herself it its itself they them their theirs themselves
-what which who whom whose when where why how all any both each few more most other some
-such no not only own same too very s t can will just don should now
-d ll m re ve y
-am is are was were be been being have has had having do does did doing would could shall
-may might must of at by for with about against between into through during before after
-above below to from up down in out on off over under again further once
-thou thee thy thine ye art hath doth dost shalt wilt o
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
+yourselves he him his himself she she's her hers herself it it's its itself they them their
+theirs themselves what which who whom this that that'll these those am is are was were be
+been being have has had having do does did doing a an the and but if or because as until
+while of at by for with about against between into through during before after above below
+to from up down in out on off over under again further then once here there when where why
+how all any both each few more most other some such no nor not only own same so than too
+very s t can will just don don't should should've now d ll m o re ve y ain aren aren't
+couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma
+mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren
+weren't won won't wouldn wouldn't
 """.split())
 
 
