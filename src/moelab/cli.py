@@ -1,4 +1,4 @@
-"""The ``moelab`` command line: train, eval, report, export, reproduce, configs.
+"""The ``moelab`` command line: train, eval, report, export, reproduce, configs, launch.
 
 Errors in the user's input (bad config values, unknown keys, missing data or run directories)
 print one line ``moelab: error: ...`` to stderr and exit with status 2, without a traceback.
@@ -25,6 +25,7 @@ examples:
   moelab train --set model.moe.n_experts=16 --set optim.excitation.strategy=zero_sum
   moelab train --set model.default_moe.beta=0.95 --out runs/dmoe
   moelab train --resume runs/dmoe                # continue from its ckpt.pt
+  moelab launch --nproc-per-node 2 train --set train.parallel=fsdp   # torchrun, clean Ctrl-C
   moelab train --config runs/dmoe/config.toml    # redo a run from its saved config
   moelab eval runs/dmoe
   moelab report runs/a runs/b --out report/
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CIFAR-10 python batches for the image claims (default: "
                     "Fashion-MNIST if installed, else the packaged MNIST-5k)")
 
+    sub.add_parser("launch", help="run train or eval on several processes (torchrun with a "
+                   "clean Ctrl-C): moelab launch --nproc-per-node N train ...",
+                   add_help=False)  # its arguments go to moelab.distributed.launch unparsed
     c = sub.add_parser("configs", help="list the shipped configs, or print one resolved",
                        description="List the configs shipped with moelab; with NAME, print "
                        "that config fully resolved as TOML.")
@@ -230,7 +234,8 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         kept = (f"ckpt.pt holds step {trainer.checkpoint_step}; continue from it with: "
                 f"{_resume_command(trainer.run_dir)}" if trainer.checkpoint_step is not None
                 else "no checkpoint was written")
-        print(f"\nmoelab: aborted at step {trainer.step}; {kept}", file=sys.stderr)
+        if trainer.is_main:  # under torchrun: one line
+            print(f"\nmoelab: aborted at step {trainer.step}; {kept}", file=sys.stderr)
         return 130
     if summary.get("stopped") and summary.get("signal"):
         if trainer.is_main:
@@ -450,6 +455,10 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``moelab`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # torchrun's options: parsed by torchrun's own parser
+        from moelab.distributed.launch import main as launch
+
+        return launch(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
