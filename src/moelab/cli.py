@@ -409,6 +409,7 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _fail(f"--seeds={args.seeds} is invalid: need >= 1")
     if args.jobs is not None and args.jobs < 1:
         return _fail(f"--jobs={args.jobs} is invalid: need >= 1")
+    from moelab.experiments.runner import BadArmsError
     from moelab.experiments.suite import RunsFailedError
 
     failed = None
@@ -419,6 +420,10 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
                           compile=args.compile)
     except RunsFailedError as e:
         paths, failed = e.paths, str(e)
+    except BadArmsError as e:  # nothing trained: one line per bad arm
+        for line in e.lines:
+            _fail(line)
+        return 2
     except USER_ERRORS as e:
         return _fail(_one_line(e))
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from moelab.experiments.results import aggregate, write_results
 from moelab.experiments.runner import (
     FASHION_MNIST_DIR,
     RunOutcome,
+    check_configs,
     choose_image_data,
     default_jobs,
     describe_image_choice,
@@ -139,6 +140,7 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
                                data[e.name], extra=extra) for e in exps}
     cmd = list(command) if command is not None else invocation()
     all_specs = [s for e in exps for s in plans[e.name]]
+    check_configs(all_specs)  # every arm valid before any run starts (BadArmsError)
     if jobs is None:
         jobs = _gpu_jobs(all_specs, device or "cuda", progress) if on_gpu else default_jobs()
     if threads is None:
