@@ -188,3 +188,14 @@ def test_reproduce_in_a_loaded_file_is_skipped(tmp_path, capsys, forget):
     out, err = capsys.readouterr()
     assert "uf-broken" in out and "calls reproduce() when imported; skipped" in err
     assert not (tmp_path / "never").exists() and not Path("never").exists()
+
+
+def test_list_gives_measured_cpu_time_or_unknown_with_the_size(tmp_path, capsys, forget):
+    """A profile without ``cpu_minutes`` is "unknown", with its runs and steps; a measured
+    one is shown as given."""
+    path = tmp_path / "sizes.py"
+    path.write_text(BROKEN.replace(BAD_ARM, "()").replace(
+        '"full": Profile()', '"full": Profile(("train.steps=7",), seeds=3, cpu_minutes=12.0)'))
+    assert main(["reproduce", str(path), "list"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "CPU time: ~12 min full, unknown (4 runs x 4 steps) quick (2 CPU cores)" in out

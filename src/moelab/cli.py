@@ -362,14 +362,32 @@ def _print_experiments(exps: Sequence, how: str) -> None:
     width = max((len(e.name) for e in exps), default=0)
     print(f"experiments ({how} [--profile quick|full|gpu]):")
     for e in exps:
-        full, quick = e.profile("full"), e.profile("quick")
-        cost = (f"~{full.cpu_minutes:.0f} min full, ~{quick.cpu_minutes * 60:.0f} s quick "
-                "(2 CPU cores)") if not e.sources else "analyses " + ", ".join(e.sources)
+        cost = (f"{_cpu_time(e, 'full')} full, {_cpu_time(e, 'quick')} quick (2 CPU cores)"
+                if not e.sources else "analyses " + ", ".join(e.sources))
         gpu = e.profiles.get("gpu")
         gpu_line = (f"\n  {'':<{width}}  GPU time: ~{gpu.gpu_minutes:.0f} min gpu (one H200, "
                     "packed runs; an estimate until measured)") if gpu else ""
         print(f"  {e.name:<{width}}  {e.claim}\n  {'':<{width}}  paper: {e.paper}\n"
               f"  {'':<{width}}  CPU time: {cost}{gpu_line}")
+
+
+def _cpu_time(exp, profile: str) -> str:
+    """A profile's measured CPU time (``Profile.cpu_minutes``), or "unknown" with its size:
+    the number of runs and their steps."""
+    from moelab.experiments.runner import plan_runs, resolve_config
+
+    minutes = exp.profile(profile).cpu_minutes
+    if minutes is not None:
+        return f"~{minutes:.0f} min" if minutes >= 1 else f"~{minutes * 60:.0f} s"
+    from pathlib import Path
+
+    try:
+        specs = plan_runs(exp, profile, exp.profile(profile).seeds, Path("."), None)
+        steps = sorted({resolve_config(s).train.steps for s in specs})
+    except ValueError:  # a bad arm: `moelab reproduce` names it
+        return "unknown"
+    each = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    return f"unknown ({len(specs)} runs x {each} steps)"
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
