@@ -79,6 +79,10 @@ def test_documented_example_as_a_script_with_two_workers(tmp_path, guard):
     p = _run([sys.executable, "my_experiment.py"], tmp_path)
     assert p.returncode == 0, p.stderr
     _check_results(tmp_path / "repro", "python my_experiment.py")
+    # the script form says what it found and where, as `moelab reproduce` does
+    assert re.search(r"^my-zero-sum: zs higher than adamw: (supported|contradicted|"
+                     r"inconclusive)$", p.stdout, re.M), p.stdout
+    assert "  results: repro/my-zero-sum/results.md" in p.stdout.splitlines()
 
 
 BROKEN = """\
@@ -199,3 +203,12 @@ def test_list_gives_measured_cpu_time_or_unknown_with_the_size(tmp_path, capsys,
     assert main(["reproduce", str(path), "list"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "CPU time: ~12 min full, unknown (4 runs x 4 steps) quick (2 CPU cores)" in out
+
+
+def test_unknown_name_in_a_file_points_to_its_list(tmp_path, capsys, forget):
+    path = tmp_path / "mine.py"
+    path.write_text(BROKEN.replace(BAD_ARM, "()"))
+    assert main(["reproduce", str(path), "uf-brokn"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"moelab: error: {path} defines no experiment 'uf-brokn': did you mean "
+                   f"'uf-broken'? see `moelab reproduce {path} list`\n")

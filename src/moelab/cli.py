@@ -415,7 +415,17 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if names[1:] == ["list"]:
             _print_experiments(mine, f"moelab reproduce {names[0]} NAME")
             return 0
-        names = names[1:] or [e.name for e in mine]
+        import difflib
+
+        defined = [e.name for e in mine]
+        for n in names[1:]:
+            if (n not in defined and n not in EXPERIMENTS and n not in ("list", "all")
+                    and not is_experiment_file(n)):
+                close = difflib.get_close_matches(n, defined, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                return _fail(f"{names[0]} defines no experiment {n!r}: {hint}see `moelab "
+                             f"reproduce {names[0]} list`")
+        names = names[1:] or defined
     if names == ["list"]:
         _print_experiments(list(EXPERIMENTS.values()), "moelab reproduce NAME")
         return 0
@@ -432,12 +442,11 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     failed = None
     try:
-        paths = reproduce(names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
-                          out=args.out, data_dir=args.data_dir, command=["moelab", *argv],
-                          device=args.device, precision=args.precision,
-                          compile=args.compile)
+        reproduce(names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
+                  out=args.out, data_dir=args.data_dir, command=["moelab", *argv],
+                  device=args.device, precision=args.precision, compile=args.compile)
     except RunsFailedError as e:
-        paths, failed = e.paths, str(e)
+        failed = str(e)
     except BadArmsError as e:  # nothing trained: one line per bad arm
         for line in e.lines:
             _fail(line)
@@ -447,23 +456,18 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print("\nmoelab: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    for p in paths:
-        res = json.loads((p.parent / "results.json").read_text(encoding="utf-8"))
-        verdicts = ", ".join(f"{c['text']}: {c['verdict']}" for c in res["claims"])
-        print(f"{p.parent.name}: {verdicts}")
-        print(f"  results: {p}")
-    if failed:
+    if failed:  # reproduce() printed each experiment's verdicts and results path
         print(f"moelab reproduce: {failed}", file=sys.stderr)
         return 1
     return 0
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
-    from moelab.config import dump_toml, load_config, shipped_configs
+    from moelab.config import dump_toml_all, load_config, shipped_configs
 
     try:
-        if args.name is not None:
-            print(dump_toml(load_config(args.name, args.overrides)), end="")
+        if args.name is not None:  # every key: the unset ones as comments
+            print(dump_toml_all(load_config(args.name, args.overrides)), end="")
             return 0
         configs = shipped_configs()
     except USER_ERRORS as e:

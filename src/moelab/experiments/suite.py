@@ -31,7 +31,8 @@ from moelab.experiments.runner import (
 )
 from moelab.experiments.spec import Experiment
 
-__all__ = ["RunsFailedError", "machine_description", "reproduce", "with_sources"]
+__all__ = ["RunsFailedError", "machine_description", "print_verdicts", "reproduce",
+           "with_sources"]
 
 
 class RunsFailedError(RuntimeError):
@@ -187,10 +188,23 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             print(f"moelab reproduce: no plots: {err}", file=sys.stderr)
             meta["plots"] = []
         written.append(write_results(exp_dir, e, res, meta))
+    if progress:  # also for `python my_experiment.py`: what was found, and where
+        print_verdicts(written)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed and check:
         raise RunsFailedError(failed, written)
     return written
+
+
+def print_verdicts(paths: Sequence[Path]) -> None:
+    """For each results.md written: ``NAME: claim: verdict, ...`` and its path (stdout)."""
+    import json
+
+    for p in paths:
+        res = json.loads((p.parent / "results.json").read_text(encoding="utf-8"))
+        verdicts = ", ".join(f"{c['text']}: {c['verdict']}" for c in res["claims"])
+        print(f"{p.parent.name}: {verdicts}")
+        print(f"  results: {p}", flush=True)
 
 
 def _runs_on_cuda(device: str | None) -> bool:
