@@ -63,10 +63,8 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     for i, a in enumerate(argv):
         if a in COMMANDS:
             return list(argv[:i]), list(argv[i:])
-    other = next((a for a in argv if not a.startswith("-")), None)
-    raise ValueError(f"no moelab command to launch{f' (got {other!r})' if other else ''}: "
-                     "give train or eval after the torchrun options, e.g. moelab launch "
-                     "--nproc-per-node 2 train")
+    raise ValueError("no moelab command to launch: give train or eval after the torchrun "
+                     "options, e.g. moelab launch --nproc-per-node 2 train")
 
 
 def launch_command(command: Sequence[str], world_size: int) -> list[str]:
