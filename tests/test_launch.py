@@ -127,6 +127,7 @@ def test_sigint_stops_cleanly_and_resumes(tmp_path, capsys, launcher):
     recorded = "moelab launch --standalone --nproc-per-node 2" if launcher == "moelab launch" \
         else "torchrun --standalone --nproc_per_node 2 -m moelab"
     assert (run / "command.txt").read_text().startswith(f"{recorded} train --config ")
+    assert stopped[0].endswith(f"continue with: {recorded} train --resume {run}")
     # resume on one process, to two steps past the stop
     text = (run / "config.toml").read_text()
     (run / "config.toml").write_text(re.sub(r"(?m)^steps = 5000$", f"steps = {step + 2}",

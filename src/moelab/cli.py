@@ -178,10 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 
 
-def _resume_command(run_dir: object) -> str:
+def _resume_command(trainer) -> str:
+    """The command that continues ``trainer``'s run: under torchrun, launched as it was."""
     import shlex
 
-    return f"moelab train --resume {shlex.quote(str(run_dir))}"
+    command = ["moelab", "train", "--resume", str(trainer.run_dir)]
+    if trainer.ctx is not None:
+        from moelab.distributed.launch import launch_command
+
+        command = launch_command(command, trainer.world_size)
+    return shlex.join(command)
 
 
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -232,7 +238,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _fail(_one_line(e))
     except KeyboardInterrupt:
         kept = (f"ckpt.pt holds step {trainer.checkpoint_step}; continue from it with: "
-                f"{_resume_command(trainer.run_dir)}" if trainer.checkpoint_step is not None
+                f"{_resume_command(trainer)}" if trainer.checkpoint_step is not None
                 else "no checkpoint was written")
         if trainer.is_main:  # under torchrun: one line
             print(f"\nmoelab: aborted at step {trainer.step}; {kept}", file=sys.stderr)
@@ -241,7 +247,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if trainer.is_main:
             print(f"moelab: stopped by {summary['signal']} at step {summary['step']}/"
                   f"{trainer.cfg.train.steps}; checkpoint saved in {trainer.run_dir}; "
-                  f"continue with: {_resume_command(trainer.run_dir)}", file=sys.stderr)
+                  f"continue with: {_resume_command(trainer)}", file=sys.stderr)
         return 143 if summary["signal"] == "SIGTERM" else 130
     if not trainer.is_main:  # under torchrun, rank 0 reports
         return 0
