@@ -141,7 +141,8 @@ def main(argv: Sequence[str]) -> int:
     if args.shutdown_timeout is None and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
         args.shutdown_timeout = SHUTDOWN_TIMEOUT_S
     args.signals_to_handle = "SIGHUP,SIGQUIT"  # SIGINT / SIGTERM: ours, installed below
-    os.environ[LAUNCH_ENV] = shlex.join(["moelab", "launch", *full])
+    before = os.environ.get(LAUNCH_ENV)
+    os.environ[LAUNCH_ENV] = shlex.join(["moelab", "launch", *full])  # the workers inherit it
     handler = _Signals()
     previous = {s: signal.signal(s, handler.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -160,6 +161,10 @@ def main(argv: Sequence[str]) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
         logging.disable(logging.NOTSET)
+        if before is None:
+            os.environ.pop(LAUNCH_ENV, None)
+        else:
+            os.environ[LAUNCH_ENV] = before
     return 0
 
 
