@@ -126,7 +126,8 @@ def test_suite_records_failures_then_skips_everything(tmp_path, registered, caps
     res = json.loads((md.parent / "results.json").read_text())
     err = capsys.readouterr().err
     assert "[1/6]" in err and "FAILED" in err  # a plain line per run off a TTY
-    # the arm that fails at run time (expert parallel on one process) failed on both seeds, recorded with its error; the others finished
+    # the arm that fails at run time (expert parallel on one process) failed on both seeds,
+    # recorded with its error; the others finished
     assert [f["run"] for f in res["failed"]] == ["t-tiny broken seed=0", "t-tiny broken seed=1"]
     assert all("expert_parallel" in f["error"] for f in res["failed"])
     status = json.loads((Path(res["failed"][0]["run_dir"]) / "reproduce.json").read_text())
