@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from moelab.cli import main
@@ -80,10 +83,12 @@ def test_resume_finishes_an_interrupted_run(tmp_path, tiny_toml, train_tiny, cap
     (["--config", "defualt"], "did you mean 'default'?"),
     (["--set", "data.dataset=wikitext"], "text dataset 'wikitext' reads your own files"),
     (["--set", "data.dataset=textfile", "--set", "data.path=/no/such/file.txt"],
-     "file not found: /no/such/file.txt"),
+     "file not found: /no/such/file.txt. Pass the path"),
     (["--set", "data.dataset=textfile", "--set", "data.path=/tmp"],
-     "textfile: /tmp is a directory; this loader reads one file"),
-    (["--set", "data.path=/no/such/dir"], "directory not found: /no/such/dir"),
+     "textfile: /tmp is a directory; this loader reads one file: give the file's path. Pass"),
+    (["--set", "data.path=/no/such/dir"], "directory not found: /no/such/dir. "),
+    (["--set", "data.dataset=wikitext", "--set", "data.path=/nonexistent/wt103"],
+     "not found: /nonexistent/wt103. Get WikiText-2/103"),
     (["--set", "data.dataset=mnist5k"], "needs a text dataset"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
@@ -111,3 +116,55 @@ def test_other_commands_and_errors(tmp_path, capsys):
     assert code == 0 and "--set KEY=VALUE" in out and "--resume RUN_DIR" in out
     code, out, _ = run(capsys)
     assert code == 2 and "train" in out and "report" in out
+
+
+def test_configs_prints_every_key_and_loads_back(tmp_path, capsys):
+    """`moelab configs default`: every key of RunConfig, the unset ones and the tables that
+    are off as comment lines; the text loads back to the same config."""
+    import dataclasses
+    import typing
+
+    import tomllib
+
+    from moelab.config import RunConfig, config_from_dict, load_config
+
+    code, out, _ = run(capsys, "configs", "default")
+    assert code == 0
+    assert config_from_dict(tomllib.loads(out)) == load_config("default")
+    assert "# capacity_factor: none (unset)" in out and "# [model.default_moe]" in out
+    assert "# [optim.excitation]" in out and "# strategy = " in out
+
+    def keys(cls: type) -> list[tuple[str, str]]:  # (table, key) of every field
+        out, hints = [], typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            sub = [a for a in (hints[f.name], *typing.get_args(hints[f.name]))
+                   if dataclasses.is_dataclass(a)]
+            if sub:
+                out += [(f"{f.name}.{t}" if t else f.name, k) for t, k in keys(sub[0])]
+            else:
+                out.append(("", f.name))
+        return out
+
+    table, seen = "", set()
+    for line in out.splitlines():
+        bare = line.removeprefix("# ")
+        if bare.startswith("["):
+            table = bare[1:bare.index("]")]
+        elif bare:
+            seen.add((table, re.split(r"[ :=]", bare)[0]))
+    want = {(t, k) for t, k in keys(RunConfig)}
+    assert want - seen == set() and len(want) > 80
+
+
+def test_eval_of_a_run_still_training_says_so(tmp_path, capsys, train_tiny):
+    from moelab.runs.lock import RunLock
+
+    run_dir = train_tiny("r", "train.steps=1")
+    (run_dir / "ckpt.pt").unlink()
+    code, _, err = run(capsys, "eval", str(run_dir))
+    assert code == 2 and "the run stopped before its first checkpoint" in err
+    with RunLock(run_dir):  # a training process holds the run
+        code, _, err = run(capsys, "eval", str(run_dir))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the run is still training (pid {os.getpid()} on " in err
+    assert "stopped" not in err

@@ -311,7 +311,8 @@ def test_data_parallel_trainer_matches_one_process(tmp_path, single_run):
     run_dist(tmp_path, 2, run)
     assert_same_run(run, single_run, 2, 1)
     assert not list(run.glob("ckpt.rank*"))  # rank 0's checkpoint holds everything
-    assert (run / "command.txt").read_text().startswith("torchrun --nproc_per_node 2 ")
+    assert (run / "command.txt").read_text().startswith(
+        "torchrun --standalone --nproc_per_node 2 -m moelab")
 
 
 def test_expert_parallel_trainer_matches_one_process_and_resumes(tmp_path, single_run):

@@ -35,7 +35,7 @@ ZS = ("optim.excitation.strategy=\"zero_sum\"",)
 
 
 def tiny_experiment(name="t-tiny", arms=None, lr_grid=None) -> Experiment:
-    arms = arms or (Arm("base"), Arm("zs", ZS), Arm("broken", ("model.moe.top_k=99",)))
+    arms = arms or (Arm("base"), Arm("zs", ZS), Arm("broken", ("train.expert_parallel=2",)))
     claims = (Claim("zs", "base", "higher", text="zs beats base"),) if len(arms) > 1 else ()
     return Experiment(
         name=name, claim="zero_sum helps", paper="test", base="mnist_mlp", overrides=TINY,
@@ -126,13 +126,14 @@ def test_suite_records_failures_then_skips_everything(tmp_path, registered, caps
     res = json.loads((md.parent / "results.json").read_text())
     err = capsys.readouterr().err
     assert "[1/6]" in err and "FAILED" in err  # a plain line per run off a TTY
-    # the invalid arm failed on both seeds, recorded with its error; the others finished
+    # the arm that fails at run time (expert parallel on one process) failed on both seeds,
+    # recorded with its error; the others finished
     assert [f["run"] for f in res["failed"]] == ["t-tiny broken seed=0", "t-tiny broken seed=1"]
-    assert all("top_k" in f["error"] for f in res["failed"])
+    assert all("expert_parallel" in f["error"] for f in res["failed"])
     status = json.loads((Path(res["failed"][0]["run_dir"]) / "reproduce.json").read_text())
     assert status["status"] == "failed" and "Traceback" in status["traceback"]
     text = md.read_text()
-    assert "## Failed runs" in text and "top_k" in text and VERDICT_RULE in text
+    assert "## Failed runs" in text and "expert_parallel" in text and VERDICT_RULE in text
     assert "MNIST 5k" in text and "moelab test" in text and "torch " in text
     # aggregation: per-arm mean of the runs' own final records, claim = paired difference
     arms = {a["arm"]: a for a in res["arms"]}

@@ -190,7 +190,7 @@ def test_readme_is_one_page_with_a_two_command_quick_start():
 
 def python_blocks() -> list[tuple[str, str]]:
     out = []
-    for doc in ("README.md", "docs/HF.md"):
+    for doc in ("README.md", "docs/HF.md", "docs/DISTRIBUTED.md"):
         text = (ROOT / doc).read_text(encoding="utf-8")
         out += [(f"{doc}#{i}", b) for i, b in
                 enumerate(re.findall(r"```python\n(.*?)```", text, re.S))]
@@ -204,6 +204,25 @@ def test_python_example_runs_on_its_own(name, code, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, f"{name}:\n{p.stderr[-2000:]}"
+    for pattern in PRINTS.get(name, ()):  # what the block's comments promise
+        assert re.search(pattern, p.stdout, re.M), f"{name} printed:\n{p.stdout[-2000:]}"
+
+
+# per block: what its output holds (the snippets print what their comments promise)
+PRINTS = {
+    "README.md#0": [r"^torch\.Size\(\[4, 128, 512\]\) torch\.Size\(\[64\]\) entropy \d\.\d{3}, "
+                    r"dropped 0%$"],
+    "README.md#1": [r"^torch\.Size\(\[8, 128, 256\]\) aux loss \d\.\d{4}$"],
+    "README.md#2": [r"^\{'blocks\.0\.ffn': tensor\(\[.*\]\), 'blocks\.1\.ffn': tensor"],
+    "docs/DISTRIBUTED.md#0": [r"'loss': \d", r"'moe/model\.layers\.1\.mlp/phi_max': \d",
+                              r"'moe/model\.layers\.0\.mlp/default_ema_norm': \d"],
+}
+
+
+def test_every_example_is_checked_for_its_output():
+    names = {n for n, _ in python_blocks()}
+    assert set(PRINTS) <= names
+    assert {n for n in names if not n.startswith("docs/HF.md")} <= set(PRINTS)
 
 
 def test_results_md_word_swap_row_matches_the_rerun():

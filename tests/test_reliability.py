@@ -308,9 +308,31 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys):
     Trainer(cfg, tmp_path / "run").fit()
     err = capsys.readouterr().err.splitlines()
     steps = [ln for ln in err if ln.startswith("step ")]
-    pat = r"step (\d+)/8 \| loss \d+\.\d{4} \| [\d,]+ tokens/s \| ETA \d+s"
-    assert [re.fullmatch(pat, ln).group(1) for ln in steps] == ["4", "8"], err
+    pat = r"step (\d+)/8 \| loss \d+\.\d{4} \| [\d,]+ tokens/s \| ETA \d+s( \(after 1 step\))?"
+    # the first step, then every 4 (a run shows progress from its first step)
+    assert [re.fullmatch(pat, ln).group(1) for ln in steps] == ["1", "4", "8"], err
+    assert steps[0].endswith("(after 1 step)")
     assert "evaluating val: 2 batches" in err and "evaluating test: 2 batches" in err
+
+
+def test_progress_line_after_a_quiet_minute(monkeypatch):
+    """Between the every-N lines, a line whenever a minute passed without one."""
+    import io
+
+    from moelab.train import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    out = io.StringIO()
+    p = progress.StepProgress(100, 10, "tokens", every=50, stream=out)
+    for step, t in [(11, 5.0), (12, 30.0), (13, 66.0), (14, 70.0), (15, 127.0)]:
+        clock[0] = t
+        p.update(step, 2.0, 100)
+    lines = out.getvalue().splitlines()
+    assert [ln.split(" |")[0] for ln in lines] == ["step 11/100", "step 13/100",
+                                                   "step 15/100"], lines
+    # 300 items in 66 s; 87 steps left at 66 s / 3 steps
+    assert lines[1] == "step 13/100 | loss 2.0000 | 5 tokens/s | ETA 31m54s"
 
 
 def test_device_auto_is_the_default_and_printed(tmp_path, capsys, monkeypatch):

@@ -79,6 +79,10 @@ def test_documented_example_as_a_script_with_two_workers(tmp_path, guard):
     p = _run([sys.executable, "my_experiment.py"], tmp_path)
     assert p.returncode == 0, p.stderr
     _check_results(tmp_path / "repro", "python my_experiment.py")
+    # the script form says what it found and where, as `moelab reproduce` does
+    assert re.search(r"^my-zero-sum: zs higher than adamw: (supported|contradicted|"
+                     r"inconclusive)$", p.stdout, re.M), p.stdout
+    assert "  results: repro/my-zero-sum/results.md" in p.stdout.splitlines()
 
 
 BROKEN = """\
@@ -86,12 +90,35 @@ from moelab.experiments import Arm, Claim, Experiment, Metric, Profile
 
 EXP = Experiment(  # not registered: moelab reproduce picks up module-level experiments too
     name="uf-broken", claim="c", paper="p", base="mnist_mlp",
-    arms=(Arm("ok"), Arm("bad", ("model.moe.top_k=99",))),
+    arms=(Arm("ok"), Arm("bad", ("data.dataset=idx", "data.path=/nonexistent/moelab-idx"))),
     claims=(Claim("bad", "ok", "higher"), Claim("ok", "ok", "higher")),
     metrics=(Metric.final("acc"),), image_datasets=(),
     profiles={"quick": Profile(("train.steps=4", "train.eval_every=0"), seeds=2),
               "full": Profile()})
 """
+
+
+BAD_ARM = '("data.dataset=idx", "data.path=/nonexistent/moelab-idx")'
+
+
+def test_every_arm_is_validated_before_any_run(tmp_path, capsys, forget):
+    """A bad config in an arm (of two experiments): one line per bad arm, status 2, nothing
+    trained, not even the valid arms' runs."""
+    path = tmp_path / "two.py"
+    text = BROKEN.replace(BAD_ARM, '("model.moe.top_k=9",)')
+    second = text.split("EXP = ", 1)[1].replace('"uf-broken"', '"uf-broken2"')
+    second = second.replace('Arm("ok"), ', 'Arm("ok", ("optim.lr=-1",)), ')
+    path.write_text(text + "\nEXP2 = " + second)
+    out = tmp_path / "out"
+    assert main(["reproduce", str(path), "--jobs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "moelab: error: uf-broken arm bad: model.moe.top_k=9 is invalid: need top_k <= "
+        "n_experts (8)",
+        "moelab: error: uf-broken2 arm ok: optim.lr=-1.0 is invalid: need lr > 0",
+        "moelab: error: uf-broken2 arm bad: model.moe.top_k=9 is invalid: need top_k <= "
+        "n_experts (8)"], err
+    assert not out.exists()
 
 
 def test_failed_runs_exit_1_with_a_one_line_summary(tmp_path, capsys, forget):
@@ -132,7 +159,7 @@ def test_reproduce_raises_after_writing_the_results(tmp_path, forget):
 
 def test_one_seed_gets_no_verdict(tmp_path, capsys, forget):
     path = tmp_path / "one.py"
-    path.write_text(BROKEN.replace('("model.moe.top_k=99",)', "()").replace("seeds=2",
+    path.write_text(BROKEN.replace(BAD_ARM, "()").replace("seeds=2",
                                                                              "seeds=1"))
     assert main(["reproduce", str(path), "--jobs", "1", "--out", str(tmp_path / "o")]) == 0
     res = json.loads((tmp_path / "o" / "uf-broken" / "results.json").read_text())
@@ -158,10 +185,30 @@ def test_experiment_file_errors_are_one_line(tmp_path, capsys, content, message)
 
 def test_reproduce_in_a_loaded_file_is_skipped(tmp_path, capsys, forget):
     path = tmp_path / "eager.py"
-    path.write_text(BROKEN.replace('("model.moe.top_k=99",)', "()")
+    path.write_text(BROKEN.replace(BAD_ARM, "()")
                     + "\nfrom moelab.experiments import register, reproduce\nregister(EXP)\n"
                     "reproduce(['uf-broken'], out='never')\n")
     assert main(["reproduce", str(path), "list"]) == 0
     out, err = capsys.readouterr()
     assert "uf-broken" in out and "calls reproduce() when imported; skipped" in err
     assert not (tmp_path / "never").exists() and not Path("never").exists()
+
+
+def test_list_gives_measured_cpu_time_or_unknown_with_the_size(tmp_path, capsys, forget):
+    """A profile without ``cpu_minutes`` is "unknown", with its runs and steps; a measured
+    one is shown as given."""
+    path = tmp_path / "sizes.py"
+    path.write_text(BROKEN.replace(BAD_ARM, "()").replace(
+        '"full": Profile()', '"full": Profile(("train.steps=7",), seeds=3, cpu_minutes=12.0)'))
+    assert main(["reproduce", str(path), "list"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "CPU time: ~12 min full, unknown (4 runs x 4 steps) quick (2 CPU cores)" in out
+
+
+def test_unknown_name_in_a_file_points_to_its_list(tmp_path, capsys, forget):
+    path = tmp_path / "mine.py"
+    path.write_text(BROKEN.replace(BAD_ARM, "()"))
+    assert main(["reproduce", str(path), "uf-brokn"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"moelab: error: {path} defines no experiment 'uf-brokn': did you mean "
+                   f"'uf-broken'? see `moelab reproduce {path} list`\n")

@@ -1,4 +1,4 @@
-"""The ``moelab`` command line: train, eval, report, export, reproduce, configs.
+"""The ``moelab`` command line: train, eval, report, export, reproduce, configs, launch.
 
 Errors in the user's input (bad config values, unknown keys, missing data or run directories)
 print one line ``moelab: error: ...`` to stderr and exit with status 2, without a traceback.
@@ -25,6 +25,7 @@ examples:
   moelab train --set model.moe.n_experts=16 --set optim.excitation.strategy=zero_sum
   moelab train --set model.default_moe.beta=0.95 --out runs/dmoe
   moelab train --resume runs/dmoe                # continue from its ckpt.pt
+  moelab launch --nproc-per-node 2 train --set train.parallel=fsdp   # torchrun, clean Ctrl-C
   moelab train --config runs/dmoe/config.toml    # redo a run from its saved config
   moelab eval runs/dmoe
   moelab report runs/a runs/b --out report/
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CIFAR-10 python batches for the image claims (default: "
                     "Fashion-MNIST if installed, else the packaged MNIST-5k)")
 
+    sub.add_parser("launch", help="run train or eval on several processes (torchrun with a "
+                   "clean Ctrl-C): moelab launch --nproc-per-node N train ...",
+                   add_help=False)  # its arguments go to moelab.distributed.launch unparsed
     c = sub.add_parser("configs", help="list the shipped configs, or print one resolved",
                        description="List the configs shipped with moelab; with NAME, print "
                        "that config fully resolved as TOML.")
@@ -174,10 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 
 
-def _resume_command(run_dir: object) -> str:
+def _resume_command(trainer) -> str:
+    """The command that continues ``trainer``'s run: under torchrun, launched as it was."""
     import shlex
 
-    return f"moelab train --resume {shlex.quote(str(run_dir))}"
+    command = ["moelab", "train", "--resume", str(trainer.run_dir)]
+    if trainer.ctx is not None:
+        from moelab.distributed.launch import launch_command
+
+        command = launch_command(command, trainer.world_size)
+    return shlex.join(command)
 
 
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -228,15 +238,16 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _fail(_one_line(e))
     except KeyboardInterrupt:
         kept = (f"ckpt.pt holds step {trainer.checkpoint_step}; continue from it with: "
-                f"{_resume_command(trainer.run_dir)}" if trainer.checkpoint_step is not None
+                f"{_resume_command(trainer)}" if trainer.checkpoint_step is not None
                 else "no checkpoint was written")
-        print(f"\nmoelab: aborted at step {trainer.step}; {kept}", file=sys.stderr)
+        if trainer.is_main:  # under torchrun: one line
+            print(f"\nmoelab: aborted at step {trainer.step}; {kept}", file=sys.stderr)
         return 130
     if summary.get("stopped") and summary.get("signal"):
         if trainer.is_main:
             print(f"moelab: stopped by {summary['signal']} at step {summary['step']}/"
                   f"{trainer.cfg.train.steps}; checkpoint saved in {trainer.run_dir}; "
-                  f"continue with: {_resume_command(trainer.run_dir)}", file=sys.stderr)
+                  f"continue with: {_resume_command(trainer)}", file=sys.stderr)
         return 143 if summary["signal"] == "SIGTERM" else 130
     if not trainer.is_main:  # under torchrun, rank 0 reports
         return 0
@@ -371,9 +382,8 @@ def _print_experiments(exps: Sequence, how: str) -> None:
     width = max((len(e.name) for e in exps), default=0)
     print(f"experiments ({how} [--profile quick|full|gpu]):")
     for e in exps:
-        full, quick = e.profile("full"), e.profile("quick")
-        cost = (f"~{full.cpu_minutes:.0f} min full, ~{quick.cpu_minutes * 60:.0f} s quick "
-                "(2 CPU cores)") if not e.sources else "analyses " + ", ".join(e.sources)
+        cost = (f"{_cpu_time(e, 'full')} full, {_cpu_time(e, 'quick')} quick (2 CPU cores)"
+                if not e.sources else "analyses " + ", ".join(e.sources))
         gpu = e.profiles.get("gpu")
         pad = f"\n  {'':<{width}}  "
         gpu_line = (f"{pad}gpu: a budget run on one GPU (sized to ~12 min, not to the paper): "
@@ -383,6 +393,25 @@ def _print_experiments(exps: Sequence, how: str) -> None:
         full_size = "" if e.sources else f"; {_per_run(e, 'full').rstrip('; ')}"
         print(f"  {e.name:<{width}}  {e.claim}{pad}paper: {e.paper}{pad}"
               f"CPU time: {cost}{full_size}{gpu_line}")
+
+
+def _cpu_time(exp, profile: str) -> str:
+    """A profile's measured CPU time (``Profile.cpu_minutes``), or "unknown" with its size:
+    the number of runs and their steps."""
+    from moelab.experiments.runner import plan_runs, resolve_config
+
+    minutes = exp.profile(profile).cpu_minutes
+    if minutes is not None:
+        return f"~{minutes:.0f} min" if minutes >= 1 else f"~{minutes * 60:.0f} s"
+    from pathlib import Path
+
+    try:
+        specs = plan_runs(exp, profile, exp.profile(profile).seeds, Path("."), None)
+        steps = sorted({resolve_config(s).train.steps for s in specs})
+    except ValueError:  # a bad arm: `moelab reproduce` names it
+        return "unknown"
+    each = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    return f"unknown ({len(specs)} runs x {each} steps)"
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -410,7 +439,17 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if names[1:] == ["list"]:
             _print_experiments(mine, f"moelab reproduce {names[0]} NAME")
             return 0
-        names = names[1:] or [e.name for e in mine]
+        import difflib
+
+        defined = [e.name for e in mine]
+        for n in names[1:]:
+            if (n not in defined and n not in EXPERIMENTS and n not in ("list", "all")
+                    and not is_experiment_file(n)):
+                close = difflib.get_close_matches(n, defined, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                return _fail(f"{names[0]} defines no experiment {n!r}: {hint}see `moelab "
+                             f"reproduce {names[0]} list`")
+        names = names[1:] or defined
     if names == ["list"]:
         _print_experiments(list(EXPERIMENTS.values()), "moelab reproduce NAME")
         return 0
@@ -422,38 +461,37 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _fail(f"--seeds={args.seeds} is invalid: need >= 1")
     if args.jobs is not None and args.jobs < 1:
         return _fail(f"--jobs={args.jobs} is invalid: need >= 1")
+    from moelab.experiments.runner import BadArmsError
     from moelab.experiments.suite import RunsFailedError
 
     failed = None
     try:
-        paths = reproduce(names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
-                          out=args.out, data_dir=args.data_dir, command=["moelab", *argv],
-                          device=args.device, precision=args.precision,
-                          compile=args.compile)
+        reproduce(names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
+                  out=args.out, data_dir=args.data_dir, command=["moelab", *argv],
+                  device=args.device, precision=args.precision, compile=args.compile)
     except RunsFailedError as e:
-        paths, failed = e.paths, str(e)
+        failed = str(e)
+    except BadArmsError as e:  # nothing trained: one line per bad arm
+        for line in e.lines:
+            _fail(line)
+        return 2
     except USER_ERRORS as e:
         return _fail(_one_line(e))
     except KeyboardInterrupt:
         print("\nmoelab: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    for p in paths:
-        res = json.loads((p.parent / "results.json").read_text(encoding="utf-8"))
-        verdicts = ", ".join(f"{c['text']}: {c['verdict']}" for c in res["claims"])
-        print(f"{p.parent.name}: {verdicts}")
-        print(f"  results: {p}")
-    if failed:
+    if failed:  # reproduce() printed each experiment's verdicts and results path
         print(f"moelab reproduce: {failed}", file=sys.stderr)
         return 1
     return 0
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
-    from moelab.config import dump_toml, load_config, shipped_configs
+    from moelab.config import dump_toml_all, load_config, shipped_configs
 
     try:
-        if args.name is not None:
-            print(dump_toml(load_config(args.name, args.overrides)), end="")
+        if args.name is not None:  # every key: the unset ones as comments
+            print(dump_toml_all(load_config(args.name, args.overrides)), end="")
             return 0
         configs = shipped_configs()
     except USER_ERRORS as e:
@@ -468,6 +506,10 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``moelab`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # torchrun's options: parsed by torchrun's own parser
+        from moelab.distributed.launch import main as launch
+
+        return launch(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -60,6 +60,7 @@ __all__ = [
     "config_from_toml",
     "config_to_dict",
     "dump_toml",
+    "dump_toml_all",
     "load_config",
     "resolve_config_path",
     "shipped_configs",
@@ -546,6 +547,38 @@ def dump_toml(cfg: Any, header: str | None = None) -> str:
         lines += [f"# {line}" if line else "#" for line in header.splitlines()]
     _dump_table(config_to_dict(cfg), "", lines)
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def dump_toml_all(cfg: Any) -> str:
+    """Every key of the config tree: :func:`dump_toml`'s TOML plus, as comment lines, each
+    key left unset (``# capacity_factor: none (unset)``) and each table that is off, with its
+    keys at their defaults (``# [model.default_moe]`` ...). Loads back to ``cfg``."""
+    _check_dumpable(cfg)
+    lines: list[str] = []
+    _dump_all(cfg, "", lines, off=False)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _dump_all(obj: Any, prefix: str, lines: list[str], off: bool) -> None:
+    """``obj``'s table (``off``: an unset table, written as comments) for dump_toml_all."""
+    c = "# " if off else ""
+    types_ = _field_types(type(obj))
+    tables = []
+    if prefix:
+        note = "  (none: off; setting any of its keys switches it on)" if off else ""
+        lines.append(f"\n{c}[{prefix}]{note}")
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        tp, _ = _split_optional(types_[f.name])
+        if dataclasses.is_dataclass(tp):
+            tables.append((f.name, tp, v))
+        elif v is None:
+            lines.append(f"# {_toml_key(f.name)}: none (unset)")
+        else:
+            lines.append(f"{c}{_toml_key(f.name)} = {_toml_value(v)}")
+    for name, tp, v in tables:
+        sub = f"{prefix}.{_toml_key(name)}" if prefix else _toml_key(name)
+        _dump_all(tp() if v is None else v, sub, lines, off or v is None)
 
 
 def _parse_toml(text: str, where: str) -> dict[str, Any]:

@@ -35,9 +35,9 @@ def require_file(path: Path, what: str, how_to_get: str) -> Path:
     directory is named as such: this loader reads one file)."""
     if path.is_dir():
         raise FileNotFoundError(f"{what}: {path} is a directory; this loader reads one file: "
-                                f"give the file's path\n{how_to_get}")
+                                f"give the file's path. {how_to_get}")
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: file not found: {path}\n{how_to_get}")
+        raise FileNotFoundError(f"{what}: file not found: {path}. {how_to_get}")
     return path
 
 
@@ -45,7 +45,7 @@ def require_dir(path: str | Path, what: str, how_to_get: str) -> Path:
     """Return ``path`` as a Path if it is a directory, else raise FileNotFoundError."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(f"{what}: directory not found: {p}\n{how_to_get}")
+        raise FileNotFoundError(f"{what}: directory not found: {p}. {how_to_get}")
     return p
 
 

@@ -37,9 +37,10 @@ from moelab.experiments.keys import kv
 from moelab.experiments.spec import Experiment, final_record
 from moelab.train.guard import NonFiniteError
 
-__all__ = ["FASHION_MNIST_DIR", "DataChoice", "RunOutcome", "RunSpec", "choose_image_data",
-           "default_jobs", "describe_image_choice", "execute_run", "execute_runs", "with_threads",
-           "failure_summary", "plan_runs", "resolve_config", "run_state"]
+__all__ = ["FASHION_MNIST_DIR", "BadArmsError", "DataChoice", "RunOutcome", "RunSpec",
+           "check_configs", "choose_image_data", "default_jobs", "describe_image_choice",
+           "execute_run", "execute_runs", "failure_summary", "plan_runs", "resolve_config",
+           "run_state", "with_threads"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the original IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -218,6 +219,30 @@ def resolve_config(spec: RunSpec):
     from moelab.config import load_config
 
     return load_config(spec.base, list(spec.overrides))
+
+
+class BadArmsError(ValueError):
+    """Arms whose runs' configs do not resolve; ``lines``: one per bad arm
+    (``EXPERIMENT arm ARM: what is wrong``)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def check_configs(specs: Iterable[RunSpec]) -> None:
+    """Resolve and validate every run's config before any run starts; raises BadArmsError
+    naming each bad arm once (its first error)."""
+    bad: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        if (spec.experiment, spec.arm) in bad:
+            continue
+        try:
+            resolve_config(spec)
+        except ValueError as e:
+            bad[spec.experiment, spec.arm] = " ".join(str(e).split())
+    if bad:
+        raise BadArmsError([f"{exp} arm {arm}: {msg}" for (exp, arm), msg in bad.items()])
 
 
 def _comparable(cfg) -> dict[str, Any]:

@@ -271,7 +271,9 @@ class Claim:
 class Profile:
     """A size of the experiment: overrides applied on top of the base (before the arms'),
     the default number of seeds, which entries of each arm's lr grid to run (``lr_index``;
-    None: all), and the estimated CPU time on 2 cores in minutes.
+    None: all), and ``cpu_minutes``: the profile's wall time on 2 CPU cores, as measured
+    (None, the default: not measured; ``moelab reproduce list`` then says "unknown" with the
+    number of runs and steps).
 
     A GPU profile ("gpu": a budget run on one GPU, sized to ~12 minutes, not to the paper's
     scale) also has ``gpu_minutes`` (its estimated time on one H200 with
@@ -284,7 +286,7 @@ class Profile:
     overrides: tuple[str, ...] = ()
     seeds: int = 2
     lr_index: tuple[int, ...] | None = None
-    cpu_minutes: float = 1.0
+    cpu_minutes: float | None = None
     gpu_minutes: float | None = None
     arms: tuple[Arm, ...] | None = None
     claims: tuple[Claim, ...] | None = None

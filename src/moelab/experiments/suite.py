@@ -19,6 +19,7 @@ from moelab.experiments.results import aggregate, write_results
 from moelab.experiments.runner import (
     FASHION_MNIST_DIR,
     RunOutcome,
+    check_configs,
     choose_image_data,
     default_jobs,
     describe_image_choice,
@@ -30,7 +31,8 @@ from moelab.experiments.runner import (
 )
 from moelab.experiments.spec import Experiment
 
-__all__ = ["RunsFailedError", "machine_description", "reproduce", "with_sources"]
+__all__ = ["RunsFailedError", "machine_description", "print_verdicts", "reproduce",
+           "with_sources"]
 
 
 class RunsFailedError(RuntimeError):
@@ -139,6 +141,7 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
                                data[e.name], extra=extra) for e in exps}
     cmd = list(command) if command is not None else invocation()
     all_specs = [s for e in exps for s in plans[e.name]]
+    check_configs(all_specs)  # every arm valid before any run starts (BadArmsError)
     if jobs is None:
         jobs = _gpu_jobs(all_specs, device or "cuda", progress) if on_gpu else default_jobs()
     if threads is None:
@@ -185,10 +188,23 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
             print(f"moelab reproduce: no plots: {err}", file=sys.stderr)
             meta["plots"] = []
         written.append(write_results(exp_dir, e, res, meta))
+    if progress:  # also for `python my_experiment.py`: what was found, and where
+        print_verdicts(written)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed and check:
         raise RunsFailedError(failed, written)
     return written
+
+
+def print_verdicts(paths: Sequence[Path]) -> None:
+    """For each results.md written: ``NAME: claim: verdict, ...`` and its path (stdout)."""
+    import json
+
+    for p in paths:
+        res = json.loads((p.parent / "results.json").read_text(encoding="utf-8"))
+        verdicts = ", ".join(f"{c['text']}: {c['verdict']}" for c in res["claims"])
+        print(f"{p.parent.name}: {verdicts}")
+        print(f"  results: {p}", flush=True)
 
 
 def _runs_on_cuda(device: str | None) -> bool:

@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK", "RunDirLockedError", "RunLock"]
+__all__ = ["LOCK", "RunDirLockedError", "RunLock", "live_holder"]
 
 LOCK = ".lock"
 
@@ -117,6 +117,28 @@ class RunLock:
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)  # the kernel drops the lock; the file stays (stale, harmless)
+
+
+def live_holder(run_dir: str | Path) -> str | None:
+    """Who holds ``run_dir``'s lock right now (its pid line), or None when no live process
+    does (no lock file, a stale one, or no flock here). Takes nothing: a shared lock is tried
+    and dropped at once."""
+    path = Path(run_dir) / LOCK
+    if fcntl is None:  # pragma: no cover
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read(fd) or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read(fd: int) -> str:

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from moelab.config import dump_toml
+from moelab.distributed.launch import launch_command
 from moelab.runs import checkpoint as ckpt
 from moelab.runs import directory as rundir
 from moelab.runs import sharded_checkpoint as sharded_ckpt
@@ -122,7 +123,7 @@ class StopSignals(Callback):
         self._pending: Any = None  # the all-reduce started at the last step
 
     def pre_train(self, trainer: Trainer) -> None:
-        self._stop = StopOnSignal().__enter__()
+        self._stop = StopOnSignal(announce=trainer.is_main).__enter__()  # one message
         if trainer.ctx is not None and self._group is None:
             # collective: every rank reaches its first pre_train in the same order
             self._group = (dist.group.WORLD if dist.get_backend() == "gloo"
@@ -236,8 +237,8 @@ class RunDirectory(Callback):
             else:
                 rundir.start_run_dir(d, trainer.cfg)
             command = trainer.command
-            if trainer.ctx is not None and command and command[0] != "torchrun":
-                command = ["torchrun", "--nproc_per_node", str(trainer.world_size), *command]
+            if trainer.ctx is not None and command and command[0] == "moelab":
+                command = launch_command(command, trainer.world_size)  # runs as written
             rundir.append_command(d, command)
         if trainer.ctx is not None:
             dist.barrier()
@@ -324,11 +325,17 @@ class MetricsLog(Callback):
 
     @staticmethod
     def _how(trainer: Trainer) -> str:
-        """The precision and whether the blocks are compiled."""
-        how = f"precision {trainer.precision}"
-        if trainer.cfg.train.precision == "auto":
+        """The ranks and how they split the model (under torchrun), the precision and
+        whether the blocks are compiled."""
+        tcfg = trainer.cfg.train
+        how = ""
+        if trainer.ctx is not None:
+            ep = f", experts over {tcfg.expert_parallel}" if tcfg.expert_parallel > 1 else ""
+            how = f"{trainer.world_size} ranks, {tcfg.parallel}{ep} | "
+        how += f"precision {trainer.precision}"
+        if tcfg.precision == "auto":
             how += " (train.precision=auto)"
-        return how + (", compiled" if trainer.cfg.train.compile else "")
+        return how + (", compiled" if tcfg.compile else "")
 
     def post_step(self, trainer: Trainer, result: dict[str, Any]) -> None:
         w = self.window

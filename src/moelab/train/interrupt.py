@@ -23,12 +23,14 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class StopOnSignal:
     """Context manager installing the handlers (main thread only; elsewhere it does nothing)
-    and restoring the previous ones on exit. ``requested`` names the first signal seen."""
+    and restoring the previous ones on exit. ``requested`` names the first signal seen;
+    ``announce=False`` keeps the first signal's message off stderr."""
 
-    def __init__(self, message: str = "finishing the current step and saving a checkpoint"
-                 ) -> None:
+    def __init__(self, message: str = "finishing the current step and saving a checkpoint",
+                 announce: bool = True) -> None:
         self.requested: str | None = None
         self.message = message
+        self.announce = announce  # print the message (under torchrun: rank 0 only)
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -36,6 +38,8 @@ class StopOnSignal:
         if self.requested is not None:  # the second signal: stop now
             raise KeyboardInterrupt(f"second {name}")
         self.requested = name
+        if not self.announce:
+            return
         # os.write: safe even if the main thread was inside a print to stderr
         os.write(2, f"\nmoelab: {name} received: {self.message} (press Ctrl-C again to "
                     "abort at once)\n".encode())

@@ -41,18 +41,23 @@ def _is_tty(stream: TextIO) -> bool:
 class StepProgress:
     """Training progress from step ``initial`` to ``total``.
 
-    Terminal: a tqdm bar with loss and throughput. Otherwise: every ``every`` steps (and at the
-    last) one line ``step S/T | loss L | R tokens/s | ETA 3m12s``, the loss being the mean since
-    the previous line, R and the ETA measured over this process's steps so far.
+    Terminal: a tqdm bar with loss and throughput. Otherwise one line
+    ``step S/T | loss L | R tokens/s | ETA 3m12s`` at this process's first step, every
+    ``every`` steps, at the last, and whenever ``max_quiet_s`` seconds passed without one
+    (a slow run shows it is alive); the loss is the mean since the previous line, R and the
+    ETA are measured over this process's steps so far (the first line's include start-up
+    costs such as compilation, so that ETA is marked "after 1 step").
     """
 
     def __init__(self, total: int, initial: int, unit: str, every: int, enabled: bool = True,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, max_quiet_s: float = 60.0) -> None:
         self.total, self.unit, self.every = total, unit, max(1, every)
+        self.max_quiet_s = max_quiet_s
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = enabled and _is_tty(self.stream)
         self._start_step, self._t0 = initial, time.perf_counter()
+        self._last_line = self._t0
         self._items, self._loss, self._n = 0, 0.0, 0
         self._bar = None
         if self.tty:
@@ -77,13 +82,17 @@ class StepProgress:
             self._bar.set_postfix(loss=shown, **{f"{self.unit[:3]}/s": f"{rate:,.0f}"},
                                   refresh=False)
             return
-        if step % self.every and step != self.total:
-            return
         done = step - self._start_step
+        now = time.perf_counter()
+        if (step % self.every and step != self.total and done != 1
+                and now - self._last_line < self.max_quiet_s):
+            return
+        self._last_line = now
         eta = elapsed / max(done, 1) * (self.total - step)
         mean = f"{self._loss / self._n:.4f}" if self._n else "n/a (skipped)"
+        first = " (after 1 step)" if done == 1 and step != self.total else ""
         print(f"step {step}/{self.total} | loss {mean} | {rate:,.0f} {self.unit}/s | "
-              f"ETA {format_eta(eta)}", file=self.stream, flush=True)
+              f"ETA {format_eta(eta)}{first}", file=self.stream, flush=True)
         self._loss, self._n = 0.0, 0
 
     def note(self, step: int, **postfix: str) -> None:

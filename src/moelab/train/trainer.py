@@ -56,6 +56,7 @@ from moelab.distributed.wrap import broadcast_from_main, init_parallel, runtime_
 from moelab.runs import checkpoint as ckpt
 from moelab.runs import directory as rundir
 from moelab.runs import sharded_checkpoint as sharded_ckpt
+from moelab.runs.lock import live_holder
 from moelab.train.callbacks import (
     Callbacks,
     Checkpointer,
@@ -353,8 +354,12 @@ class Trainer:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
         has_ckpt = (run_dir / rundir.CHECKPOINT).is_file()
         if not has_ckpt and _verb != "resume":
+            holder = live_holder(run_dir)
+            why = (f"the run is still training ({holder}) and has not reached its first "
+                   "checkpoint yet (train.checkpoint_every); try again once it has"
+                   if holder else "the run stopped before its first checkpoint")
             raise FileNotFoundError(f"cannot {_verb} {run_dir}: no {rundir.CHECKPOINT} there "
-                                    "(the run stopped before its first checkpoint)")
+                                    f"({why})")
         trainer = cls(cfg, run_dir, quiet=quiet, command=command)
         if _verb == "resume":  # held until fit() ends: nobody else may write the run meanwhile
             trainer.run.acquire(trainer)
