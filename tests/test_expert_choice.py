@@ -387,3 +387,60 @@ def test_excitation_is_a_no_op_and_says_so_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Excitation(torch.optim.SGD(model.parameters(), lr=0.1), model)  # once only
+
+
+# --- expert parallel (2 gloo ranks) ------------------------------------------------------------
+
+def _ep_expert_choice_worker(rank: int, world: int) -> None:
+    """Expert choice is made per rank over the rank's own batch (as capacity is under Top-K);
+    the expert-parallel layer must equal one unsharded layer on that batch, and its expert
+    gradients the rank average of the unsharded ones."""
+    import torch.distributed as dist
+    from test_distributed import close
+
+    from moelab.distributed.ddp_ep import (
+        enable_global_stats,
+        make_context,
+        shard_experts,
+        sync_expert_grads,
+    )
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, n_experts=8, top_k=2, d_ff=8, routing="expert_choice",
+                    capacity_factor=1.0, choice_group="position", aux_loss_coef=0.1,
+                    z_loss_coef=0.01)
+    ref = MoELayer(cfg)
+    layer = copy.deepcopy(ref)
+    ctx = make_context(world)
+    shard_experts(layer, ctx)
+    enable_global_stats(layer)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * world, 5, 8, generator=g)
+    upstream = torch.randn(3 * world, 5, 8, generator=g)
+    rows = slice(3 * rank, 3 * rank + 3)
+    x_ref = x[rows].clone().requires_grad_()
+    out = ref(x_ref)
+    ((out.y * upstream[rows]).sum() + out.losses.total).backward()
+    x_loc = x[rows].clone().requires_grad_()
+    o = layer(x_loc)
+    ((o.y * upstream[rows]).sum() + o.losses.total).backward()
+    close(o.y, out.y, "output")
+    close(x_loc.grad, x_ref.grad, "input grad")
+    close(layer.router.weight.grad, ref.router.weight.grad, "router grad")
+    sync_expert_grads(list(layer.experts.parameters()), ctx)
+    n_local = cfg.n_experts // world
+    experts = slice(rank * n_local, (rank + 1) * n_local)
+    for name in ("w_in", "w_out"):
+        want = getattr(ref.experts, name).grad.clone()
+        dist.all_reduce(want)
+        close(getattr(layer.experts.local, name).grad, want[experts] / world, f"{name} grad")
+
+
+def test_expert_parallel_expert_choice_matches_the_unsharded_layer(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    from test_distributed import spawn
+
+    spawn(2, tmp_path, _ep_expert_choice_worker)
