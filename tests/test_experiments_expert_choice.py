@@ -1,13 +1,10 @@
-"""The momentum-expert-choice experiments: their configs, and the quick profile end to end."""
+"""The momentum-expert-choice experiments: their configs and the interaction section."""
 
 from __future__ import annotations
-
-import json
 
 from moelab.experiments import expert_choice as X
 from moelab.experiments.registry import EXPERIMENTS
 from moelab.experiments.runner import plan_runs, resolve_config
-from moelab.experiments.suite import reproduce
 
 
 def test_definitions_resolve_to_the_intended_configs(tmp_path):
@@ -46,20 +43,5 @@ def test_interaction_section_adjusts_the_four_p_values():
     assert "| c2 | 0.5 | 0.5 |" in md and "two-sided, no direction predicted) | 0.02 | 0.04 |" in md
 
 
-def test_quick_profiles_run(tmp_path):
-    reproduce(["momentum-expert-choice", "momentum-expert-choice-lm"], profile="quick",
-              out=tmp_path, jobs=1, threads=1, fashion_dir=None, progress=False,
-              command=["moelab", "reproduce"])
-    for name in ("momentum-expert-choice", "momentum-expert-choice-lm"):
-        doc = json.loads((tmp_path / name / "results.json").read_text())
-        assert doc["failed"] == [] and len(doc["claims"]) == 3
-        assert [e["name"] for e in doc["factorial"]["metrics"][doc["claims"][0]["metric"]]
-                ][:3] == ["ec", "mom", "ec × mom"]
-        md = (tmp_path / name / "results.md").read_text()
-        assert "## Pre-set claim 4: the ec × mom interaction" in md
-        ec_run = tmp_path / name / "runs" / doc["arms"][1]["run_dirs"]["0"].split("/")[-1]
-        evals = [json.loads(line) for line in (ec_run / "metrics.jsonl").read_text().splitlines()
-                 if '"layers"' in line]
-        for layer in evals[-1]["layers"]:  # expert choice: every expert takes the same load
-            assert layer["gini"] == 0.0 and layer["dropped_frac"] == 0.0
-            assert layer["experts_per_token"] == 2.0 and 0.0 <= layer["unpicked_frac"] < 1.0
+# The quick profiles run end to end in CI with every other experiment's
+# (tests/test_experiments.py::test_quick_profile_of_every_experiment_end_to_end).
