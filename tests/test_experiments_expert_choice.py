@@ -37,7 +37,7 @@ def test_interaction_section_adjusts_the_four_p_values():
                {"name": "ec × mom", "mean": 0.02, "ci_low": 0.01, "ci_high": 0.03,
                 "n": 5, "p_value": 0.02}]}}}
     md = "\n".join(X.interaction_section(res))
-    assert "supported (momentum's gain differs" in md
+    assert "= +2 percentage points, 95% CI [+1, +3], n = 5, p = 0.02: supported" in md
     # BH over (0.01, 0.04, 0.5, 0.02): 0.04, 0.0533, 0.5, 0.04
     assert "| c0 | 0.01 | 0.04 |" in md and "| c1 | 0.04 | 0.0533 |" in md
     assert "| c2 | 0.5 | 0.5 |" in md and "two-sided, no direction predicted) | 0.02 | 0.04 |" in md

@@ -61,14 +61,15 @@ def interaction_section(res: Mapping[str, Any]) -> list[str]:
     L = ["## Pre-set claim 4: the ec × mom interaction, and BH over all four", ""]
     if inter is None or inter.get("p_value") is None:
         return L + ["Not enough runs for the interaction.", ""]
-    lo, hi = inter["ci_low"], inter["ci_high"]
+    scale, unit = (100.0, " percentage points") if metric.endswith("_acc") else (1.0, "")
+    mean, lo, hi = (scale * inter[k] for k in ("mean", "ci_low", "ci_high"))
     verdict = ("supported (momentum's gain differs between the routings)"
                if lo > 0 or hi < 0 else "inconclusive (no difference shown)")
     rows = [(c["text"], c["p_value"]) for c in res["claims"]]
     rows.append(("interaction ec × mom (two-sided, no direction predicted)", inter["p_value"]))
     adj = bh_adjust([p for _, p in rows])
     L += [f"Interaction on {metric}: half of [momentum's gain under expert choice − its gain "
-          f"under Top-K] = {inter['mean']:+.4g}, 95% CI [{lo:+.4g}, {hi:+.4g}], n = "
+          f"under Top-K] = {mean:+.4g}{unit}, 95% CI [{lo:+.4g}, {hi:+.4g}], n = "
           f"{inter['n']}, p = {inter['p_value']:.3g}: {verdict}.", "",
           "| pre-set claim | p | p (BH over the 4) |", "|---|---|---|"]
     L += [f"| {t} | {p:.3g} | {a:.3g} |" for (t, p), a in zip(rows, adj, strict=True)]
