@@ -45,3 +45,31 @@ def test_interaction_section_adjusts_the_four_p_values():
 
 # The quick profiles run end to end in CI with every other experiment's
 # (tests/test_experiments.py::test_quick_profile_of_every_experiment_end_to_end).
+
+
+def test_results_md_figures_match_the_committed_json():
+    """The figures docs/RESULTS.md quotes from the two pages, rebuilt from results.json."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = " ".join((root / "docs" / "RESULTS.md").read_text(encoding="utf-8").split())
+
+    def fmt(x: float, spec: str) -> str:
+        return format(x, spec).replace("-", "−")
+
+    for name, scale, spec in (("momentum-expert-choice", 100, ".2f"),
+                              ("momentum-expert-choice-lm", 1, ".2f")):
+        doc = json.loads((root / "docs" / "results" / "reproduce" / name / "results.json")
+                         .read_text())
+        for a in doc["arms"]:
+            s = next(iter(a["metrics"].values()))["summary"]
+            assert f"{fmt(scale * s['mean'], spec)}" in text, (name, a["arm"])
+            assert f"± {fmt(scale * s['std'], spec)}" in text, (name, a["arm"])
+        metric = doc["claims"][0]["metric"]
+        inter = next(e for e in doc["factorial"]["metrics"][metric] if e["name"] == "ec × mom")
+        for c in [*doc["claims"], inter]:
+            lo, hi = fmt(scale * c["ci_low"], "+.2f"), fmt(scale * c["ci_high"], "+.2f")
+            assert f"{fmt(scale * c['mean'], '+.2f')} " in text or \
+                f"{fmt(scale * c['mean'], '+.2f')} points" in text, (name, c)
+            assert f"[{lo}, {hi}]" in text, (name, c, lo, hi)
