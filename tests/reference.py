@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,3 +52,37 @@ def model_config(**kw):
     layer_fields = {f.name for f in dataclasses.fields(MoEConfig)} - {"d_model"}
     moe = {k: kw.pop(k) for k in list(kw) if k in layer_fields}
     return ModelConfig(moe=MoEConfig(**moe), **kw)
+
+
+def naive_expert_choice(layer: MoELayer, x: Tensor, defaults_ED: Tensor | None = None
+                        ) -> Tensor:
+    """Expert-choice MoE by loops (Zhou et al. 2022): probs = softmax over experts per token;
+    in each choice group (all tokens, or under choice_group="position" the tokens at one
+    position of x [B, S, D]) expert e picks the ceil(c*G*K/E) tokens (at most G) with the
+    largest probs[:, e]; y[t] = sum over the experts that picked t of probs[t, e] * expert_e(x_t)
+    (+ probs[t, i] * defaults[i] for every expert i that did not pick t)."""
+    cfg = layer.cfg
+    x_TD = x.reshape(-1, cfg.d_model)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    probs = torch.softmax(x_TD.to(dtype) @ layer.router.weight.to(dtype).t(), dim=-1)
+    n_pos = x.shape[1] if cfg.choice_group == "position" else 1
+    groups = [list(range(p, x_TD.shape[0], n_pos)) for p in range(n_pos)]
+    picked = [[] for _ in range(x_TD.shape[0])]
+    for tokens in groups:
+        cap = min(len(tokens), math.ceil(cfg.capacity_factor * len(tokens) * cfg.top_k
+                                         / cfg.n_experts))
+        for e in range(cfg.n_experts):
+            best = sorted(tokens, key=lambda t, e=e: -float(probs[t, e].detach()))[:cap]
+            for t in best:
+                picked[t].append(e)
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros_like(x_TD[t])
+        for e in picked[t]:
+            y = y + probs[t, e].to(x.dtype) * expert_forward(layer, e, x_TD[t])
+        if defaults_ED is not None:
+            for e in range(cfg.n_experts):
+                if e not in picked[t]:
+                    y = y + probs[t, e].to(x.dtype) * defaults_ED[e].to(x.dtype)
+        rows.append(y)
+    return torch.stack(rows).view_as(x)

@@ -316,6 +316,8 @@ def layer_metrics(
     mean_prob_E: ArrayLike | None = None,
     entropy: Scalar | None = None,
     dropped_frac: Scalar | None = None,
+    unpicked_frac: Scalar | None = None,
+    experts_per_token: Scalar | None = None,
     out_norm_E: ArrayLike | None = None,
     aux_loss: Scalar | None = None,
     z_loss: Scalar | None = None,
@@ -325,7 +327,8 @@ def layer_metrics(
     Always present (from ``counts_E``): ``share`` (list[E]), ``load_imbalance``, ``gini``,
     ``dead`` (int, experts with zero count). Present only when the matching argument is
     given: ``mean_prob`` (list[E]), ``entropy`` and ``entropy_normalized``
-    (``entropy / ln E``, 0 when E == 1), ``dropped_frac``, ``norm_order_share``
+    (``entropy / ln E``, 0 when E == 1), ``dropped_frac``, ``unpicked_frac``,
+    ``experts_per_token``, ``norm_order_share``
     (list[E], see :func:`norm_ordered_share`), ``aux_loss``, ``z_loss``. Values are plain
     Python floats / ints / lists of floats, all finite, so ``json.dumps`` gives strict JSON.
 
@@ -334,6 +337,9 @@ def layer_metrics(
         mean_prob_E: ``[E]`` mean router probability per expert.
         entropy: mean per-token router entropy in nats (e.g. ``RoutingStats.entropy``).
         dropped_frac: fraction of assignments dropped by capacity, in [0, 1].
+        unpicked_frac: fraction of tokens processed by no expert, in [0, 1] (under expert
+            choice: picked by none; the meaningful drop measure there).
+        experts_per_token: mean number of experts that processed a token, in [0, E].
         out_norm_E: ``[E]`` mean expert output norm (NaN or 0 for unused experts).
         aux_loss: load-balancing loss value.
         z_loss: router z-loss value.
@@ -359,6 +365,16 @@ def layer_metrics(
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"dropped_frac must be in [0, 1], got {d}")
         out["dropped_frac"] = d
+    if unpicked_frac is not None:
+        u = _scalar("unpicked_frac", unpicked_frac)
+        if not 0.0 <= u <= 1.0:
+            raise ValueError(f"unpicked_frac must be in [0, 1], got {u}")
+        out["unpicked_frac"] = u
+    if experts_per_token is not None:
+        k = _scalar("experts_per_token", experts_per_token)
+        if not 0.0 <= k <= n:
+            raise ValueError(f"experts_per_token must be in [0, {n}] (E experts), got {k}")
+        out["experts_per_token"] = k
     if out_norm_E is not None:
         out["norm_order_share"] = norm_ordered_share(c, out_norm_E)[0].tolist()
     if aux_loss is not None:
@@ -380,6 +396,8 @@ class LayerAccumulator:
         self.tokens = 0
         self.entropy = 0.0
         self.dropped = 0.0
+        self.unpicked: float | None = None
+        self.experts_per_token: float | None = None
         self.mean_prob: torch.Tensor | None = None
         self.norm_sum: torch.Tensor | None = None
         self.norm_weight: torch.Tensor | None = None
@@ -394,6 +412,10 @@ class LayerAccumulator:
         self.tokens += n
         self.entropy += float(stats.entropy) * n
         self.dropped += float(stats.dropped_frac) * n
+        if getattr(stats, "unpicked_frac", None) is not None:
+            self.unpicked = (self.unpicked or 0.0) + float(stats.unpicked_frac) * n
+            self.experts_per_token = ((self.experts_per_token or 0.0)
+                                      + float(stats.experts_per_token) * n)
         mp = stats.mean_prob.detach().double().cpu() * n
         self.mean_prob = mp if self.mean_prob is None else self.mean_prob + mp
         if stats.expert_out_norm is not None:
@@ -420,6 +442,10 @@ class LayerAccumulator:
             mean_prob_E=self.mean_prob / self.tokens,
             entropy=self.entropy / self.tokens,
             dropped_frac=min(1.0, max(0.0, self.dropped / self.tokens)),
+            unpicked_frac=(None if self.unpicked is None
+                           else min(1.0, max(0.0, self.unpicked / self.tokens))),
+            experts_per_token=(None if self.experts_per_token is None
+                               else self.experts_per_token / self.tokens),
             out_norm_E=out_norm,
             aux_loss=self.load_balance / self.n_forwards,
             z_loss=self.z_loss / self.n_forwards,

@@ -60,6 +60,10 @@ def _register_builtins() -> None:
 
     for exp in (default_moe.SPEED, default_moe.LR, default_moe.BETA, default_moe.COMBINED):
         register(exp)
+    from moelab.experiments import expert_choice
+
+    for exp in (expert_choice.IMAGES, expert_choice.LM):
+        register(exp)
 
 
 _register_builtins()

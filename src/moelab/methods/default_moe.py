@@ -85,7 +85,7 @@ class DefaultMoE(LayerMethod):
         """One EMA step from ``sums`` (training forwards), then ``y_TD`` + the default term."""
         if sums is not None:
             self.update(sums.sums_ED, sums.weight_E)
-        return self.add_term(y_TD, routing.probs, routing.topk_ids)
+        return self.add_term(y_TD, routing.unchosen_probs())
 
     @torch.no_grad()
     def update(self, sums_ED: Tensor, mass_E: Tensor) -> None:
@@ -111,13 +111,14 @@ class DefaultMoE(LayerMethod):
                            self.ema / correction.float().clamp_min(1e-12).unsqueeze(1),
                            self.ema)
 
-    def add_term(self, y_TD: Tensor, probs_TE: Tensor, topk_ids_TK: Tensor) -> Tensor:
-        """``y_TD + sum_{i not in TopK(t)} probs[t, i] * Ê_i`` ([T, D], y's dtype), the sum
-        computed as (probs with the chosen entries zeroed) @ Ê — no [T, E, D] tensor. In fp32
+    def add_term(self, y_TD: Tensor, skipped_TE: Tensor) -> Tensor:
+        """``y_TD + sum_{i not chosen for t} probs[t, i] * Ê_i`` ([T, D], y's dtype), the sum
+        computed as ``skipped_TE`` (probs with the chosen entries zeroed,
+        ``Routing.unchosen_probs``: Top-K's skipped experts, or under expert choice the experts
+        that did not pick t) @ Ê — no [T, E, D] tensor. In fp32
         the add is fused into the matmul (one [T, D] pass less). With ``straight_through`` the
         term adds its router gradient but nothing to the value. Under autocast the term is
         computed in fp32 (probs and Ê are) and added in y's dtype."""
-        skipped_TE = probs_TE.scatter(1, topk_ids_TK, 0.0)
         ema_ED = self.value().to(skipped_TE.dtype)
         if not self.cfg.straight_through and y_TD.dtype == skipped_TE.dtype == torch.float32:
             with autocast_off(y_TD.device.type):

@@ -24,6 +24,10 @@ Strategies (γ >= 0):
     global        every expert gets mean_j Φ^b_j (plain learning-rate scaling of the experts;
                   with ablation_base="zero_sum" this mean is exactly 1, i.e. the base optimizer)
 
+Expert-choice routing (``MoEConfig.routing="expert_choice"``): every expert takes exactly the
+same number of tokens, so u_k = 1/E for all k and Φ ≡ 1 under every strategy: the wrapper is a
+no-op there, and says so once (a UserWarning) when it finds such a layer.
+
 Edge cases: 0^γ is 0 for γ > 0 (an expert with no tokens gets Φ = 0 under zero_sum and does not
 move, whatever momentum the base optimizer carries) and 1 for γ = 0 (γ = 0 gives Φ ≡ 1, and the
 wrapper then leaves the base step bit-identical). A layer with no counted forward since the last
@@ -64,7 +68,9 @@ then reset, as for moelab's own layers.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -120,6 +126,14 @@ class ExcitationConfig:
                  "seed", self.seed, "need an int")
         require(self.ablation_base in BASE_STRATEGIES, "ablation_base",
                  self.ablation_base, f"choose one of {BASE_STRATEGIES}")
+
+
+@functools.cache
+def _warn_expert_choice() -> None:
+    warnings.warn("Excitation is a no-op under expert-choice routing: every expert takes the "
+                  "same number of tokens, so every utilization is equal and Phi == 1 (the "
+                  "experts take the plain base-optimizer update); use routing='top_k' for an "
+                  "effect", UserWarning, stacklevel=4)
 
 
 def _phi_dtype(device: torch.device) -> torch.dtype:
@@ -445,6 +459,8 @@ class Excitation:
                 raise ValueError(f"{name}: its experts hold no parameters of their own (a "
                                  "Hugging Face model patched by moelab.hf?): use "
                                  "moelab.hf.Excitation(optimizer, model)")
+            if module.cfg.routing == "expert_choice":
+                _warn_expert_choice()
             module.take_counts()  # count from here on
             params = list(experts.parameters())
             # a DTensor (FSDP) has the global shape: all E experts, whatever this rank holds

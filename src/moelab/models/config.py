@@ -84,6 +84,13 @@ class ModelConfig:
         require(isinstance(self.moe, MoEConfig), "moe", self.moe, "need a MoEConfig")
         require(self.moe.d_model in (None, self.d_model), "moe.d_model", self.moe.d_model,
                 f"leave it unset (the model's d_model={self.d_model} is used)")
+        if self.moe.routing == "expert_choice":
+            require(self.kind != "hf", "moe.routing", self.moe.routing,
+                    "a Hugging Face model keeps its own Top-K router; use routing='top_k'")
+            require(self.kind != "lm" or self.moe.choice_group == "position",
+                    "moe.choice_group", self.moe.choice_group,
+                    "a causal LM needs choice_group='position' (batch-wide expert choice lets "
+                    "later tokens decide which experts earlier tokens get)")
         require(self.default_moe is None or isinstance(self.default_moe, DefaultMoEConfig),
                 "default_moe", self.default_moe, "need a DefaultMoEConfig or None")
         n_moe = len(self.moe_block_indices())

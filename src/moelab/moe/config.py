@@ -8,6 +8,8 @@ from moelab.moe.activations import ACTIVATIONS
 from moelab.validation import require
 
 DISPATCH_BACKENDS = ("auto", "grouped_mm", "loop")
+ROUTINGS = ("top_k", "expert_choice")
+CHOICE_GROUPS = ("batch", "position")
 
 
 def _is_int(v: object) -> bool:
@@ -24,8 +26,18 @@ class MoEConfig:
     d_ff: hidden width F of each expert.  activation: "swiglu" or "gelu".
     normalize_topk: renormalise the K routing weights to sum to 1 (Mixtral); off keeps the raw
         softmax probabilities (Switch / Default MoE paper).
-    capacity_factor: None for dropless; otherwise each expert keeps at most
+    capacity_factor: top_k routing: None for dropless; otherwise each expert keeps at most
         ceil(capacity_factor * T * K / E) assignments per forward and drops the rest.
+        expert_choice routing: required; each expert takes its top
+        min(G, ceil(capacity_factor * G * K / E)) tokens of every choice group of G tokens.
+    routing: "top_k" (each token picks its K experts) or "expert_choice" (each expert picks
+        its tokens by router probability, Zhou et al. 2022; K only sets the capacity; see
+        ``moe.router.ExpertChoiceRouter``).
+    choice_group: expert_choice only: which tokens an expert chooses among. "batch": all T
+        tokens of the forward (leaks the future in a causal LM: a later token can change
+        whether an earlier one is picked); "position": the B tokens at the same sequence
+        position of a [B, S, D] input (causal: position s sees only positions <= s of the
+        batch's sequences).
     aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in
         ``MoELosses.total``.
     dispatch: "auto" (the chunked expert loop on CPU and for fp32 / tf32 on CUDA; grouped GEMM
@@ -44,6 +56,8 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     dispatch: str = "auto"
+    routing: str = "top_k"
+    choice_group: str = "batch"
 
     def __post_init__(self) -> None:
         if self.d_model is not None:
@@ -63,5 +77,17 @@ class MoEConfig:
         if self.capacity_factor is not None:
             require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
                      "need > 0 (or None for dropless)")
+        require(self.routing in ROUTINGS, "routing", self.routing, f"choose one of {ROUTINGS}")
+        require(self.choice_group in CHOICE_GROUPS, "choice_group", self.choice_group,
+                f"choose one of {CHOICE_GROUPS}")
+        if self.routing == "expert_choice":
+            require(self.capacity_factor is not None, "capacity_factor", self.capacity_factor,
+                    "expert_choice routing needs a capacity factor c > 0 (e.g. 1.0): each "
+                    "expert takes ceil(c*G*K/E) tokens of a group of G")
+            require(not self.normalize_topk, "normalize_topk", self.normalize_topk,
+                    "applies to top_k routing only (expert choice combines raw probabilities)")
+        else:
+            require(self.choice_group == "batch", "choice_group", self.choice_group,
+                    "applies to routing='expert_choice' only")
         require(self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef, "need >= 0")
         require(self.z_loss_coef >= 0, "z_loss_coef", self.z_loss_coef, "need >= 0")

@@ -25,7 +25,7 @@ _GROUPED_MM = GROUPED_MM  # the name the expert loop and older code use
 
 __all__ = ["DispatchPlan", "backend_policy", "combine", "count_per_expert", "expert_capacity",
            "grouped_linear", "grouped_mm_supported", "grouped_mm_sync_free", "per_expert_weight",
-           "plan_dispatch", "resolve_backend", "segment_sum"]
+           "plan_dispatch", "plan_expert_choice", "resolve_backend", "segment_sum"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,18 @@ def plan_dispatch(topk_ids_TK: Tensor, topk_weights_TK: Tensor, n_experts: int,
     token_idx = order % n_tokens
     return DispatchPlan(token_idx, sorted_ids, weights, routed_counts, kept_counts,
                         offsets.to(torch.int32), n_dropped, keep)
+
+
+def plan_expert_choice(token_idx_EM: Tensor, weights_EM: Tensor) -> DispatchPlan:
+    """The plan of expert-choice routing: expert e owns rows ``e*M .. (e+1)*M - 1``, its M
+    picked tokens (``token_idx_EM`` [E, M] int64, combine weights ``weights_EM`` [E, M]).
+    Nothing is dropped: every row is kept."""
+    n_experts, slots = token_idx_EM.shape
+    device = token_idx_EM.device
+    counts = torch.full((n_experts,), slots, dtype=torch.long, device=device)
+    expert_ids = torch.arange(n_experts, device=device).repeat_interleave(slots)
+    return DispatchPlan(token_idx_EM.reshape(-1), expert_ids, weights_EM.reshape(-1), counts,
+                        counts, torch.cumsum(counts, 0).to(torch.int32), counts.new_zeros(()))
 
 
 def backend_policy(device_type: str) -> str:

@@ -16,9 +16,21 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe.config import MoEConfig
-from moelab.moe.dispatch import DispatchPlan, expert_capacity, per_expert_weight, plan_dispatch
+from moelab.moe.dispatch import (
+    DispatchPlan,
+    expert_capacity,
+    per_expert_weight,
+    plan_dispatch,
+    plan_expert_choice,
+)
 from moelab.moe.experts import Experts
-from moelab.moe.router import Routing, TopKRouter, load_balance_loss, router_z_loss
+from moelab.moe.router import (
+    ExpertChoiceRouter,
+    Routing,
+    TopKRouter,
+    load_balance_loss,
+    router_z_loss,
+)
 
 
 class MoELosses(NamedTuple):
@@ -46,6 +58,10 @@ class RoutingStats:
     router entropy (nats).  dropped_frac: scalar, share of assignments dropped by capacity.
     n_tokens: T.  expert_out_norm: [E] mean L2 norm of each expert's raw output over its
     tokens (NaN for experts with none), only when ``MoELayer.track_out_norm`` is set.
+    unpicked_frac: scalar, share of tokens processed by no expert (none picked them under
+    expert choice; all their assignments dropped by capacity under Top-K).
+    experts_per_token: scalar, mean number of experts that processed a token (K when dropless
+    Top-K; c*K on average under expert choice, varying per token). The layer always sets both.
     """
 
     tokens_per_expert: Tensor
@@ -54,6 +70,8 @@ class RoutingStats:
     dropped_frac: Tensor
     n_tokens: int
     expert_out_norm: Tensor | None = None
+    unpicked_frac: Tensor | None = None
+    experts_per_token: Tensor | None = None
 
 
 class ExpertSums(NamedTuple):
@@ -99,7 +117,8 @@ def in_backward_pass() -> bool:
 
 
 class MoELayer(nn.Module):
-    """Sparse top-K mixture-of-experts feed-forward layer.
+    """Sparse mixture-of-experts feed-forward layer: Top-K or expert-choice routing
+    (``cfg.routing``).
 
     Input [B, S, D] or [T, D]; returns ``MoEOutput(y, losses)`` with y shaped like the input.
     After each forward ``last_stats`` holds the RoutingStats of that forward (not updated by an
@@ -123,8 +142,13 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         if experts is not None and not isinstance(experts, Experts):
             raise ValueError(f"experts={experts!r} is invalid: need a moelab.moe.Experts")
-        self.router = router if router is not None else TopKRouter(
-            cfg.d_model, cfg.n_experts, cfg.top_k, cfg.normalize_topk)
+        if router is not None:
+            self.router = router
+        elif cfg.routing == "expert_choice":
+            self.router = ExpertChoiceRouter(cfg.d_model, cfg.n_experts, cfg.top_k,
+                                             cfg.capacity_factor)
+        else:
+            self.router = TopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.normalize_topk)
         self.experts = experts if experts is not None else Experts(
             cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.activation, cfg.dispatch)
         self.method = method
@@ -164,10 +188,14 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, cfg.d_model)
         n_tokens = x_TD.shape[0]
         first_pass = not in_backward_pass()
-        routing = self.router(x_TD)
-        capacity = (None if cfg.capacity_factor is None else
-                    expert_capacity(cfg.capacity_factor, n_tokens, cfg.top_k, cfg.n_experts))
-        plan = plan_dispatch(routing.topk_ids, routing.topk_weights, cfg.n_experts, capacity)
+        if cfg.routing == "expert_choice":
+            routing = self.router(x_TD, self._n_positions(x))
+            plan = plan_expert_choice(routing.choice.token_idx_EM, routing.choice.weights_EM)
+        else:
+            routing = self.router(x_TD)
+            capacity = (None if cfg.capacity_factor is None else
+                        expert_capacity(cfg.capacity_factor, n_tokens, cfg.top_k, cfg.n_experts))
+            plan = plan_dispatch(routing.topk_ids, routing.topk_weights, cfg.n_experts, capacity)
         row_weight_N = (self.method.row_weight(routing, plan)
                         if self.method is not None and self.training and first_pass else None)
         if row_weight_N is not None and plan.keep is not None:
@@ -184,12 +212,24 @@ class MoELayer(nn.Module):
             y_TD = self.method(y_TD, routing, sums)
         if first_pass:
             self._stats_inputs = (routing.probs.detach(), plan.routed_counts, plan.kept_counts,
-                                  plan.n_dropped, experts_out.out_norm_sums_E)
+                                  plan.n_dropped, experts_out.out_norm_sums_E, plan.token_idx,
+                                  plan.keep)
             self._last_stats = None
             if self.training:
                 self._counts.add_(plan.routed_counts)
                 self._counted = True
         return MoEOutput(y_TD.view(x.shape), self._losses(routing, global_counts))
+
+    def _n_positions(self, x: Tensor) -> int:
+        """Expert choice: the choice groups' layout (``ExpertChoiceRouter``): S for
+        choice_group="position" on a [B, S, D] input, else 1 (one batch-wide group)."""
+        if self.cfg.choice_group == "batch":
+            return 1
+        if x.dim() != 3:
+            raise ValueError(f"MoELayer input shape={tuple(x.shape)} is invalid for "
+                             "choice_group='position': need [B, S, D] (sequence positions), "
+                             "or use choice_group='batch'")
+        return x.shape[1]
 
     def take_counts(self) -> Tensor | None:
         """[E] int64 assignments per expert (before capacity drops) summed over the training
@@ -231,15 +271,25 @@ class MoELayer(nn.Module):
                 global_counts: tuple[Tensor, Tensor | int] | None = None) -> MoELosses:
         cfg = self.cfg
         zero = routing.logits.new_zeros(())
-        balance = (load_balance_loss(routing.probs, routing.topk_ids, *(global_counts or ()))
-                   if cfg.aux_loss_coef > 0 else zero)
+        if cfg.aux_loss_coef == 0:
+            balance = zero
+        elif routing.choice is not None:
+            # every expert takes the same number of tokens: balanced by construction (the
+            # Switch loss would be sum_e mean_t probs = 1 with zero gradient)
+            balance = routing.logits.new_ones(())
+        else:
+            balance = load_balance_loss(routing.probs, routing.topk_ids, *(global_counts or ()))
         z_loss = router_z_loss(routing.logits) if cfg.z_loss_coef > 0 else zero
         return MoELosses(balance, z_loss, cfg.aux_loss_coef * balance + cfg.z_loss_coef * z_loss)
 
     @torch.no_grad()
     def _stats(self, probs_TE: Tensor, routed_counts_E: Tensor, kept_counts_E: Tensor,
-               n_dropped: Tensor, out_norm_sums_E: Tensor | None) -> RoutingStats:
+               n_dropped: Tensor, out_norm_sums_E: Tensor | None, token_idx_N: Tensor,
+               keep_N: Tensor | None) -> RoutingStats:
         n_tokens = probs_TE.shape[0]
+        kept_N = (torch.ones_like(token_idx_N, dtype=torch.float) if keep_N is None
+                  else keep_N.float())
+        experts_T = kept_N.new_zeros(n_tokens).index_add_(0, token_idx_N, kept_N)
         entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
         out_norm = None
         if out_norm_sums_E is not None:
@@ -253,4 +303,6 @@ class MoELayer(nn.Module):
             dropped_frac=n_dropped.float() / total,
             n_tokens=n_tokens,
             expert_out_norm=out_norm,
+            unpicked_frac=(experts_T == 0).float().mean(),
+            experts_per_token=experts_T.mean(),
         )

@@ -14,6 +14,8 @@ and the trackers map them to these names (``i`` = the i-th MoE layer, the ``laye
     val/loss  val/ppl (LM) or val/acc                 every evaluation
     layer<i>/gini  layer<i>/entropy  layer<i>/entropy_normalized  layer<i>/load_imbalance
     layer<i>/dead_experts  layer<i>/dropped_frac  layer<i>/aux_loss  layer<i>/z_loss
+    layer<i>/unpicked_frac  layer<i>/experts_per_token   tokens no expert processed; experts
+                                                         per token (the expert-choice measures)
     layer<i>/expert_share           histogram, x = expert id, height = its share of tokens
     layer<i>/excitation_phi         histogram of Φ over the experts (+ _min, _max), Excitation on
     layer<i>/default_moe_ema_norm   histogram of ‖Ê_e‖ over the experts (+ _mean), Default MoE on
@@ -97,7 +99,8 @@ class Histogram:
 
 _LAYER_SCALARS = {"gini": "gini", "entropy": "entropy", "entropy_normalized": "entropy_normalized",
                   "load_imbalance": "load_imbalance", "dead": "dead_experts",
-                  "dropped_frac": "dropped_frac", "aux_loss": "aux_loss", "z_loss": "z_loss"}
+                  "dropped_frac": "dropped_frac", "aux_loss": "aux_loss", "z_loss": "z_loss",
+                  "unpicked_frac": "unpicked_frac", "experts_per_token": "experts_per_token"}
 
 
 def _is_number(v: Any) -> bool:
