@@ -39,14 +39,14 @@ def test_tokens_rule_beta_horizon_and_ema_hand_computed():
     assert torch.all(m.ema[1] == 0)
 
 
-def test_tokens_rule_horizon_is_kept_while_unrouted_and_default_is_2_16():
+def test_tokens_rule_horizon_is_kept_while_unrouted_and_default_is_2_14():
     m = method("tokens")
-    assert m.cfg.rule_horizon == BETA_RULES["tokens"] == 2.0 ** 16
+    assert m.cfg.rule_horizon == BETA_RULES["tokens"] == 2.0 ** 14
     m.update(SUMS, COUNTS)
     m.update(torch.zeros(3, 2), torch.tensor([0.0, 0.0, 512.0]))  # expert 0 not routed now
-    b = math.exp(-512 / 2 ** 16)
+    b = math.exp(-512 / 2 ** 14)
     torch.testing.assert_close(m.beta_E, torch.tensor([1.0, 1.0, b]))
-    torch.testing.assert_close(m.horizon_E[0], torch.tensor(2 / -math.expm1(-2 / 2 ** 16)))
+    torch.testing.assert_close(m.horizon_E[0], torch.tensor(2 / -math.expm1(-2 / 2 ** 14)))
     torch.testing.assert_close(m.horizon_E[2], torch.tensor(512 / (1 - b)))
 
 
@@ -157,3 +157,14 @@ def test_beta_and_horizon_logged_per_layer():
     assert scalars["layer0/default_moe_beta_min"] == pytest.approx(b2)
     assert scalars["layer0/default_moe_horizon_mean"] == pytest.approx(
         (2 / (1 - b0) + 8 / (1 - b2)) / 3)
+
+
+def test_report_lists_beta_range_and_mean_horizon_per_layer(tmp_path):
+    from moelab.analysis.report import RunData, default_moe_table
+
+    row = {"layer": 0, "ema_norm": [1.0, 0.0, 2.0], "beta": [0.5, 1.0, 0.25],
+           "horizon": [10.0, 0.0, 20.0]}
+    run = RunData(name="r", path=tmp_path, evals=[{"kind": "eval", "default_moe": [row]}])
+    lines = default_moe_table([run])
+    assert lines[-1] == "| r | 0 | 0.2500 – 1.0000 | 10 |"
+    assert default_moe_table([RunData(name="plain", path=tmp_path)]) == []

@@ -415,10 +415,10 @@ AUTO_RULES = ("tokens", "warmup")
 #: best fixed beta's mean test perplexity (fixed before any run)
 AUTO_MARGIN = 0.005
 AUTO_STEPS = 150
-#: smaller than default-moe-beta's LM (d_model 128, 4 layers, 200 steps) so that 14 arms x
-#: 5 seeds fit ~25 CPU-minutes on one core; tokens per step (32 x 128) and per expert (512
-#: on average at both sparsities) are the same as there, so beta <-> horizon maps alike
-_AUTO_LM = (kv(K.D_MODEL, 64), kv(K.N_LAYERS, 2), kv(K.N_HEADS, 4))
+#: smaller than default-moe-beta's LM (d_model 128, 4 layers, batch 32, 200 steps) so that
+#: 14 arms x 5 seeds fit ~25 CPU-minutes on one core: batch 16 x 128 tokens, so 256 tokens
+#: per expert per step on average at both sparsities (half of default-moe-beta's)
+_AUTO_LM = (kv(K.D_MODEL, 64), kv(K.N_LAYERS, 2), kv(K.N_HEADS, 4), kv(K.BATCH_SIZE, 16))
 #: d_ff halved with d_model (the same expert width ratio as the default LM's layouts)
 _AUTO_SPARSITIES: dict[str, tuple[int, int, int]] = {"8c1": (8, 1, 128), "32c4": (32, 4, 32)}
 
@@ -477,18 +477,23 @@ AUTO_BETA = Experiment(
     image_datasets=(),
     notes="Defined 2026-12-07 before any run (issue 40). Arms per sparsity: Top-K; Default "
           "MoE (plain EMA, no bias correction) at default-moe-beta's grid beta 0.5 / 0.9 / "
-          "0.99 / 0.999 ('bX'); beta='tokens' (horizon 2**16 tokens) and beta='warmup' "
+          "0.99 / 0.999 ('bX'); beta='tokens' (horizon 2**14 tokens) and beta='warmup' "
           "(horizon 100 steps that saw the expert), each at its one default, not tuned on "
-          "these runs (why those defaults: docs/METHODS.md; they were chosen knowing "
-          "default-moe-beta's 8c1 result that beta 0.99-0.999 did best there, which is a "
-          "horizon of 5e4-5e5 tokens at this batch). 'best-fixed-<sp>' is the grid beta with "
-          "the best mean validation perplexity at that sparsity (test never read for the "
-          "pick), reported on test. Non-inferiority margin 0.5% of the best fixed beta's "
-          "mean test perplexity, fixed in advance; the other claims are plain superiority "
-          "on test perplexity. Benjamini-Hochberg over the 12 claims. A smaller LM than "
-          "default-moe-beta's (d_model 64, 2 layers, d_ff halved, 150 steps instead of 200; "
-          "batch 32 x 128 as there) so that 70 runs fit ~25 CPU-minutes on one core of the "
-          "shared machine; the tokens routed per expert per step (512 on average) are the "
-          "same as there. " + BASE_LR_NOTE + " Changes after test results were seen: none."
+          "these runs (why those defaults: docs/METHODS.md). 'best-fixed-<sp>' is the grid "
+          "beta with the best mean validation perplexity at that sparsity (test never read "
+          "for the pick), reported on test. Non-inferiority margin 0.5% of the best fixed "
+          "beta's mean test perplexity, fixed in advance; the other claims are plain "
+          "superiority on test perplexity. Benjamini-Hochberg over the 12 claims. A smaller "
+          "LM than default-moe-beta's (d_model 64, 2 layers, d_ff halved, batch 16 x 128, "
+          "150 steps; there: d_model 128, 4 layers, batch 32, 200 steps) so that 70 runs fit "
+          "the shared CPU: 256 tokens per expert per step on average, so beta 0.9 / 0.99 / "
+          "0.999 are horizons of ~2.6e3 / 2.6e4 / 2.6e5 tokens and 'tokens' is beta ~0.984 "
+          "(~1.6e4). Change before any result was read: a first start of this experiment "
+          "(batch 32, horizon default 2**16) was stopped after 6 runs (Top-K 8c1, one beta "
+          "0.5 8c1; no arm compared with another) because the loaded machine ran ~2 min per "
+          "run; the batch was halved and the 'tokens' default set to 2**14 (the noise "
+          "argument of docs/METHODS.md, not those runs). Seeds "
+          "0-2 of every arm ran first, then seeds 3-4. " + BASE_LR_NOTE + " Changes after "
+          "test results were seen: none."
           + _GPU_NOTE + " gpu: 8c1 and 32c4, 600 steps, 5 seeds.",
 )

@@ -30,12 +30,12 @@ __all__ = ["BETA_RULES", "DefaultMoE", "DefaultMoEConfig", "default_moe_layer"]
 #: Automatic beta rules (``beta = "<rule>"``) and the default of each one's ``horizon``:
 #: "tokens": beta_e = exp(-n_e / horizon), n_e = the (global) weight mass routed to expert e
 #:     this step (tokens, plain EMA): a memory of ``horizon`` tokens whatever the sparsity,
-#:     batch size or load of the expert (2**16 tokens).
+#:     batch size or load of the expert (2**14 tokens).
 #: "warmup": beta_e = 1 - 1 / min(k_e, horizon), k_e = updates of expert e so far (this one
 #:     included): the exact mean of the expert's first ``horizon`` steps, then a memory of
 #:     ``horizon`` steps that saw the expert (100 steps).
 #: Why these, their defaults and their start: docs/METHODS.md, "Default MoE without tuning β".
-BETA_RULES: dict[str, float] = {"tokens": 65536.0, "warmup": 100.0}
+BETA_RULES: dict[str, float] = {"tokens": 16384.0, "warmup": 100.0}
 
 
 @dataclass(frozen=True)
