@@ -168,3 +168,28 @@ def test_report_lists_beta_range_and_mean_horizon_per_layer(tmp_path):
     lines = default_moe_table([run])
     assert lines[-1] == "| r | 0 | 0.2500 – 1.0000 | 10 |"
     assert default_moe_table([RunData(name="plain", path=tmp_path)]) == []
+
+
+def test_hf_patch_takes_the_rule_and_its_state_round_trips(tmp_path):
+    """A patched HF model applies the rule to its blocks' counts; save_state / load_state
+    keep the rule in the settings."""
+    pytest.importorskip("transformers")
+    from hf_tiny import tiny_model, token_batch
+
+    from moelab.hf import load_state, patch, patched_blocks, save_state
+
+    dm = DefaultMoEConfig(beta="tokens", horizon=16.0)
+    model = tiny_model("mixtral").train()
+    patch(model, default_moe=dm)
+    ids = []
+    for _, block in patched_blocks(model):
+        router = block.moelab.router.__dict__["hf_router"]
+        router.register_forward_hook(lambda m, a, out: ids.append(out[2]))
+    model(token_batch())
+    for (_, block), ids_TK in zip(patched_blocks(model), ids, strict=True):
+        n = torch.bincount(ids_TK.flatten(), minlength=block.moelab.cfg.n_experts).float()
+        want = torch.where(n > 0, torch.exp(-n / 16.0), torch.ones_like(n))
+        torch.testing.assert_close(block.moelab.method.beta_E, want)
+    save_state(model, tmp_path)
+    fresh = load_state(tiny_model("mixtral"), tmp_path)
+    assert fresh.__dict__["_moelab_settings"]["default_moe"] == dm
