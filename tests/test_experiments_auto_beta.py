@@ -126,3 +126,13 @@ def test_quick_profile_end_to_end(tmp_path):
     picked = {a["arm"]: a["picked"]["arm"] for a in res["arms"] if "picked" in a}
     assert set(picked) == {"best-fixed-8c1", "best-fixed-32c4"}
     assert all(v.startswith("b") for v in picked.values())
+
+
+def test_summary_names_the_baseline_of_an_arm_claimed_against_several():
+    from moelab.experiments.summary import survivors
+
+    row = {"verdict": "supported", "p_bh": 0.01}
+    doc = {"claims": [{"arm": "x/t", "baseline": "x/best", "metric": "m", **row},
+                      {"arm": "x/t", "baseline": "x/topk", "metric": "m", **row},
+                      {"arm": "x/u", "baseline": "x/topk", "metric": "m", **row}]}
+    assert survivors(doc)["supported"] == ["t vs best", "t vs topk", "u"]

@@ -30,8 +30,11 @@ def _rows(c: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(c["per_layer"]) if "per_layer" in c else [c]
 
 
-def _label(c: Mapping[str, Any], row: Mapping[str, Any], metrics: int) -> str:
-    arm = c["arm"].split("/")[-1]
+def _label(c: Mapping[str, Any], row: Mapping[str, Any], metrics: int,
+           vs: bool = False) -> str:
+    """The row's arm (+ `` vs <baseline>`` when ``vs``) (+ its metric when the page has
+    several) (+ its layer)."""
+    arm = c["arm"].split("/")[-1] + (f" vs {c['baseline'].split('/')[-1]}" if vs else "")
     what = f" {c['metric']}" if metrics > 1 else ""
     return arm + what + (f" L{row['layer']}" if "layer" in row else "")
 
@@ -39,12 +42,15 @@ def _label(c: Mapping[str, Any], row: Mapping[str, Any], metrics: int) -> str:
 def survivors(doc: Mapping[str, Any], alpha: float = ALPHA) -> dict[str, list[str]]:
     """verdict -> labels of the supported / contradicted rows with p (BH) < ``alpha``."""
     metrics = len({c["metric"] for c in doc["claims"]})
+    # an arm claimed against several baselines on one metric is labelled with its baseline
+    pairs = [(c["arm"], c["metric"]) for c in doc["claims"]]
     out: dict[str, list[str]] = {"supported": [], "contradicted": []}
     for c in doc["claims"]:
+        vs = pairs.count((c["arm"], c["metric"])) > 1
         for r in _rows(c):
             p = r.get("p_bh")
             if r["verdict"] in out and p is not None and p < alpha:
-                out[r["verdict"]].append(_label(c, r, metrics))
+                out[r["verdict"]].append(_label(c, r, metrics, vs))
     return out
 
 
