@@ -501,6 +501,8 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
                               if any(_is_pct(c["metric"]) for c in res["claims"]) else ""), ""]
     if any(c.get("margin") for c in res["claims"]):
         L += [NONINFERIORITY_RULE, ""]
+    if bh:
+        L += [MULTIPLICITY_NOTE.format(n=n_p), ""]
     picks = [a for a in res["arms"] if "picked" in a]
     if picks:
         L += ["## Picked on validation", "", f"Each pseudo-arm is its candidate with the best "
@@ -512,8 +514,6 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
                 name = f"**{v['arm']}**" if v["arm"] == a["picked"]["arm"] else v["arm"]
                 L.append(f"| {a['arm']} | {name} | {_ms(v, False)} | {v['n']} |")
         L.append("")
-    if bh:
-        L += [MULTIPLICITY_NOTE.format(n=n_p), ""]
     sel = [a for a in res["arms"] if a["lr_selection"]]
     if sel:
         L += ["## Learning-rate selection (validation)", "",
