@@ -214,3 +214,19 @@ def test_killed_rank_leaves_the_last_complete_checkpoint(tmp_path, single_run):
     assert load_trained(run).step == 3
     run_dist(tmp_path, 2, run, resume=True)
     assert_same_run(run, single_run, 2, 2)
+
+
+def test_fsdp_automatic_beta_matches_one_process(tmp_path):
+    """beta='tokens' under FSDP takes each expert's global token count (the layer's stats
+    reducer): 2 ranks equal one process, Ê and the logged betas included."""
+    from moelab.train.trainer import Trainer
+
+    extra = ('model.default_moe.beta="tokens"', "model.default_moe.horizon=64")
+    ref = tmp_path / "single"
+    Trainer(tiny_all(*extra), ref, quiet=True).fit()
+    run = tmp_path / "fsdp"
+    run_dist(tmp_path, 2, run, FSDP, *extra)
+    assert_same_run(run, ref, 2, 1)
+    betas = [b for e in train_log(run)[2] for row in e["default_moe"] for b in row["beta"]]
+    ref_betas = [b for e in train_log(ref)[2] for row in e["default_moe"] for b in row["beta"]]
+    assert betas == pytest.approx(ref_betas, rel=1e-5) and min(ref_betas) < 1.0
