@@ -187,3 +187,16 @@ def test_a_patched_hf_model_compiles_and_trains_like_eager(momentum):
         parallel.COMPILE_BACKEND = monkey
     got = train_both(eager, compiled, steps=2)
     assert_same_training(eager, compiled, got, atol=2e-5)
+
+
+@pytest.mark.parametrize("rule", ["tokens", "warmup"])
+def test_automatic_beta_compiled_equals_eager(rule):
+    """The automatic beta rules are tensor ops on the step's counts: the compiled blocks
+    update Ê, beta and the horizon as eager does."""
+    eager, compiled = model_pair(default_moe=DefaultMoEConfig(beta=rule, horizon=32.0))
+    got = train_both(eager, compiled)
+    assert_same_training(eager, compiled, got, atol=2e-5)
+    for a, b in zip(eager.moe_layers(), compiled.moe_layers(), strict=True):
+        torch.testing.assert_close(b.method.beta_E, a.method.beta_E, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b.method.horizon_E, a.method.horizon_E, rtol=1e-5, atol=0)
+        assert bool((a.method.beta_E < 1).any())  # the rule, not the unrouted value

@@ -99,11 +99,14 @@ def test_all_to_all_uneven_splits_and_backward(tmp_path, world):
 # ---------------------------------------------------------------------------- EP layer
 
 
-def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool) -> None:
+def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool | str) -> None:
+    """``default_moe``: off, on (beta 0.5, scored) or an automatic beta rule's name."""
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=8, n_experts=8, top_k=2, d_ff=8, aux_loss_coef=0.1,
                     z_loss_coef=0.01)
-    method = DefaultMoE(cfg, DefaultMoEConfig(beta=0.5, scored=True)) if default_moe else None
+    dm = (DefaultMoEConfig(beta=default_moe, horizon=8.0) if isinstance(default_moe, str)
+          else DefaultMoEConfig(beta=0.5, scored=True))
+    method = DefaultMoE(cfg, dm) if default_moe else None
     ref = MoELayer(cfg, method=method)
     layer = copy.deepcopy(ref)
     ctx = make_context(ep)
@@ -148,6 +151,9 @@ def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool) -> None:
         if default_moe:
             close(layer.method.ema, ref.method.ema, f"step {step} default Ê")
             assert torch.equal(layer.method.n_updates, ref.method.n_updates)
+            # beta from the global counts: the one-process run's
+            close(layer.method.beta_E, ref.method.beta_E, f"step {step} beta")
+            close(layer.method.horizon_E, ref.method.horizon_E, f"step {step} horizon")
         stats = layer.last_stats.tokens_per_expert.clone()
         dist.all_reduce(stats)
         assert torch.equal(stats, ref.last_stats.tokens_per_expert)
@@ -159,6 +165,8 @@ def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool) -> None:
     (4, 4, True),
     (4, 2, True),   # two replicas of each expert shard
     (2, 1, True),   # plain data parallel: global balance loss and Ê
+    (2, 2, "tokens"),  # automatic beta from the global token counts
+    (2, 1, "warmup"),
 ])
 def test_expert_parallel_layer_matches_single_process(tmp_path, world, ep, default_moe):
     spawn(world, tmp_path, _ep_layer_worker, ep, default_moe)

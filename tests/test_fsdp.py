@@ -287,3 +287,19 @@ def test_compiled_blocks_train_under_fsdp_bf16(tmp_path):
     """Compiled blocks (fullgraph) under FSDP's bf16 policy: no nested FSDP unit inside a
     compiled block (its hooks would break the graph)."""
     spawn(2, tmp_path, _compiled_worker, str(tmp_path / "run"))
+
+
+def test_fsdp_automatic_beta_matches_one_process(tmp_path):
+    """beta='tokens' under FSDP takes each expert's global token count (the layer's stats
+    reducer): 2 ranks equal one process, Ê and the logged betas included."""
+    from moelab.train.trainer import Trainer
+
+    extra = ('model.default_moe.beta="tokens"', "model.default_moe.horizon=64")
+    ref = tmp_path / "single"
+    Trainer(tiny_all(*extra), ref, quiet=True).fit()
+    run = tmp_path / "fsdp"
+    run_dist(tmp_path, 2, run, FSDP, *extra)
+    assert_same_run(run, ref, 2, 1)
+    betas = [b for e in train_log(run)[2] for row in e["default_moe"] for b in row["beta"]]
+    ref_betas = [b for e in train_log(ref)[2] for row in e["default_moe"] for b in row["beta"]]
+    assert betas == pytest.approx(ref_betas, rel=1e-5) and min(ref_betas) < 1.0

@@ -107,7 +107,24 @@ def readme_figures() -> list[str]:
         f"level with Top-K alone ({f(claim(comb, 'dmoe+mom+exc')['mean'], '.3f')}, CI containing "
         "0)",
         *robustness_rerun_figures(),
+        *auto_beta_figures(),
     ]
+
+
+def auto_beta_figures() -> list[str]:
+    """The automatic-β sentence of the Default MoE bullet (issue 40)."""
+    auto = page("default-moe-auto-beta")
+    picked = {a["arm"]: a["picked"]["arm"] for a in auto["arms"] if "picked" in a}
+    assert picked == {"best-fixed-8c1": "b0.9-8c1", "best-fixed-32c4": "b0.9-32c4"}
+    w8, w32 = (claim(auto, f"{sp}: beta='warmup' is no worse") for sp in ("8c1", "32c4"))
+    t8 = claim(auto, "8c1: beta='tokens' is no worse")
+    assert all(c["verdict"] == "inconclusive" for c in (w8, w32, t8))
+
+    def d(c: dict) -> str:
+        return (f"{f(c['mean'], '+.3f')} [{f(c['ci_low'], '+.3f')}, "
+                f"{f(c['ci_high'], '+.3f')}]")
+    return [f"(Δ test perplexity {d(w8)} at 8c1, {d(w32)} at 32c4: no CI inside",
+            f"`beta = \"tokens\"` worse ({d(t8)} at 8c1)"]
 
 
 def robustness_rerun_figures() -> list[str]:

@@ -46,6 +46,11 @@ def test_report_writes_figures_and_table(two_runs, tmp_path):
         assert data.startswith(PNG) and len(data) > 5000, n
     text = md.read_text()
     table = [line for line in text.splitlines() if line.startswith("|")]
+    # then the Default MoE table: the dmoe run's layers (beta 0.9, or 1 for an unrouted expert)
+    dm = [line for line in table[4:] if line.startswith("| dmoe | ")]
+    assert table[4].startswith("| run | layer | β (min – max)") and dm
+    assert all(" – 1.0000 |" in line or "0.9000 – 0.9000" in line for line in dm)
+    table = table[:4]
     assert table[0].startswith("| run | model | steps | params | val ppl | test ppl | tokens/s")
     assert "mean Gini" in table[0] and "dead experts" in table[0]
     assert len(table) == 4 and table[2].startswith("| base | lm | 9 |")

@@ -15,7 +15,8 @@ Figures (matplotlib, Agg backend, PNG):
                         final eval, one panel per layer (MomentumSMoE, Fig. 5) — when recorded
 
 ``report.md`` has a table comparing the runs (final val ppl/acc, test, steps, params,
-throughput, mean Gini, dead experts) and embeds the figures.
+throughput, mean Gini, dead experts), for Default MoE runs each layer's EMA β range and mean
+horizon at the last evaluation, and embeds the figures.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 from moelab.config import tomllib
 from moelab.runs.directory import CONFIG, METRICS, read_metrics
 
-__all__ = ["RunData", "load_run", "make_report"]
+__all__ = ["RunData", "default_moe_table", "load_run", "make_report"]
 
 MATPLOTLIB_PIP = "pip install matplotlib"
 
@@ -352,6 +353,25 @@ def markdown_table(runs: list[RunData]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_moe_table(runs: list[RunData]) -> list[str]:
+    """Markdown lines: per Default MoE run and layer, the range of the experts' EMA β and
+    their mean memory in tokens at the last evaluation (``method_summary``'s ``beta`` and
+    ``horizon``); empty when no run recorded them."""
+    rows = []
+    for r in runs:
+        for row in ((r.last_eval or {}).get("default_moe") or []):
+            betas, horizons = row.get("beta"), row.get("horizon")
+            if betas and horizons:
+                rows.append(f"| {r.name} | {row['layer']} | {min(betas):.4f} – "
+                            f"{max(betas):.4f} | {sum(horizons) / len(horizons):,.0f} |")
+    if not rows:
+        return []
+    return ["", "Default MoE: each expert's EMA β at the last training step (1: not routed "
+            "then) and its memory in tokens, n / (1 − β), at the last evaluation:", "",
+            "| run | layer | β (min – max) | mean horizon (tokens) |", "|---|---|---|---|",
+            *rows]
+
+
 def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> Path:
     """Write the figures and ``report.md`` for ``run_dirs`` into ``out_dir`` (default: the
     run directory itself for one run, ``report/`` otherwise). Returns the path of report.md."""
@@ -377,6 +397,7 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = Non
     notes = [n for r in runs for n in run_notes(r)]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    lines += default_moe_table(runs)
     for title, path in figures:
         if path is not None:
             lines += ["", f"## {title}", "", f"![{title}]({path.name})"]

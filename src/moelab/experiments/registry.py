@@ -58,7 +58,8 @@ def _register_builtins() -> None:
         register(exp)
     from moelab.experiments import default_moe
 
-    for exp in (default_moe.SPEED, default_moe.LR, default_moe.BETA, default_moe.COMBINED):
+    for exp in (default_moe.SPEED, default_moe.LR, default_moe.BETA, default_moe.COMBINED,
+                default_moe.AUTO_BETA):
         register(exp)
     from moelab.experiments import expert_choice
 

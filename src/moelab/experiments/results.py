@@ -221,6 +221,30 @@ def _arm_result(exp: Experiment, source: str, arm: str, sel: dict[str, Any],
     return res
 
 
+def _picked_arm(exp: Experiment, name: str, cands: Sequence[str],
+                selected: Mapping[str, dict[str, Any]], arms: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """The pseudo-arm ``name``: a copy of the result of the candidate with the best mean
+    validation value of the primary metric (``Experiment.picks``), with ``picked`` = that
+    arm and every candidate's validation summary. No candidate with a validation value: no
+    runs (its claims get no verdict)."""
+    m = exp.metric
+    val = [{"arm": a, **summarize([_value(m, r, val=True, run=o) for o, r in
+                                   selected[a]["runs"].values()]).as_dict()} for a in cands]
+    ok = [v for v in val if v["n"] and math.isfinite(v["mean"])]
+    best = (max if m.higher_is_better else min)(ok, key=lambda v: v["mean"])["arm"] \
+        if ok else None
+    by_name = {a["arm"]: a for a in arms}
+    if best is None:
+        empty = {mm.name: {"per_seed": {}, "summary": summarize([]).as_dict()}
+                 for mm in exp.metrics}
+        base = {"lr": None, "lr_selection": [], "seeds": [], "metrics": empty, "run_dirs": {}}
+    else:
+        base = by_name[best]
+    return {**base, "key": arm_key(exp.name, name, exp), "arm": name,
+            "picked": {"arm": best, "candidates": list(cands), "validation": val}}
+
+
 def _divergence_by_lr(grid: Mapping[Any, list[tuple[RunOutcome, list]]]) -> list[dict]:
     """Per lr of the arm: runs, diverged runs (``spec.divergence``, with the reason per seed)
     and failed runs (other errors; not counted as diverged)."""
@@ -287,7 +311,17 @@ def _compare_steps(a: Mapping[str, Any], b: Mapping[str, Any], m: Metric,
             "verdict": censored_verdict(d, pairs, direction)}
 
 
-def _compare(a: dict[int, Any], b: dict[int, Any], m: Metric, direction: str) -> dict[str, Any]:
+def _compare(a: dict[int, Any], b: dict[int, Any], m: Metric, direction: str,
+             margin: float = 0.0) -> dict[str, Any]:
+    if margin:  # non-inferiority: the difference tested against margin x the baseline's mean
+        bound = margin * abs(summarize(list(b.values())).mean) * (
+            1.0 if direction == "lower" else -1.0)
+        d = paired_difference({s: None if v is None else v - bound for s, v in a.items()}, b)
+        out = {**d.as_dict(), "verdict": verdict(d, direction), "margin": margin,
+               "bound": bound}
+        for k in ("mean", "ci_low", "ci_high"):
+            out[k] = out[k] + bound
+        return out
     if not m.per_layer:
         d = paired_difference(a, b)
         return {**d.as_dict(), "verdict": verdict(d, direction)}
@@ -335,6 +369,8 @@ def aggregate(exp: Experiment, outcomes: Sequence[RunOutcome],
                    if m.target is not None}
         for arm, sel in selected.items():
             arms.append(_arm_result(exp, exp.name, arm, sel, exp.chance, targets))
+        arms += [_picked_arm(exp, name, cands, selected, arms)
+                 for name, cands in exp.picks.items()]
         all_outcomes = list(outcomes)
     claims = compare_arms(exp, arms)
     failed = [{"run": o.spec.label, "run_dir": o.spec.run_dir, "error": o.error}
@@ -355,6 +391,8 @@ def compare_arms(exp: Experiment, arms: list[dict[str, Any]]) -> list[dict[str, 
     if not exp.sources and not m0.per_layer:
         first = exp.arms[0]
         for a in arms[1:]:
+            if "picked" in a:
+                continue  # the picked arm's own row has it
             if m0.target is not None and not m0.target.shared(a["arm"], first.name):
                 continue  # steps to different targets do not compare
             if exp.arm(a["arm"]).lr_grid == first.lr_grid:
@@ -373,7 +411,7 @@ def compare_arms(exp: Experiment, arms: list[dict[str, Any]]) -> list[dict[str, 
             raise ValueError(f"{exp.name}: claim {c.arm} vs {c.baseline}: arm not in {src}")
         cmp = (_compare_steps(by_key[ka], by_key[kb], m, c.direction) if m.target is not None
                else _compare(_per_seed(by_key[ka], m.name), _per_seed(by_key[kb], m.name), m,
-                             c.direction))
+                             c.direction, c.margin))
         claims.append({"text": c.text or f"{c.arm} {c.direction} than {c.baseline}",
                        "arm": ka, "baseline": kb, "metric": m.name, "direction": c.direction,
                        **cmp})
@@ -382,6 +420,13 @@ def compare_arms(exp: Experiment, arms: list[dict[str, Any]]) -> list[dict[str, 
 
 
 # ------------------------------------------------------------------------------ writing
+
+
+NONINFERIORITY_RULE = (
+    "Non-inferiority claims (those with a bound): the bound is the margin times the "
+    "baseline's mean; *supported*: the whole 95% CI of Δ lies on the claimed side of the bound "
+    "(the arm is worse by less than the margin); *contradicted*: the whole CI lies beyond it; "
+    "*inconclusive* otherwise. Their p-value tests Δ = bound.")
 
 
 def _f(v: Any, spec: str = ".4f") -> str:
@@ -440,7 +485,9 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
         L += [head, "|" + "---|" * (head.count("|") - 1)]
         for a in res["arms"]:
             s = a["metrics"][primary.name]["summary"]
-            ov = " ".join(f"`{o}`" for o in exp.arm(a["arm"]).overrides) or "–"
+            ov = (f"= **{a['picked']['arm']}** (best mean validation of "
+                  f"{', '.join(a['picked']['candidates'])})" if "picked" in a else
+                  " ".join(f"`{o}`" for o in exp.arm(a["arm"]).overrides) or "–")
             d = a.get("vs_first")
             mean, ci, p = _diff(d, pct) if d else ("–", "–", "–")
             row = (f"| {a['arm']} | {ov} | {_f(a['lr'], 'g')} | {_ms(s, pct)} | {s['n']} | "
@@ -498,13 +545,28 @@ def render_markdown(exp: Experiment, res: Mapping[str, Any], meta: Mapping[str, 
                      + ("| " if bh else "") + f"| **{c['verdict']}** |")
         else:
             mean, ci, p = _diff(c, pct)
-            L.append(f"| {c['text']} | {c['metric']} | {mean} | {ci} | {p_cells(c, p)} | "
+            text = c["text"] + (f" (bound: Δ {'<' if c['direction'] == 'lower' else '>'} "
+                                f"{_f(c['bound'], '+.4f')})" if c.get("margin") else "")
+            L.append(f"| {text} | {c['metric']} | {mean} | {ci} | {p_cells(c, p)} | "
                      f"{c['n']} | **{c['verdict']}** |")
     L += ["", VERDICT_RULE + (" Accuracy differences are in percentage points."
                               if any(_is_pct(c["metric"]) for c in res["claims"]) else ""), ""]
     L += _steps_claim_lines(res["claims"])
+    if any(c.get("margin") for c in res["claims"]):
+        L += [NONINFERIORITY_RULE, ""]
     if bh:
         L += [MULTIPLICITY_NOTE.format(n=n_p), ""]
+    picks = [a for a in res["arms"] if "picked" in a]
+    if picks:
+        L += ["## Picked on validation", "", f"Each pseudo-arm is its candidate with the best "
+              f"mean validation {primary.name.replace('test_', '')} (test not read for the "
+              "pick).", "", "| pseudo-arm | candidate | validation mean ± std | n |",
+              "|---|---|---|---|"]
+        for a in picks:
+            for v in a["picked"]["validation"]:
+                name = f"**{v['arm']}**" if v["arm"] == a["picked"]["arm"] else v["arm"]
+                L.append(f"| {a['arm']} | {name} | {_ms(v, False)} | {v['n']} |")
+        L.append("")
     sel = [a for a in res["arms"] if a["lr_selection"]]
     if sel:
         L += ["## Learning-rate selection (validation)", "",

@@ -252,7 +252,11 @@ class Arm:
 class Claim:
     """``arm`` beats ``baseline`` on ``metric`` in ``direction`` ("higher" | "lower": the
     sign of arm − baseline the paper claims). ``source``: for an experiment with sources, the
-    source experiment whose runs hold both arms. ``text``: the claim in words."""
+    source experiment whose runs hold both arms. ``text``: the claim in words.
+    ``margin`` > 0 makes it a non-inferiority claim: the arm is worse than the baseline by
+    less than ``margin`` x the baseline's mean (e.g. 0.005: 0.5%); supported when the CI of
+    arm − baseline lies on the claimed side of that bound, contradicted when it lies beyond
+    it (the p-value tests the difference against the bound)."""
 
     arm: str
     baseline: str
@@ -260,11 +264,15 @@ class Claim:
     metric: str | None = None  # None: the experiment's first metric
     source: str | None = None
     text: str = ""
+    margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"claim direction={self.direction!r} is invalid: choose one of "
                              f"{DIRECTIONS}")
+        if not (isinstance(self.margin, (int, float)) and 0.0 <= self.margin < 1.0):
+            raise ValueError(f"claim margin={self.margin!r} is invalid: need 0 <= margin < 1 "
+                             "(a fraction of the baseline's mean)")
 
 
 @dataclass(frozen=True)
@@ -319,6 +327,9 @@ class Experiment:
     notes: how the setting was chosen and any change made after results were seen, with why.
     extra_sections: ``f(results) -> Markdown lines`` appended to results.md after the other
         metrics (descriptive tables an experiment needs beyond its claims).
+    picks: name -> candidate arms: a pseudo-arm that is the candidate with the best mean
+        validation value of the primary metric (picked per experiment, reported on test like
+        an arm); claims may name it as their baseline (e.g. the best of a tuned grid).
     """
 
     name: str
@@ -338,6 +349,7 @@ class Experiment:
     report_divergence: bool = False
     notes: str = ""
     extra_sections: Callable[[Mapping[str, Any]], list[str]] | None = None
+    picks: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -376,17 +388,31 @@ class Experiment:
             if c.metric is not None and c.metric not in metric_names:
                 raise ValueError(f"experiment {self.name!r}: claim metric {c.metric!r} is not "
                                  f"one of {sorted(metric_names)}")
+            if c.margin and self.metric_named(c.metric).per_layer:
+                raise ValueError(f"experiment {self.name!r}: claim {c.arm} vs {c.baseline}: "
+                                 "a margin needs a single-value metric, not a per-layer one")
             if self.arms:
                 for a in (c.arm, c.baseline):
-                    if a not in names:
+                    if a not in names and a not in self.picks:
                         raise ValueError(f"experiment {self.name!r}: claim arm {a!r} is not "
-                                         f"one of {names}")
-                if self.arm(c.arm).lr_grid != self.arm(c.baseline).lr_grid:
+                                         f"one of {names + list(self.picks)}")
+                base = self.picks[c.baseline][0] if c.baseline in self.picks else c.baseline
+                if self.arm(c.arm).lr_grid != self.arm(base).lr_grid:
                     raise ValueError(f"experiment {self.name!r}: claim {c.arm} vs "
                                      f"{c.baseline} compares arms with different lr grids")
             elif c.source not in self.sources:
                 raise ValueError(f"experiment {self.name!r}: claim source {c.source!r} is not "
                                  f"one of {self.sources}")
+        for pick, cands in self.picks.items():
+            if pick in names or not cands or not set(cands) <= set(names) \
+                    or len({self.arm(a).lr_grid for a in cands}) > 1:
+                raise ValueError(f"experiment {self.name!r}: pick {pick!r} needs a new name "
+                                 f"and candidates among the arms {names} sharing one lr grid, "
+                                 f"got {cands}")
+        if self.picks and (self.metric.val is None or self.metric.per_layer
+                           or self.metric.target is not None):
+            raise ValueError(f"experiment {self.name!r}: picks need a primary metric with a "
+                             "validation value (Metric.final)")
         for m in self.metrics:
             if m.target is not None:
                 got = dict(m.target.baseline)

@@ -51,9 +51,13 @@ def survivors(doc: Mapping[str, Any], alpha: float = ALPHA) -> dict[str, list[st
     layers of a per-layer claim are listed together (``gini L11–L15``), followed by the
     claim's own verdict over every layer when it differs (``whole claim: contradicted``)."""
     metrics = len({c["metric"] for c in doc["claims"]})
+    # an arm claimed against several baselines on one metric is labelled with its baseline
+    pairs = [(c["arm"], c["metric"]) for c in doc["claims"]]
     out: dict[str, list[str]] = {"supported": [], "contradicted": []}
     for c in doc["claims"]:
-        name = c["arm"].split("/")[-1] + (f" {c['metric']}" if metrics > 1 else "")
+        vs = pairs.count((c["arm"], c["metric"])) > 1
+        name = (c["arm"].split("/")[-1] + (f" vs {c['baseline'].split('/')[-1]}" if vs else "")
+                + (f" {c['metric']}" if metrics > 1 else ""))
         for v in out:
             rows = [r for r in _rows(c) if r["verdict"] == v and r.get("p_bh") is not None
                     and r["p_bh"] < alpha]

@@ -15,6 +15,7 @@ Models built from a ``ModelConfig`` do this for every MoE layer when ``default_m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,28 +25,64 @@ from moelab.moe import DispatchPlan, ExpertSums, LayerMethod, MoEConfig, MoELaye
 from moelab.moe.amp import autocast_off
 from moelab.validation import require
 
-__all__ = ["DefaultMoE", "DefaultMoEConfig", "default_moe_layer"]
+__all__ = ["BETA_RULES", "DefaultMoE", "DefaultMoEConfig", "default_moe_layer"]
+
+#: Automatic beta rules (``beta = "<rule>"``) and the default of each one's ``horizon``:
+#: "tokens": beta_e = exp(-n_e / horizon), n_e = the (global) weight mass routed to expert e
+#:     this step (tokens, plain EMA): a memory of ``horizon`` tokens whatever the sparsity,
+#:     batch size or load of the expert (2**14 tokens).
+#: "warmup": beta_e = 1 - 1 / min(k_e, horizon), k_e = updates of expert e so far (this one
+#:     included): the exact mean of the expert's first ``horizon`` steps, then a memory of
+#:     ``horizon`` steps that saw the expert (100 steps).
+#: Why these, their defaults and their start: docs/METHODS.md, "Default MoE without tuning β".
+BETA_RULES: dict[str, float] = {"tokens": 16384.0, "warmup": 100.0}
 
 
 @dataclass(frozen=True)
 class DefaultMoEConfig:
     """Default MoE settings (``[model.default_moe]``; absent = off).
 
-    beta: EMA decay of the per-expert default output, 0 < beta < 1.
+    beta: EMA decay of the per-expert default output, 0 < beta < 1, or an automatic rule
+        ("tokens" or "warmup", see ``BETA_RULES``) that sets each expert's beta every step.
+    horizon: the automatic rule's one hyperparameter (None: its default in ``BETA_RULES``):
+        tokens for "tokens", steps that saw the expert for "warmup"; only with a rule.
     scored: weight each routed token's output by its router probability in the EMA's batch mean.
     bias_correction: divide the EMA by 1 - beta**n (n = updates seen by that expert).
     straight_through: the default term carries the router gradient but adds nothing to the
         forward value (``y + d - d.detach()``).
     """
 
-    beta: float = 0.9
+    beta: float | str = 0.9
     scored: bool = False
     bias_correction: bool = False
     straight_through: bool = False
+    horizon: float | None = None
 
     def __post_init__(self) -> None:
-        require(isinstance(self.beta, (int, float)) and 0.0 < self.beta < 1.0, "beta",
-                self.beta, "need 0 < beta < 1")
+        rules = tuple(BETA_RULES)
+        if isinstance(self.beta, str):
+            require(self.beta in BETA_RULES, "beta", self.beta,
+                    f"need 0 < beta < 1 or an automatic rule, one of {rules}")
+            require(not self.bias_correction, "bias_correction", self.bias_correction,
+                    f"needs a fixed beta (beta={self.beta!r} sets its own; 'warmup' is "
+                    "unbiased by construction)")
+        else:
+            require(isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool)
+                    and 0.0 < self.beta < 1.0, "beta", self.beta,
+                    f"need 0 < beta < 1 or an automatic rule, one of {rules}")
+            require(self.horizon is None, "horizon", self.horizon,
+                    f"only with an automatic beta {rules}; drop it for a fixed beta")
+        require(self.horizon is None or (
+            isinstance(self.horizon, (int, float)) and not isinstance(self.horizon, bool)
+            and math.isfinite(self.horizon) and self.horizon >= 1), "horizon", self.horizon,
+            "need a number >= 1 (tokens for beta='tokens', steps for 'warmup') or none")
+
+    @property
+    def rule_horizon(self) -> float | None:
+        """The automatic rule's horizon (its default when unset); None for a fixed beta."""
+        if not isinstance(self.beta, str):
+            return None
+        return float(self.horizon) if self.horizon is not None else BETA_RULES[self.beta]
 
 
 class DefaultMoE(LayerMethod):
@@ -54,8 +91,14 @@ class DefaultMoE(LayerMethod):
     EMA update, per expert i that received tokens this forward (others keep their Ê_i):
         plain:  m_i = mean_{t -> i} E_i(x_t)
         scored: m_i = sum_{t -> i} p_ti E_i(x_t) / sum_{t -> i} p_ti   (p = router prob)
-        Ê_i <- beta * Ê_i + (1 - beta) * m_i
+        Ê_i <- beta_i * Ê_i + (1 - beta_i) * m_i
+    beta_i is the fixed beta, or set per expert and step by the automatic rule (``BETA_RULES``)
+    from w_i, the expert's weight mass this step (tokens for the plain EMA, summed over the
+    ranks), and k_i, its updates so far.
     With ``bias_correction`` the value used is Ê_i / (1 - beta**n_i), n_i = updates of expert i.
+    Buffers of the last update, for the logs (not saved): ``beta_E`` [E] each expert's beta
+    (1 for an expert that got no tokens: Ê_i unchanged) and ``horizon_E`` [E] its memory in
+    tokens, w_i / (1 - beta_i) (kept from its last update while unrouted; 0 before any).
     """
 
     def __init__(self, layer_cfg: MoEConfig, cfg: DefaultMoEConfig) -> None:
@@ -65,13 +108,16 @@ class DefaultMoE(LayerMethod):
         self.cfg = cfg
         self.register_buffer("ema", torch.zeros(layer_cfg.n_experts, layer_cfg.d_model))
         self.register_buffer("n_updates", torch.zeros(layer_cfg.n_experts, dtype=torch.long))
+        self.register_buffer("beta_E", torch.ones(layer_cfg.n_experts), persistent=False)
+        self.register_buffer("horizon_E", torch.zeros(layer_cfg.n_experts), persistent=False)
 
     def _apply(self, fn, recurse=True):
         """Module casts (``.bfloat16()``, ``.half()``) keep Ê in fp32: an EMA with beta near 1
         in a 16-bit float would round most updates away. Device moves and fp64 apply."""
         super()._apply(fn, recurse)
-        if self.ema.dtype in (torch.bfloat16, torch.float16):
-            self.ema = self.ema.float()
+        for name in ("ema", "beta_E", "horizon_E"):
+            if getattr(self, name).dtype in (torch.bfloat16, torch.float16):
+                setattr(self, name, getattr(self, name).float())
         return self
 
     def row_weight(self, routing: Routing, plan: DispatchPlan) -> Tensor:
@@ -95,12 +141,31 @@ class DefaultMoE(LayerMethod):
         same Ê."""
         seen_E = mass_E > 0
         mean_ED = sums_ED / mass_E.clamp_min(torch.finfo(torch.float).tiny).unsqueeze(1)
-        beta = self.cfg.beta
-        updated = beta * self.ema + (1.0 - beta) * mean_ED
+        n_updates = self.n_updates + seen_E.long()
+        beta_E, keep_E = self.betas(mass_E, n_updates)
+        updated = beta_E.unsqueeze(1) * self.ema + keep_E.unsqueeze(1) * mean_ED
         # new tensors, not in-place updates: a compiled, activation-checkpointed block
         # recomputes its forward from the buffers it read, which must still hold the old Ê
         self.ema = torch.where(seen_E.unsqueeze(1), updated, self.ema)
-        self.n_updates = self.n_updates + seen_E.long()
+        self.n_updates = n_updates
+        self.beta_E = torch.where(seen_E, beta_E, torch.ones_like(beta_E)).float()
+        self.horizon_E = torch.where(seen_E, (mass_E.to(keep_E.dtype) / keep_E).float(),
+                                     self.horizon_E)
+
+    def betas(self, mass_E: Tensor, n_updates_E: Tensor) -> tuple[Tensor, Tensor]:
+        """(beta [E], 1 - beta [E]) in Ê's dtype for this step's weight mass [E] and update
+        counts [E] (this update included); tensors only (no host reads, traceable)."""
+        dtype = self.ema.dtype
+        horizon = self.cfg.rule_horizon
+        if self.cfg.beta == "tokens":
+            x_E = mass_E.to(dtype) / horizon
+            return torch.exp(-x_E), -torch.expm1(-x_E)  # 1 - beta exact for small n_e
+        if self.cfg.beta == "warmup":
+            keep_E = 1.0 / n_updates_E.to(dtype).clamp(1.0, horizon)
+            return 1.0 - keep_E, keep_E
+        beta = float(self.cfg.beta)
+        return (mass_E.new_full(mass_E.shape, beta, dtype=dtype),
+                mass_E.new_full(mass_E.shape, 1.0 - beta, dtype=dtype))
 
     def value(self) -> Tensor:
         """Ê as used in the forward: [E, D] fp32 (bias-corrected if configured)."""

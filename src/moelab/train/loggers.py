@@ -19,6 +19,9 @@ and the trackers map them to these names (``i`` = the i-th MoE layer, the ``laye
     layer<i>/expert_share           histogram, x = expert id, height = its share of tokens
     layer<i>/excitation_phi         histogram of Φ over the experts (+ _min, _max), Excitation on
     layer<i>/default_moe_ema_norm   histogram of ‖Ê_e‖ over the experts (+ _mean), Default MoE on
+    layer<i>/default_moe_beta       per expert (x = expert id): its EMA beta at the last training
+    layer<i>/default_moe_horizon    step (1: not routed then) and its memory in tokens, n_e /
+                                    (1 - beta_e) (+ _beta_min, _beta_max, _horizon_mean)
     layer<i>/momentum_mu  layer<i>/momentum_gamma     learnable MomentumSMoE only
     final/<key>                     the final summary (val_*, test_*, gini_mean, ...)
 
@@ -147,6 +150,13 @@ def tracker_records(entry: dict[str, Any], layer_of: dict[str, int] | None = Non
             norms = list(row["ema_norm"])
             hists[f"{p}/default_moe_ema_norm"] = Histogram(norms)
             scalars[f"{p}/default_moe_ema_norm_mean"] = sum(norms) / len(norms)
+            if row.get("beta") and row.get("horizon"):
+                betas, horizons = list(row["beta"]), list(row["horizon"])
+                hists[f"{p}/default_moe_beta"] = Histogram(betas, per_expert=True)
+                hists[f"{p}/default_moe_horizon"] = Histogram(horizons, per_expert=True)
+                scalars[f"{p}/default_moe_beta_min"] = min(betas)
+                scalars[f"{p}/default_moe_beta_max"] = max(betas)
+                scalars[f"{p}/default_moe_horizon_mean"] = sum(horizons) / len(horizons)
         mom = entry.get("momentum") or {}
         for key in ("mu", "gamma"):
             for i, v in enumerate(mom.get(key, [])):
@@ -171,16 +181,23 @@ def moe_layer_index(model: torch.nn.Module) -> dict[str, int]:
 @torch.no_grad()
 def method_summary(model: torch.nn.Module) -> dict[str, Any]:
     """Method state worth watching, for an eval entry of ``metrics.jsonl``:
-    ``default_moe``: [{layer, ema_norm [E]}] (‖Ê_e‖ of the EMA as used in the forward, bias
-    correction included) when Default MoE is on; ``momentum``: {mu [L], gamma [L]} when
-    MomentumSMoE's μ/γ are learnable. Empty when neither applies."""
+    ``default_moe``: [{layer, ema_norm [E], beta [E], horizon [E]}] (‖Ê_e‖ of the EMA as used
+    in the forward, bias correction included; each expert's beta and memory in tokens at the
+    last training step, ``DefaultMoE.beta_E`` / ``horizon_E``) when Default MoE is on;
+    ``momentum``: {mu [L], gamma [L]} when MomentumSMoE's μ/γ are learnable. Empty when
+    neither applies."""
     out: dict[str, Any] = {}
     layers = model.moe_layers() if hasattr(model, "moe_layers") else []
     dm = []
     for i, layer in enumerate(layers):
-        value = getattr(getattr(layer, "method", None), "value", None)
+        method = getattr(layer, "method", None)
+        value = getattr(method, "value", None)
         if callable(value):
-            dm.append({"layer": i, "ema_norm": value().float().norm(dim=1).cpu().tolist()})
+            row = {"layer": i, "ema_norm": value().float().norm(dim=1).cpu().tolist()}
+            if isinstance(getattr(method, "beta_E", None), torch.Tensor):
+                row["beta"] = method.beta_E.float().cpu().tolist()
+                row["horizon"] = method.horizon_E.float().cpu().tolist()
+            dm.append(row)
     if dm:
         out["default_moe"] = dm
     rule = getattr(model, "combine_rule", None)
