@@ -3,6 +3,7 @@ cases (a linear MoE block, heavy ball's companion matrix) and the full Jacobian.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -159,3 +160,60 @@ def _S_of(sp, t):
 def test_model_without_moe_blocks_is_refused():
     with pytest.raises(ValueError, match="not a moelab model"):
         layer_spectra(nn.Linear(2, 2), torch.zeros(1, 2))
+
+
+TINY = ["model.d_model=16", "model.n_layers=2", "model.n_heads=2", "model.moe.n_experts=4",
+        "model.moe.d_ff=16", "model.max_seq_len=16", "data.seq_len=16", "data.batch_size=4",
+        "data.eval_batches=1", "data.final_eval_batches=1", "train.steps=3",
+        "train.eval_every=3", "train.log_every=1", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    from moelab.config import apply_overrides, config_from_dict, config_to_dict
+    from moelab.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("spectrum_runs")
+    for name, rule in (("smoe", "none"), ("mom", "heavy_ball")):
+        data = config_to_dict(load_config("default"))
+        cfg = config_from_dict(apply_overrides(data, [*TINY, f"model.momentum.rule={rule}"]))
+        Trainer(cfg, root / name, quiet=True).fit()
+    return root / "smoe", root / "mom"
+
+
+def test_cli_spectrum_writes_the_plot(two_runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from moelab.cli import main
+
+    out = tmp_path / "spec"
+    assert main(["spectrum", str(two_runs[0]), str(two_runs[1]), "--out", str(out),
+                 "--tokens", "8"]) == 0
+    png = (out / "spectrum.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    doc = json.loads((out / "spectrum.json").read_text())
+    assert set(doc) == {"smoe", "mom"}
+    assert [len(doc[k]["layers"]) for k in ("smoe", "mom")] == [2, 2]
+    printed = capsys.readouterr().out
+    assert "layer  radius  inside  headroom  move" in printed and "spectrum.png" in printed
+    assert main(["spectrum", str(tmp_path / "nope")]) == 2
+
+
+def test_run_spectrum_at_init_is_the_seeded_model(two_runs):
+    from moelab.analysis.spectrum import run_spectrum
+    from moelab.runs.directory import read_config
+    from moelab.train.evaluation import eval_batches
+    from moelab.train.trainer import load_trained
+
+    run = two_runs[1]
+    cfg = read_config(run)
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_model(cfg.model, vocab_size=256)
+    data = load_trained(run).data
+    x, _ = next(iter(eval_batches(data, "val", cfg.data.batch_size, cfg.data.seq_len, 1)))
+    want = layer_spectra(fresh, x, tokens=8)
+    got = run_spectrum(run, at="init", tokens=8)
+    assert [g.radius for g in got] == pytest.approx([w.radius for w in want], rel=1e-12)
+    trained = run_spectrum(run, at="end", tokens=8)
+    assert [t.radius for t in trained] != pytest.approx([w.radius for w in want], rel=1e-6)
+    with pytest.raises(ValueError, match="at='mid' is invalid"):
+        run_spectrum(run, at="mid")

@@ -32,6 +32,8 @@ across the whole block: the fixed-point view).
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerSpectrum", "heavy_ball_matrix", "layer_spectra", "per_token_jacobian",
-           "run_spectrum", "state_indices", "summary"]
+__all__ = ["LayerSpectrum", "heavy_ball_matrix", "layer_spectra", "make_spectrum_report",
+           "per_token_jacobian", "plot_spectra", "run_spectrum", "shown_layers",
+           "state_indices", "summary"]
 
 
 @dataclass
@@ -284,3 +287,73 @@ def run_spectrum(run_dir: str | Path, *, at: str = "end", tokens: int = 64,
     seq = getattr(cfg.data, "seq_len", None)
     x, _ = next(iter(eval_batches(trainer.data, split, cfg.data.batch_size, seq, 1)))
     return layer_spectra(model, x, tokens=tokens)
+
+
+# ------------------------------------------------------------------------------ the figure
+
+def shown_layers(n: int, most: int = 6) -> list[int]:
+    """Up to ``most`` MoE layer indices spread evenly over ``n``, first and last included."""
+    if n <= most:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
+
+
+def plot_spectra(runs: Sequence[tuple[str, Sequence[LayerSpectrum]]], out: str | Path,
+                 most_layers: int = 6) -> Path:
+    """``spectrum.png``-style figure: one row per run, one panel per shown MoE layer, every
+    token's eigenvalues of the layer map in the complex plane with the unit circle."""
+    from moelab.analysis.report import _plt, _save
+
+    plt = _plt()
+    n = max(len(s) for _, s in runs)
+    cols = shown_layers(n, most_layers)
+    fig, axes = plt.subplots(len(runs), len(cols), figsize=(2.6 * len(cols) + 0.6,
+                             2.6 * len(runs) + 0.8), squeeze=False, layout="constrained")
+    fig.suptitle("eigenvalues of each MoE layer's map (all tokens); unit circle dashed")
+    circle = torch.linspace(0, 2 * math.pi, 200)
+    for r, (name, spectra) in enumerate(runs):
+        for c, li in enumerate(cols):
+            ax = axes[r][c]
+            ax.plot(circle.cos(), circle.sin(), "k--", lw=0.8)
+            if li < len(spectra):
+                sp = spectra[li]
+                ev = sp.eig.reshape(-1)
+                ax.scatter(ev.real, ev.imag, s=4, alpha=0.35, lw=0)
+                ax.set_title(f"{name}\nlayer {li}: ρ {sp.radius:.2f}, in {sp.inside:.0%}",
+                             fontsize=8)
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.axhline(0, color="0.8", lw=0.5)
+            ax.axvline(0, color="0.8", lw=0.5)
+            ax.tick_params(labelsize=7)
+    return _save(fig, Path(out))
+
+
+def make_spectrum_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
+                         *, at: str = "end", tokens: int = 64) -> tuple[Path, str]:
+    """``moelab spectrum``: the spectrum of every run, ``spectrum.png`` (runs side by side,
+    e.g. SMoE beside MomentumSMoE) and ``spectrum.json`` (per run and layer: radius, inside,
+    headroom, move) in ``out_dir`` (default: the run itself for one run, else ``report/``).
+    Returns the figure's path and a plain-text table."""
+    from moelab.analysis.report import _safe
+
+    if not run_dirs:
+        raise ValueError("name at least one run directory")
+    out = Path(out_dir) if out_dir is not None else (
+        Path(run_dirs[0]) if len(run_dirs) == 1 else Path("report"))
+    out.mkdir(parents=True, exist_ok=True)
+    runs, doc, lines = [], {}, []
+    for d in run_dirs:
+        name = _safe(Path(d).resolve().name)
+        spectra = run_spectrum(d, at=at, tokens=tokens)
+        runs.append((name, spectra))
+        doc[name] = {"run": str(d), "at": at, "tokens": tokens,
+                     "layers": [s.row() for s in spectra], "summary": summary(spectra)}
+        lines.append(f"{name} ({at}, {tokens} tokens)")
+        lines.append("  layer  radius  inside  headroom  move")
+        for s in spectra:
+            head = "–" if s.headroom is None else f"{s.headroom:+.3f}"
+            lines.append(f"  {s.layer:>5}  {s.radius:6.3f}  {s.inside:6.1%}  {head:>8}  "
+                         f"{s.move:.3f}")
+    (out / "spectrum.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    png = plot_spectra(runs, out / "spectrum.png")
+    return png, "\n".join(lines)
