@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer's map (the (h, p) state for momentum rules) on its first "
                         "validation batch, its spectral radius, share of eigenvalues inside "
                         "the unit circle, the MomentumSMoE headroom and the relative move "
-                        "(docs/METHODS.md §6); writes spectrum.png (runs side by side) and "
+                        "(docs/METHODS.md); writes spectrum.png (runs side by side) and "
                         "spectrum.json.")
     sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     sp.add_argument("--out", "-o", default=None, metavar="DIR",

@@ -22,7 +22,7 @@ For each MoE block of a model and each token of a batch of real inputs this modu
 by reverse-mode autograd on the token batch: MoE sub-layers act on each token alone (routing
 choices carry no gradient), so one reverse pass over n stacked copies of the batch gives
 every token's own Jacobian (``per_token_jacobian``; checked against the full Jacobian in
-tests/test_spectrum.py). Per layer (definitions in docs/METHODS.md §6):
+tests/test_spectrum.py). Per layer (definitions: docs/METHODS.md, "The layer map's spectrum"):
 ``radius`` (mean over tokens of the spectral radius of ``jac``), ``inside`` (share of all
 eigenvalues of ``jac`` with |lambda| < 1), ``headroom`` (the paper's margin: mean over tokens of
 ``U - gamma * max Re sigma`` with U = 2 for SMoE and 2 + 2*mu for heavy ball; None where the

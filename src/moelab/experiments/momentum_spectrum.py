@@ -113,8 +113,11 @@ def loss_spikes(records: Records, warmup: int = 0) -> float | None:
         step, loss = losses[i]
         if step <= warmup:
             continue
-        ref = statistics.median(v for _, v in losses[i - SPIKE_WINDOW:i] if math.isfinite(v))
-        n += int(not math.isfinite(loss) or loss > SPIKE_RATIO * ref)
+        before = [v for _, v in losses[i - SPIKE_WINDOW:i] if math.isfinite(v)]
+        if not math.isfinite(loss):
+            n += 1
+        elif before and loss > SPIKE_RATIO * statistics.median(before):
+            n += 1
     return float(n)
 
 
@@ -135,8 +138,8 @@ DEEP_FORMS = ("pre", "post_double")
 _TAG = {"pre": "pre", "post_double": "post2"}
 _FORM_TEXT = {"pre": "pre-norm", "post_double": "official double post-norm"}
 DEEP_RULES = ("smoe", "mom")
-DEEP_STEPS = 60
-DEEP_WARMUP = 10
+DEEP_STEPS = 30
+DEEP_WARMUP = 6
 
 
 def _deep_name(rule: str, form: str, depth: int) -> str:
@@ -221,8 +224,9 @@ def depth_trend(res: Mapping[str, Any]) -> list[str]:
 _DEEP_LM = (kv(K.D_MODEL, 32), kv(K.N_HEADS, 2), kv(K.N_EXPERTS, 4), kv(K.TOP_K, 2),
             kv(K.D_FF, 32), kv(K.BATCH_SIZE, 8), kv(K.SEQ_LEN, 32), kv(K.MAX_SEQ_LEN, 32),
             kv(K.WARMUP_STEPS, DEEP_WARMUP), kv(K.GRAD_CLIP, 1.0))
-_DEEP_FULL = (kv(K.STEPS, DEEP_STEPS), kv(K.EVAL_EVERY, 30), kv(K.CHECKPOINT_EVERY, 60),
-              kv(K.LOG_EVERY, 1), kv(K.EVAL_BATCHES, 4), kv(K.FINAL_EVAL_BATCHES, 16))
+_DEEP_FULL = (kv(K.STEPS, DEEP_STEPS), kv(K.EVAL_EVERY, DEEP_STEPS),
+              kv(K.CHECKPOINT_EVERY, DEEP_STEPS), kv(K.LOG_EVERY, 1), kv(K.EVAL_BATCHES, 4),
+              kv(K.FINAL_EVAL_BATCHES, 8))
 _DEEP_QUICK = (kv(K.STEPS, 4), kv(K.EVAL_EVERY, 4), kv(K.CHECKPOINT_EVERY, 4),
                kv(K.LOG_EVERY, 1), kv(K.EVAL_BATCHES, 1), kv(K.FINAL_EVAL_BATCHES, 1),
                kv(K.WARMUP_STEPS, 1))
@@ -269,18 +273,24 @@ DEEP = Experiment(
           "bytes, AdamW 3e-3, betas (0.9, 0.95), wd 0.1, cosine to 0.1) shrunk until 80 runs "
           "(2 rules x 2 block forms x 12/24/48/96 MoE layers x 5 seeds) fit ~30 min on one "
           "core: d_model 32, 2 heads, every block MoE with 4 experts of width 32, top-2, "
-          "batch 8 x 32 bytes, 60 steps (15k training bytes per run: very early training; "
-          "the question here is whether deep stacks train at all and how stably), "
-          "10 warm-up steps and gradient clipping at 1.0 for every arm. Measured "
-          "2026-12-07 on the shared machine (load ~8-10 on 2 cores, 1 thread): ~10 ms per "
-          "MoE layer per step, so 180 layers x 60 steps x 20 (rules x forms x seeds) = "
-          "~36 min, less on a quiet machine; fewer steps were chosen rather than fewer "
-          "seeds. No lr grid: every arm gets the same (zero) tuning budget. Heavy ball mu 0.7, "
+          "batch 8 x 32 bytes, 30 steps (7.7k training bytes per run: the first steps of "
+          "training only; the question here is whether deep stacks train and how stably), "
+          "6 warm-up steps and gradient clipping at 1.0 for every arm, one validation "
+          "evaluation at the end (8 batches). Measured 2026-12-07 on the shared machine "
+          "(load 10-13 on 2 cores, 1 thread, nice 10): ~22 ms per MoE layer per step, so "
+          "180 layers x 30 steps x 20 (rules x forms x seeds) = ~33 min plus start-up and "
+          "the spectra, less on a quiet machine; a first start at 60 steps was stopped "
+          "after 10 of 80 runs (pre-norm, 12 layers; their progress lines showed test "
+          "perplexity ~33 for SMoE and ~32 for heavy ball) because it would have taken "
+          "~100 min; the metrics, claims and all other settings were not changed; fewer "
+          "steps were chosen rather than fewer seeds. No lr grid: every arm gets the same "
+          "(zero) tuning budget. Heavy ball mu 0.7, "
           "gamma 1 (the official LM values). Stability: spikes = logged training losses (every "
           "step) after warm-up above 1.25x the median of the 10 before; grad_norm = mean "
-          "total gradient norm (before clipping) over steps 31-60; divergence is listed per "
+          "total gradient norm (before clipping) over steps 16-30; divergence is listed per "
           "arm (runs stopped at a non-finite loss or ending above their initial loss) and "
-          "has no claim. Spectrum at the end (moelab.analysis.spectrum, docs/METHODS.md §6): "
+          "has no claim. Spectrum at the end (moelab.analysis.spectrum; docs/METHODS.md, "
+          "'The layer map's spectrum'): "
           "32 tokens of the first validation batch, per MoE layer the spectral radius, share "
           "inside the unit circle and headroom U − γ·max Re σ, each the median over layers "
           "(the first pre-norm layer sees the small embedding and has a radius far above "
@@ -297,7 +307,7 @@ DEEP = Experiment(
 # -------------------------------------------------------------------- momentum-spectrum
 
 SPEC_RULES = ("smoe", "mom", "adam")
-SPEC_STEPS = 200
+SPEC_STEPS = 120
 SPEC_DEPTH = 8
 PHASES = {"mid": SPEC_STEPS // 2, "end": SPEC_STEPS}
 
@@ -350,7 +360,7 @@ SPECTRUM = Experiment(
                           kv(K.WARMUP_STEPS, 1), kv(K.N_LAYERS, 2)), seeds=1,
                          cpu_minutes=0.5, arms=_spec_arms(QUICK_PHASES),
                          claims=_spec_claims(QUICK_PHASES)),
-        "full": Profile((kv(K.EVAL_EVERY, 50), kv(K.CHECKPOINT_EVERY, 100)), seeds=5,
+        "full": Profile((kv(K.EVAL_EVERY, 60), kv(K.CHECKPOINT_EVERY, 60)), seeds=5,
                         cpu_minutes=8.0),
     },
     image_datasets=(),
@@ -358,13 +368,15 @@ SPECTRUM = Experiment(
           "(d_model 32, 4 experts of width 32 top-2, batch 8 x 32 bytes, AdamW 3e-3, clip "
           "1.0) at 8 MoE layers, pre-norm (the form in which the paper's linearisation "
           "holds exactly: the measured (h, p) Jacobian is [[I − γS, γμI], [−S, μI]], "
-          "tests/test_spectrum.py), 20 warm-up steps then a constant lr, so that the 100-step "
-          "'mid' run is the first half of the 200-step 'end' run (same seed, data order and "
+          "tests/test_spectrum.py), 20 warm-up steps then a constant lr, so that the 60-step "
+          "'mid' run is the first half of the 120-step 'end' run (same seed, data order and "
           "lr at every step); 'init' is each end run's model rebuilt from its seed. "
           "SMoE, heavy ball (mu 0.7, gamma 1) and AdamSMoE (Adam in the first MoE layer, "
-          "the official values), 5 seeds, 30 runs, ~8 min on one core. Measures: 32 tokens "
+          "the official values), 5 seeds, 30 runs, ~12 min on one core under the load "
+          "momentum-deep measured. Measures: 32 tokens "
           "of the first validation batch, per MoE layer, median over the 8 layers (AdamSMoE's "
-          "Adam layer has no headroom bound and a 4d x 4d map: see docs/METHODS.md §6). "
+          "Adam layer has no headroom bound and a 4d x 4d map: see docs/METHODS.md, 'The "
+          "layer map's spectrum'). "
           "What the paper's argument predicts: the headroom bound rises from 2 to 2 + 2μ = "
           "3.4, so momentum's headroom is larger unless training moves max Re σ up by more "
           "than 1.4; for small updates (σ near 0) heavy ball's eigenvalues sit near 1 and μ, "
