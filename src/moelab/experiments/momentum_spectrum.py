@@ -232,7 +232,7 @@ _DEEP_QUICK = (kv(K.STEPS, 4), kv(K.EVAL_EVERY, 4), kv(K.CHECKPOINT_EVERY, 4),
                kv(K.WARMUP_STEPS, 1))
 QUICK_DEPTHS = (2,)
 
-GPU_DEEP = {"d_model": 256, "experts": 8, "steps": 300, "batch": 32}
+GPU_DEEP = {"d_model": 256, "experts": 8, "steps": 200, "batch": 32}
 _GPU_DEEP = DOCS_LM + (
     kv(K.D_MODEL, GPU_DEEP["d_model"]), kv(K.N_HEADS, 4), kv(K.N_EXPERTS, GPU_DEEP["experts"]),
     kv(K.TOP_K, 2), kv(K.D_FF, GPU_DEEP["d_model"]), kv(K.BATCH_SIZE, GPU_DEEP["batch"]),
@@ -299,7 +299,7 @@ DEEP = Experiment(
           "there). 'The gain grows with depth' is the slope section below, pre-set "
           "likewise. The gpu profile (defined 2026-12-07, no GPU has run it): d_model 256, "
           "4 heads, 8 experts of width 256 top-2, the docs corpus (BPE 8192, 512 tokens, "
-          "batch 32), AdamW 1e-3, 30 warm-up steps, clip 1.0, bf16, 300 steps, 5 seeds, the "
+          "batch 32), AdamW 1e-3, 30 warm-up steps, clip 1.0, bf16, 200 steps, 5 seeds, the "
           "same 16 arms; its time is an estimate. Changes after test results were seen: none.",
 )
 
