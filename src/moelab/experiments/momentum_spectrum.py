@@ -307,7 +307,7 @@ DEEP = Experiment(
 # -------------------------------------------------------------------- momentum-spectrum
 
 SPEC_RULES = ("smoe", "mom", "adam")
-SPEC_STEPS = 120
+SPEC_STEPS = 80
 SPEC_DEPTH = 8
 PHASES = {"mid": SPEC_STEPS // 2, "end": SPEC_STEPS}
 
@@ -336,7 +336,7 @@ def _spec_claims(phases: Mapping[str, int]) -> tuple[Claim, ...]:
 
 _SPEC_LM = (kv(K.D_MODEL, 32), kv(K.N_HEADS, 2), kv(K.N_EXPERTS, 4), kv(K.TOP_K, 2),
             kv(K.D_FF, 32), kv(K.BATCH_SIZE, 8), kv(K.SEQ_LEN, 32), kv(K.MAX_SEQ_LEN, 32),
-            kv(K.N_LAYERS, SPEC_DEPTH), kv(K.NORM_POSITION, "pre"), kv(K.WARMUP_STEPS, 20),
+            kv(K.N_LAYERS, SPEC_DEPTH), kv(K.NORM_POSITION, "pre"), kv(K.WARMUP_STEPS, 10),
             kv(K.SCHEDULE, "constant"), kv(K.GRAD_CLIP, 1.0), kv(K.EVAL_BATCHES, 4),
             kv(K.FINAL_EVAL_BATCHES, 16), kv(K.LOG_EVERY, 10))
 QUICK_PHASES = {"mid": 2, "end": 4}
@@ -360,7 +360,7 @@ SPECTRUM = Experiment(
                           kv(K.WARMUP_STEPS, 1), kv(K.N_LAYERS, 2)), seeds=1,
                          cpu_minutes=0.5, arms=_spec_arms(QUICK_PHASES),
                          claims=_spec_claims(QUICK_PHASES)),
-        "full": Profile((kv(K.EVAL_EVERY, 60), kv(K.CHECKPOINT_EVERY, 60)), seeds=5,
+        "full": Profile((kv(K.EVAL_EVERY, 40), kv(K.CHECKPOINT_EVERY, 40)), seeds=5,
                         cpu_minutes=8.0),
     },
     image_datasets=(),
@@ -368,12 +368,13 @@ SPECTRUM = Experiment(
           "(d_model 32, 4 experts of width 32 top-2, batch 8 x 32 bytes, AdamW 3e-3, clip "
           "1.0) at 8 MoE layers, pre-norm (the form in which the paper's linearisation "
           "holds exactly: the measured (h, p) Jacobian is [[I − γS, γμI], [−S, μI]], "
-          "tests/test_spectrum.py), 20 warm-up steps then a constant lr, so that the 60-step "
-          "'mid' run is the first half of the 120-step 'end' run (same seed, data order and "
+          "tests/test_spectrum.py), 10 warm-up steps then a constant lr, so that the 40-step "
+          "'mid' run is the first half of the 80-step 'end' run (same seed, data order and "
           "lr at every step); 'init' is each end run's model rebuilt from its seed. "
           "SMoE, heavy ball (mu 0.7, gamma 1) and AdamSMoE (Adam in the first MoE layer, "
-          "the official values), 5 seeds, 30 runs, ~12 min on one core under the load "
-          "momentum-deep measured. Measures: 32 tokens "
+          "the official values), 5 seeds, 30 runs, ~10 min on one core under the load "
+          "momentum-deep measured (it runs after momentum-deep, one job at a time). "
+          "Measures: 32 tokens "
           "of the first validation batch, per MoE layer, median over the 8 layers (AdamSMoE's "
           "Adam layer has no headroom bound and a 4d x 4d map: see docs/METHODS.md, 'The "
           "layer map's spectrum'). "
