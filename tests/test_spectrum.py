@@ -217,3 +217,12 @@ def test_run_spectrum_at_init_is_the_seeded_model(two_runs):
     assert [t.radius for t in trained] != pytest.approx([w.radius for w in want], rel=1e-6)
     with pytest.raises(ValueError, match="at='mid' is invalid"):
         run_spectrum(run, at="mid")
+
+
+def test_capacity_drops_are_refused():
+    cfg = load_config("default", ["model.d_model=8", "model.n_heads=2", "model.n_layers=1",
+                                  "model.moe.n_experts=4", "model.moe.d_ff=8",
+                                  "model.moe.capacity_factor=1.0"])
+    model = build_model(cfg.model, vocab_size=256)
+    with pytest.raises(ValueError, match="dropless"):
+        layer_spectra(model, torch.randint(0, 256, (1, 4)))

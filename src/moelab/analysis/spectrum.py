@@ -142,6 +142,10 @@ def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     out = [b for b in blocks if b.is_moe]
     if not out or not all(b.residual for b in out):
         raise ValueError("the spectrum needs residual MoE blocks (model.residual=true)")
+    if any(getattr(getattr(b.ffn, "cfg", None), "capacity_factor", None) is not None
+           for b in out):
+        raise ValueError("the spectrum needs dropless MoE layers (capacity drops make tokens "
+                         "depend on each other): leave model.moe.capacity_factor unset")
     return out
 
 
