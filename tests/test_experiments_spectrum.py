@@ -95,3 +95,35 @@ def test_depth_trend_slope_by_hand():
     assert row.endswith("| 2 | inconclusive |")
     post = next(line for line in lines if line.startswith("| official double post-norm"))
     assert "not enough runs" in post
+
+
+def _page(name: str) -> dict:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return json.loads((root / "docs" / "results" / "reproduce" / name / "results.json")
+                      .read_text(encoding="utf-8"))
+
+
+def test_readme_figures_match_the_momentum_deep_page():
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md")
+                      .read_text(encoding="utf-8").split())
+    doc = _page("momentum-deep")
+
+    def d(arm: str) -> dict:
+        (c,) = [c for c in doc["claims"] if c["metric"] == "test_ppl" and c["arm"] == arm]
+        return c
+
+    pre48, pre96 = d("mom-pre-d48"), d("mom-pre-d96")
+    assert pre48["verdict"] == pre96["verdict"] == "supported"
+    assert all(d(f"mom-post2-d{n}")["verdict"] == "contradicted" for n in M.DEEP_DEPTHS)
+    want = [f"(−{-pre48['mean']:.2f} and −{-pre96['mean']:.2f})",
+            f"from +{d('mom-post2-d12')['mean']:.2f} at 12 to "
+            f"+{d('mom-post2-d96')['mean']:.2f} at 96 layers"]
+    for w in want:
+        assert w in readme, w
+    inside_head = [c for c in doc["claims"] if c["metric"] in ("inside", "headroom")]
+    assert sum(c["verdict"] == "supported" for c in inside_head) == 15
