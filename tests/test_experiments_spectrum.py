@@ -127,3 +127,14 @@ def test_readme_figures_match_the_momentum_deep_page():
         assert w in readme, w
     inside_head = [c for c in doc["claims"] if c["metric"] in ("inside", "headroom")]
     assert sum(c["verdict"] == "supported" for c in inside_head) == 15
+
+
+def test_readme_figure_matches_the_momentum_spectrum_page():
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md")
+                      .read_text(encoding="utf-8").split())
+    (end,) = [c for c in _page("momentum-spectrum")["claims"]
+              if c["arm"] == "mom-end" and c["metric"] == "radius"]
+    assert end["verdict"] == "contradicted"
+    assert f"larger with heavy ball (+{end['mean']:.3f}) than with SMoE" in readme
