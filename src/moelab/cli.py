@@ -1,4 +1,5 @@
-"""The ``moelab`` command line: train, eval, report, export, reproduce, configs, launch.
+"""The ``moelab`` command line: train, eval, report, spectrum, export, reproduce, configs,
+launch.
 
 Errors in the user's input (bad config values, unknown keys, missing data or run directories)
 print one line ``moelab: error: ...`` to stderr and exit with status 2, without a traceback.
@@ -29,6 +30,7 @@ examples:
   moelab train --config runs/dmoe/config.toml    # redo a run from its saved config
   moelab eval runs/dmoe
   moelab report runs/a runs/b --out report/
+  moelab spectrum runs/smoe runs/mom             # layer-map eigenvalues, side by side
   moelab export runs/dmoe dmoe.pt                # the model as a plain state dict
   moelab configs                                 # list the shipped configs
   moelab reproduce list                          # the papers' claims as experiments
@@ -118,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", "-o", default=None, metavar="DIR",
                    help="output folder (default: the run itself for one run, else report/)")
+
+    sp = sub.add_parser("spectrum", help="eigenvalues of each MoE layer's map (Jacobian)",
+                        description="For each run: the per-token Jacobian of every MoE "
+                        "layer's map (the (h, p) state for momentum rules) on its first "
+                        "validation batch, its spectral radius, share of eigenvalues inside "
+                        "the unit circle, the MomentumSMoE headroom and the relative move "
+                        "(docs/METHODS.md); writes spectrum.png (runs side by side) and "
+                        "spectrum.json.")
+    sp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    sp.add_argument("--out", "-o", default=None, metavar="DIR",
+                    help="output folder (default: the run itself for one run, else report/)")
+    sp.add_argument("--at", choices=("end", "init"), default="end",
+                    help="the trained checkpoint (end) or the same model at initialisation")
+    sp.add_argument("--tokens", type=int, default=64,
+                    help="tokens (spread over the batch) whose Jacobians are taken")
 
     x = sub.add_parser("export", help="a run's model as a plain state dict or, for HF "
                        "models, a save_pretrained directory",
@@ -378,6 +395,21 @@ def _per_run(e, profile: str) -> str:
     return f"{n} {got[1]} per run; "
 
 
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    from moelab.analysis.spectrum import make_spectrum_report
+
+    if args.tokens < 1:
+        return _fail(f"--tokens={args.tokens} is invalid: need at least 1")
+    try:
+        png, table = make_spectrum_report(args.run_dirs, args.out, at=args.at,
+                                          tokens=args.tokens)
+    except USER_ERRORS as e:  # NonFiniteError (a diverged run) is a ValueError
+        return _fail(_one_line(e))
+    print(table)
+    print(f"spectrum: {png}")
+    return 0
+
+
 def _print_experiments(exps: Sequence, how: str) -> None:
     width = max((len(e.name) for e in exps), default=0)
     print(f"experiments ({how} [--profile quick|full|gpu]):")
@@ -525,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "spectrum":
+            return _cmd_spectrum(args)
         if args.command == "reproduce":
             return _cmd_reproduce(args, argv)
         if args.command == "export":

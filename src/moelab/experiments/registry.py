@@ -56,6 +56,10 @@ def _register_builtins() -> None:
     for exp in (momentum.DEPTH, momentum.ROBUSTNESS_TEXT, momentum.ROBUSTNESS_IMAGES,
                 momentum.SENSITIVITY):
         register(exp)
+    from moelab.experiments import momentum_spectrum
+
+    for exp in (momentum_spectrum.DEEP, momentum_spectrum.SPECTRUM):
+        register(exp)
     from moelab.experiments import default_moe
 
     for exp in (default_moe.SPEED, default_moe.LR, default_moe.BETA, default_moe.COMBINED,

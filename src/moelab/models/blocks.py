@@ -235,10 +235,23 @@ class Block(nn.Module):
 
     def _forward(self, h: Tensor, state: State,
                  rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
-        if self.post:
-            return self._forward_post(h, state, rule)
         if self.attn is not None:
-            h = h + self.drop(self.attn(self.norm1(h)))
+            h = self.attn_sublayer(h)
+        return self.ffn_sublayer(h, state, rule)
+
+    def attn_sublayer(self, h: Tensor) -> Tensor:
+        """The attention sub-layer (a block with attention): ``h + Attn(LN1(h))``, or
+        ``LN1(h + Attn(h))`` post-norm. [B, S, D] -> [B, S, D]."""
+        if self.post:
+            return self.norm1(h + self.drop(self.attn(h)))
+        return h + self.drop(self.attn(self.norm1(h)))
+
+    def ffn_sublayer(self, h: Tensor, state: State,
+                     rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
+        """The FFN sub-layer from the attention sub-layer's output h' (the block's input when
+        it has no attention): ``(h, state, losses)``. Per token: h, state [..., D]."""
+        if self.post:
+            return self._ffn_post(h, state, rule)
         x = self.norm2(h)
         if not self.is_moe:
             f = self.drop(self.ffn(x))
@@ -251,10 +264,8 @@ class Block(nn.Module):
         h, state = rule.combine(h, f, state, i)
         return h, state, out.losses
 
-    def _forward_post(self, h: Tensor, state: State,
-                      rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
-        if self.attn is not None:
-            h = self.norm1(h + self.drop(self.attn(h)))
+    def _ffn_post(self, h: Tensor, state: State,
+                  rule: CombineRule) -> tuple[Tensor, State, MoELosses | None]:
         if not self.is_moe:
             f = self.drop(self.ffn(h))
             return self.norm2(h + f if self.residual else f), state, None
