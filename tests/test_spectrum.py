@@ -226,3 +226,15 @@ def test_capacity_drops_are_refused():
     model = build_model(cfg.model, vocab_size=256)
     with pytest.raises(ValueError, match="dropless"):
         layer_spectra(model, torch.randint(0, 256, (1, 4)))
+
+
+def test_expert_choice_is_refused():
+    """Expert choice makes tokens depend on each other (experts pick among them): refused with
+    its own reason, not the capacity-factor one."""
+    cfg = load_config("mnist_mlp", ["model.d_model=8", "model.n_layers=1",
+                                    "model.moe.n_experts=4", "model.moe.d_ff=8",
+                                    'model.moe.routing="expert_choice"',
+                                    "model.moe.capacity_factor=1.0"])
+    model = build_model(cfg.model, image_shape=(1, 4, 4), n_classes=3)
+    with pytest.raises(ValueError, match="token-choice routing"):
+        layer_spectra(model, torch.randn(2, 1, 4, 4))

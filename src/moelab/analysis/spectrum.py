@@ -142,8 +142,12 @@ def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     out = [b for b in blocks if b.is_moe]
     if not out or not all(b.residual for b in out):
         raise ValueError("the spectrum needs residual MoE blocks (model.residual=true)")
-    if any(getattr(getattr(b.ffn, "cfg", None), "capacity_factor", None) is not None
-           for b in out):
+    cfgs = [getattr(b.ffn, "cfg", None) for b in out]
+    if any(getattr(c, "routing", "top_k") == "expert_choice" for c in cfgs):
+        raise ValueError("the spectrum needs token-choice routing: under model.moe.routing="
+                         "'expert_choice' experts choose among the tokens, so each token's "
+                         "output depends on the others")
+    if any(getattr(c, "capacity_factor", None) is not None for c in cfgs):
         raise ValueError("the spectrum needs dropless MoE layers (capacity drops make tokens "
                          "depend on each other): leave model.moe.capacity_factor unset")
     return out
