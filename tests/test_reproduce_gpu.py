@@ -29,7 +29,8 @@ def test_the_claim_experiments_have_gpu_profiles():
         assert smoke.after_arms == gpu.smoke and smoke.seeds == 1 and smoke.lr_index == (0,)
         at = e.at("gpu")
         assert {c.arm for c in at.claims} | {c.baseline for c in at.claims} <= \
-            {a.name for a in at.arms}
+            {a.name for a in at.arms} | set(at.picks)  # picks: pseudo-arms picked on val
+        assert all(set(cands) <= {a.name for a in at.arms} for cands in at.picks.values())
     with pytest.raises(ValueError, match="choose one of.*gpu-smoke"):
         EXPERIMENTS["default-moe-speed"].profile("gpu2")
     with pytest.raises(ValueError, match="choose one of \\['full', 'quick'\\]"):

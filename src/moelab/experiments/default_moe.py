@@ -459,7 +459,7 @@ def _auto_claims(sp: str) -> tuple[Claim, ...]:
 
 
 _AUTO_SP = ("8c1", "32c4")
-GPU_AUTO_STEPS = 600
+GPU_AUTO_STEPS = 300  # 70 runs: ~13 estimated minutes, a budget run on one GPU like the others
 AUTO_BETA = Experiment(
     name="default-moe-auto-beta",
     claim="An automatic beta (a memory horizon constant in tokens, 'tokens', or a warm-up to "
