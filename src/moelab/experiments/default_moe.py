@@ -504,5 +504,7 @@ AUTO_BETA = Experiment(
           "argument of docs/METHODS.md, not those runs). Seeds "
           "0-2 of every arm ran first, then seeds 3-4. " + BASE_LR_NOTE + " Changes after "
           "test results were seen: none."
-          + _GPU_NOTE + " gpu: 8c1 and 32c4, 600 steps, 5 seeds.",
+          + _GPU_NOTE + " gpu: 8c1 and 32c4, 300 steps, 5 seeds (defined with 600 steps; cut "
+          "to 300 on 2026-12-07, before any GPU run, to fit the ~12-minute budget of the other "
+          "gpu profiles: 600 estimated 19 minutes).",
 )
