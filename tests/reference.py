@@ -1,4 +1,5 @@
-"""Slow, obviously-correct references used only by the tests."""
+"""Slow, obviously-correct references used only by the tests, and the small seeded MoE layer
+(+ its gradients) the layer tests build them against."""
 
 from __future__ import annotations
 
@@ -8,7 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.moe import MoELayer
+from moelab.methods.default_moe import DefaultMoE, DefaultMoEConfig
+from moelab.moe import MoEConfig, MoELayer
+
+
+def make_layer(seed: int = 0, default_moe: DefaultMoEConfig | None = None, **kw) -> MoELayer:
+    """A seeded small MoELayer (d_model 8, 4 experts top-2, d_ff 6, no aux loss; ``kw``
+    overrides MoEConfig fields), with Default MoE when ``default_moe`` is given."""
+    torch.manual_seed(seed)
+    base = dict(d_model=8, n_experts=4, top_k=2, d_ff=6, aux_loss_coef=0.0)
+    cfg = MoEConfig(**{**base, **kw})
+    return MoELayer(cfg, method=None if default_moe is None else DefaultMoE(cfg, default_moe))
+
+
+def grads(layer: MoELayer, x: Tensor, y: Tensor, g: Tensor) -> tuple[Tensor, ...]:
+    """d(y . g) / d(router weight, w_in, w_out, x)."""
+    params = [layer.router.weight, layer.experts.w_in, layer.experts.w_out, x]
+    return torch.autograd.grad(y, params, g)
 
 
 def expert_forward(layer: MoELayer, e: int, x_D: Tensor) -> Tensor:

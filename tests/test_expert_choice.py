@@ -10,11 +10,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import model_config, naive_expert_choice
+from reference import grads, make_layer, model_config, naive_expert_choice
 
 from moelab.distributed import wrap as parallel
 from moelab.methods import excitation as excitation_module
-from moelab.methods.default_moe import DefaultMoE, DefaultMoEConfig
+from moelab.methods.default_moe import DefaultMoEConfig
 from moelab.methods.excitation import Excitation
 from moelab.methods.momentum import AdamSMoE, HeavyBall, MomentumConfig, RobustMomentum
 from moelab.models import ModelConfig, build_model
@@ -30,16 +30,9 @@ BACKENDS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
 
 
 def ec_layer(seed=0, default_moe: DefaultMoEConfig | None = None, **kw) -> MoELayer:
-    torch.manual_seed(seed)
-    base = dict(d_model=8, n_experts=4, top_k=2, d_ff=8, aux_loss_coef=0.0,
-                routing="expert_choice", capacity_factor=1.0)
-    cfg = MoEConfig(**{**base, **kw})
-    return MoELayer(cfg, method=None if default_moe is None else DefaultMoE(cfg, default_moe))
-
-
-def grads(layer, x, y, g):
-    params = [layer.router.weight, layer.experts.w_in, layer.experts.w_out, x]
-    return torch.autograd.grad(y, params, g)
+    """reference.make_layer with expert choice (capacity factor 1) and d_ff 8."""
+    return make_layer(seed, default_moe, **{"d_ff": 8, "routing": "expert_choice",
+                                            "capacity_factor": 1.0, **kw})
 
 
 # --- the layer against the naive reference ----------------------------------------------------

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from reference import naive_moe
+from reference import grads, make_layer, naive_moe
 
 import moelab.moe.expert_loop as expert_loop_module
-from moelab.methods.default_moe import DefaultMoE, DefaultMoEConfig
+from moelab.methods.default_moe import DefaultMoEConfig
 from moelab.moe import (
     MoEConfig,
     MoELayer,
@@ -22,18 +22,6 @@ from moelab.moe.expert_loop import plan_chunks
 HAS_GROUPED = grouped_mm_supported("cpu", torch.float32, 8, 16)
 BACKENDS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
     not HAS_GROUPED, reason="this torch has no CPU grouped_mm"))]
-
-
-def make_layer(seed=0, default_moe: DefaultMoEConfig | None = None, **kw) -> MoELayer:
-    torch.manual_seed(seed)
-    base = dict(d_model=8, n_experts=4, top_k=2, d_ff=6, aux_loss_coef=0.0)
-    cfg = MoEConfig(**{**base, **kw})
-    return MoELayer(cfg, method=None if default_moe is None else DefaultMoE(cfg, default_moe))
-
-
-def grads(layer, x, y, g):
-    params = [layer.router.weight, layer.experts.w_in, layer.experts.w_out, x]
-    return torch.autograd.grad(y, params, g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
