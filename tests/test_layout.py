@@ -7,6 +7,7 @@ import ast
 import importlib
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -149,16 +150,10 @@ def test_top_level_holds_few_modules():
 
 @pytest.mark.parametrize("old,new", sorted(moelab.MOVED_MODULES.items()))
 def test_old_module_paths_are_the_moved_modules(old, new):
+    sys.modules.pop(old, None)  # imported by an earlier test: import it afresh
     with pytest.warns(DeprecationWarning, match="moved to"):
-        module = importlib.import_module(old) if old not in __import__("sys").modules \
-            else _reimport(old)
+        module = importlib.import_module(old)
     assert module is importlib.import_module(new)
-
-
-def _reimport(name: str):
-    import sys
-    del sys.modules[name]
-    return importlib.import_module(name)
 
 
 def test_old_import_paths_of_the_docs_work():
