@@ -33,7 +33,8 @@ def test_the_claim_experiments_have_gpu_profiles():
         assert all(set(cands) <= {a.name for a in at.arms} for cands in at.picks.values())
     with pytest.raises(ValueError, match="choose one of.*gpu-smoke"):
         EXPERIMENTS["default-moe-speed"].profile("gpu2")
-    with pytest.raises(ValueError, match="choose one of \\['full', 'quick'\\]"):
+    with pytest.raises(ValueError, match="choose one of \\['full', 'paper', 'quick', "
+                                         "'paper-smoke'\\]"):
         EXPERIMENTS["default-moe-beta"].profile("gpu")
 
 

@@ -19,6 +19,8 @@ from moelab import __version__
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
                ModuleNotFoundError, ImportError)
 
+#: the profiles `moelab reproduce --profile` accepts (the smoke ones derived, spec.SMOKE_SUFFIX)
+PROFILES = ("quick", "full", "gpu", "paper", "gpu-smoke", "paper-smoke")
 EXAMPLES = """\
 examples:
   moelab train                                   # built-in default: MoE LM on Shakespeare
@@ -157,12 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'list', 'all', experiment names, or PATH.py [NAME ...]")
     rp.add_argument("--seeds", type=int, default=None, metavar="N",
                     help="seeds 0..N-1 (default: the profile's)")
-    rp.add_argument("--profile", choices=("quick", "full", "gpu", "gpu-smoke"),
-                    default="quick",
+    rp.add_argument("--profile", choices=PROFILES, default="quick",
                     help="quick: tiny smoke-test runs; full: the documented CPU setting; gpu: "
                     "a budget run on one GPU, ~12 min, not the paper's scale (with --device "
-                    "cuda; `list` gives each one's tokens per run and GPU-hours); gpu-smoke: "
-                    "the gpu profile shrunk to two CPU steps (default: quick)")
+                    "cuda); paper: the paper's own setting (model, tokens, lr schedule, "
+                    "seeds, data from --data-dir), sized for a cluster: see it with "
+                    "--dry-run; gpu-smoke / paper-smoke: that profile shrunk to two CPU "
+                    "steps. `list` gives each one's tokens per run and GPU-hours (default: "
+                    "quick)")
+    rp.add_argument("--dry-run", action="store_true",
+                    help="plan and check every run, print each one's `moelab train` (or "
+                    "`moelab launch`) command, its tokens and the estimated GPU-hours, and "
+                    "train nothing: run those commands anywhere (one torchrun per run), then "
+                    "the same `moelab reproduce` collects the finished runs")
     rp.add_argument("--jobs", "-j", type=int, default=None, metavar="J",
                     help="worker processes, the CPU cores split between them (default: one "
                     "per core)")
@@ -178,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train.compile=true for every run")
     rp.add_argument("--data-dir", default=None, metavar="DIR",
                     help="CIFAR-10 python batches for the image claims (default: "
-                    "Fashion-MNIST if installed, else the packaged MNIST-5k)")
+                    "Fashion-MNIST if installed, else the packaged MNIST-5k); for a paper "
+                    "profile the paper's data: CIFAR-10, WikiText-103 raw, or a text file "
+                    "(`list` says which)")
 
     sub.add_parser("launch", help="run train or eval on several processes (torchrun with a "
                    "clean Ctrl-C): moelab launch --nproc-per-node N train ...",
@@ -388,11 +399,12 @@ GPU_ASSUMPTION = ("LMs: training FLOPs = tokens x (6 x active parameters + 12 x 
 
 
 def _per_run(e, profile: str) -> str:
+    from moelab.experiments.suite import format_count
+
     got = e.items_per_run(profile)
     if got is None:
         return ""
-    n = f"{got[0] / 1e6:.1f} M" if got[0] >= 1e6 else f"{got[0]:,}"
-    return f"{n} {got[1]} per run; "
+    return f"{format_count(got[0])} {got[1]} per run; "
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
@@ -411,8 +423,10 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
 
 
 def _print_experiments(exps: Sequence, how: str) -> None:
+    from moelab.experiments.gpu import PAPER_ASSUMPTION
+
     width = max((len(e.name) for e in exps), default=0)
-    print(f"experiments ({how} [--profile quick|full|gpu]):")
+    print(f"experiments ({how} [--profile quick|full|gpu|paper]):")
     for e in exps:
         cost = (f"{_cpu_time(e, 'full')} full, {_cpu_time(e, 'quick')} quick (2 CPU cores)"
                 if not e.sources else "analyses " + ", ".join(e.sources))
@@ -424,7 +438,42 @@ def _print_experiments(exps: Sequence, how: str) -> None:
                     f"{GPU_ASSUMPTION})") if gpu else ""
         full_size = "" if e.sources else f"; {_per_run(e, 'full').rstrip('; ')}"
         print(f"  {e.name:<{width}}  {e.claim}{pad}paper: {e.paper}{pad}"
-              f"CPU time: {cost}{full_size}{gpu_line}")
+              f"CPU time: {cost}{full_size}{gpu_line}{_paper_line(e, pad)}")
+    if any("paper" in e.profiles for e in exps):
+        print(f"\npaper profiles: GPU-hours are estimates: {PAPER_ASSUMPTION}. On a cluster: "
+              "`moelab reproduce NAME --profile paper --dry-run` prints one `moelab launch "
+              "--nproc-per-node G train ...` command per run (torchrun, data parallel on G "
+              "GPUs); run them on any nodes with the same --out, then `moelab reproduce NAME "
+              "--profile paper` with the same --out and --data-dir collects the finished runs "
+              "and writes the results. On one machine, `moelab reproduce` trains them itself, "
+              "packing as many runs on the GPU as fit (--jobs).")
+
+
+def _paper_line(e, pad: str) -> str:
+    """The list's line for ``e``'s paper profile: runs, tokens per run, GPUs per run,
+    GPU-hours, data, or "" without one."""
+    from pathlib import Path
+
+    from moelab.experiments.gpu import profile_gpu_hours
+    from moelab.experiments.runner import DataChoice, plan_runs
+
+    prof = e.profiles.get("paper")
+    if prof is None:
+        return ""
+    if e.sources:
+        return f"{pad}paper profile: analyses the paper profiles of {', '.join(e.sources)}"
+    at = e.at("paper")
+    data = (DataChoice(prof.data_dir, "DATA_DIR", "") if prof.data_dir else None)
+    specs = plan_runs(at, "paper", prof.seeds, Path("."), data)
+    hours = profile_gpu_hours(specs, prof.gpus_per_run)
+    where = {"cifar10": "CIFAR-10", "wikitext": "WikiText-103", "textfile": "a text file"}
+    needs = f"; --data-dir: {where[prof.data_dir]}" if prof.data_dir else ""
+    gpus = f"{prof.gpus_per_run} GPU{'s' if prof.gpus_per_run > 1 else ''}"
+    lrs = " x lrs" if len(specs) > len(at.arms) * prof.seeds else ""
+    h = f"{hours:,.0f}" if hours >= 10 else f"{hours:.1f}"
+    return (f"{pad}paper profile (the paper's setting, for a cluster): {len(specs)} runs "
+            f"({len(at.arms)} arms x {prof.seeds} seeds{lrs}), {_per_run(at, 'paper')}"
+            f"{gpus} per run, ~{h} GPU-hours{needs}")
 
 
 def _cpu_time(exp, profile: str) -> str:
@@ -500,7 +549,8 @@ def _cmd_reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         reproduce(names, profile=args.profile, seeds=args.seeds, jobs=args.jobs,
                   out=args.out, data_dir=args.data_dir, command=["moelab", *argv],
-                  device=args.device, precision=args.precision, compile=args.compile)
+                  device=args.device, precision=args.precision, compile=args.compile,
+                  dry_run=args.dry_run)
     except RunsFailedError as e:
         failed = str(e)
     except BadArmsError as e:  # nothing trained: one line per bad arm

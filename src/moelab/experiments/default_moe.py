@@ -17,6 +17,14 @@ from typing import Any
 from moelab.experiments import keys as K
 from moelab.experiments.gpu import DOCS_LM, SEQ, SMOKE_LM, estimate_minutes, lm_flops_per_token
 from moelab.experiments.keys import kv
+from moelab.experiments.paper import (
+    DMOE_D_FF,
+    DMOE_LM,
+    DMOE_SETTING,
+    PAPER_SEEDS,
+    PAPER_SMOKE_LM,
+    substitute,
+)
 from moelab.experiments.spec import (
     Arm,
     Claim,
@@ -85,6 +93,22 @@ def dmoe_arm(name: str, sparsity: str | None = None, dmoe: dict[str, Any] | None
     layout = _sparsity(sparsity) if sparsity is not None else ()
     method = _dmoe(**dmoe) if dmoe is not None else _TOPK
     return Arm(name, layout + method + extra)
+
+
+#: the paper profiles' expert width per sparsity, in place of the CPU arms' widths
+_PAPER_WIDTHS = {kv(K.D_FF, SPARSITIES[sp][2]): (kv(K.D_FF, DMOE_D_FF[sp]),)
+                 for sp in SPARSITIES}
+
+
+def _paper(arms: tuple[Arm, ...] | None = None, widths: dict[str, tuple[str, ...]] | None = None,
+           overrides: tuple[str, ...] = ()) -> Profile:
+    """A ``paper`` profile of these experiments: the paper's LM (``paper.DMOE_LM``) plus
+    ``overrides``, on 8 GPUs per run; ``arms`` (if given) with their CPU expert widths
+    replaced by the paper's (``widths``, default: the two sparsities')."""
+    return Profile(DMOE_LM + overrides, seeds=PAPER_SEEDS, smoke=PAPER_SMOKE_LM,
+                   data_dir="textfile", gpus_per_run=8, setting=DMOE_SETTING,
+                   arms=None if arms is None else substitute(
+                       arms, _PAPER_WIDTHS if widths is None else widths))
 TEST_LOSS = Metric.final("loss", label="test loss")
 TEST_PPL = Metric.final("ppl", label="test perplexity")
 
@@ -159,6 +183,7 @@ def _speed_arm(on: tuple[str, ...], gpu: bool = False) -> Arm:
 
 SPEED_STEPS = 500
 GPU_SPEED_STEPS = 600
+_SPEED_ARMS = tuple(_speed_arm(on) for on in ((), ("dmoe",), ("32c4",), ("dmoe", "32c4")))
 SPEED = Experiment(
     name="default-moe-speed",
     claim="Default MoE reaches the Top-K arm's mid-training validation loss in fewer steps "
@@ -167,7 +192,7 @@ SPEED = Experiment(
     paper=PAPER + ", speed-to-target (Fig. 1) and configurations (8c1, 32c4)",
     base="default",
     overrides=_BASE,
-    arms=tuple(_speed_arm(on) for on in ((), ("dmoe",), ("32c4",), ("dmoe", "32c4"))),
+    arms=_SPEED_ARMS,
     claims=(
         Claim("dmoe", "base", "lower", text="8c1: Default MoE reaches Top-K's mid-training "
               "validation loss in fewer steps"),
@@ -196,6 +221,7 @@ SPEED = Experiment(
             _speed_arm(on, gpu=True) for on in ((), ("dmoe",), ("32c4",), ("dmoe", "32c4"))),
             gpu_minutes=estimate_minutes([(40, GPU_SPEED_STEPS, _GPU_TOKENS, _GPU_FPT)]),
             smoke=_GPU_SMOKE),
+        "paper": _paper(_SPEED_ARMS),
     },
     image_datasets=(),
     notes="Arms: factorial names, 'base' = Top-K 8c1, 'dmoe' = Default MoE 8c1, '32c4' = "
@@ -291,6 +317,9 @@ LR = Experiment(
                            [(120, GPU_LR_STEPS, _GPU_TOKENS, _GPU_FPT)], compiled=False,
                            eager_factor=1.5),
                        smoke=_GPU_SMOKE),
+        # the multipliers of the paper's lr (3e-4) instead of ours (3e-3)
+        "paper": _paper(lr_multiplier_arms("topk", None, base_lr=3e-4)
+                        + lr_multiplier_arms("dmoe", {}, base_lr=3e-4), widths={}),
     },
     image_datasets=(),
     notes="8c1 only (the time budget: 8 arms x 3 seeds). lr = m x 3e-3 for m in {1, 2, 4, "
@@ -343,6 +372,7 @@ BETA = Experiment(
         "quick": Profile(_QUICK, seeds=1, cpu_minutes=0.6),
         "full": Profile(_full(BETA_STEPS, 25), seeds=3, cpu_minutes=_measured(
             _STEP_S, {"8c1": 30, "32c4": 30}, BETA_STEPS)),
+        "paper": _paper(_beta_arms("8c1") + _beta_arms("32c4")),
     },
     image_datasets=(),
     notes="Arms per sparsity: Top-K; Default MoE with beta in {0.5, 0.9, 0.99, 0.999}, plain "
@@ -399,6 +429,7 @@ COMBINED = Experiment(
                        gpu_minutes=estimate_minutes([(48, GPU_COMBINED_STEPS, _GPU_TOKENS,
                                                       _GPU_FPT)]),
                        smoke=_GPU_SMOKE),
+        "paper": _paper(),  # 8c1 at the paper's width, set by DMOE_LM
     },
     image_datasets=(),
     notes="8c1 at 500 steps, 3 seeds (8 arms in the 90-min budget; the effects are "
@@ -482,6 +513,9 @@ AUTO_BETA = Experiment(
             a for sp in _AUTO_SP for a in _auto_arms(sp, _gpu_sparsity(sp))),
             gpu_minutes=estimate_minutes([(70, GPU_AUTO_STEPS, _GPU_TOKENS, _GPU_FPT)]),
             smoke=_GPU_SMOKE),
+        "paper": _paper(tuple(a for sp in _AUTO_SP for a in _auto_arms(sp, _auto_sparsity(sp))),
+                        widths={kv(K.D_FF, _AUTO_SPARSITIES[sp][2]): (kv(K.D_FF, DMOE_D_FF[sp]),)
+                                for sp in _AUTO_SP}),
     },
     image_datasets=(),
     notes="Defined 2026-12-07 before any run (issue 40). Arms per sparsity: Top-K; Default "

@@ -17,8 +17,9 @@ from moelab.experiments import keys as K
 from moelab.experiments.keys import kv
 
 __all__ = ["ASSUMED_JOBS", "ASSUMED_TFLOPS", "COMPILE_S", "DOCS_LM", "OVERHEAD_S",
-           "SMALL_STEP_S", "SMOKE_LM", "estimate_minutes", "lm_flops_per_token",
-           "small_model_minutes"]
+           "PAPER_ASSUMPTION", "PAPER_TFLOPS_PER_GPU", "SMALL_STEP_S", "SMOKE_LM",
+           "active_parameters", "estimate_minutes", "flops_per_item", "lm_flops_per_token",
+           "profile_gpu_hours", "run_gpu_hours", "small_model_minutes"]
 
 #: Training FLOP/s (in TFLOP/s) assumed for all packed runs together on one H200 in bf16:
 #: about a quarter of its measured dense bf16 GEMM peak (an assumption until measured).
@@ -73,3 +74,79 @@ def small_model_minutes(n_runs: int, steps: int, step_s: float = SMALL_STEP_S) -
     """Estimated minutes on one GPU for runs of a model too small to fill it (their time is
     kernel launches, not FLOPs), :data:`ASSUMED_JOBS` at a time."""
     return round(n_runs * (steps * step_s + OVERHEAD_S) / ASSUMED_JOBS / 60.0, 1)
+
+
+# ------------------------------------------------------------------ the paper profiles
+
+#: Training TFLOP/s assumed per GPU for a paper-scale run (bf16 on an H100: about 30% of its
+#: dense bf16 peak of ~990 TFLOP/s, a usual MoE utilisation; an assumption until measured).
+PAPER_TFLOPS_PER_GPU = 300.0
+#: Image shape and classes of the image datasets a paper profile names, for the estimate.
+_IMAGE_SHAPES = {"cifar10": ((3, 32, 32), 10)}
+_DEFAULT_IMAGE = ((1, 28, 28), 10)
+PAPER_ASSUMPTION = (
+    f"training FLOPs = items x (6 x active parameters + attention 12 x layers x d_model x "
+    f"seq per token) at {PAPER_TFLOPS_PER_GPU:.0f} TFLOP/s per GPU (bf16, ~30% of an H100's "
+    f"peak), at least {SMALL_STEP_S * 1e3:.0f} ms per step (launch-bound small models)")
+
+
+def active_parameters(cfg) -> tuple[int, int]:
+    """``(total, active)`` parameters of the model a RunConfig builds (built on the meta
+    device: no memory): active counts each MoE layer's experts at ``top_k / n_experts``."""
+    import torch
+
+    from moelab.models import build_model
+
+    vocab = cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 256
+    shape, classes = _IMAGE_SHAPES.get(cfg.data.dataset, _DEFAULT_IMAGE)
+    with torch.device("meta"):
+        model = build_model(cfg.model, vocab_size=vocab, image_shape=shape, n_classes=classes)
+    moe = cfg.model.moe
+    total = active = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        is_expert = ".experts." in f".{name}" and not name.endswith("router.weight")
+        active += n * moe.top_k // moe.n_experts if is_expert else n
+    return total, active
+
+
+def flops_per_item(cfg) -> tuple[float, str]:
+    """Training FLOPs per token (language model) or per image, from a RunConfig: ``6 x
+    active parameters`` per token or patch, plus attention ``12 x layers x d_model x seq``
+    per token; and the item's name."""
+    _, active = active_parameters(cfg)
+    m = cfg.model
+    if m.kind in ("lm", "hf"):
+        return 6.0 * active + 12.0 * m.n_layers * m.d_model * cfg.data.seq_len, "tokens"
+    if m.kind == "vit":
+        shape, _ = _IMAGE_SHAPES.get(cfg.data.dataset, _DEFAULT_IMAGE)
+        seq = (shape[1] // m.patch_size) * (shape[2] // m.patch_size) + 1
+        return seq * (6.0 * active + 12.0 * m.n_layers * m.d_model * seq), "images"
+    return 6.0 * active, "images"
+
+
+def run_gpu_hours(cfg, gpus: int = 1) -> float:
+    """Estimated GPU-hours of one run of RunConfig ``cfg`` on ``gpus`` GPUs
+    (:data:`PAPER_ASSUMPTION`)."""
+    fpi, kind = flops_per_item(cfg)
+    steps = cfg.train.steps
+    items = steps * cfg.data.batch_size * cfg.train.grad_accum
+    if kind == "tokens":
+        items *= cfg.data.seq_len
+    seconds = max(items * fpi / (PAPER_TFLOPS_PER_GPU * 1e12 * gpus), steps * SMALL_STEP_S)
+    return (seconds + OVERHEAD_S) * gpus / 3600.0
+
+
+def profile_gpu_hours(specs, gpus: int = 1) -> float:
+    """Estimated GPU-hours of the planned runs ``specs`` (``runner.plan_runs``), each on
+    ``gpus`` GPUs; configs are resolved once per arm (seeds and lrs cost the same)."""
+    from moelab.experiments.runner import resolve_config
+
+    per_arm: dict[str, float] = {}
+    total = 0.0
+    for s in specs:
+        if s.arm not in per_arm:
+            per_arm[s.arm] = run_gpu_hours(resolve_config(s), gpus)
+        total += per_arm[s.arm]
+    return total

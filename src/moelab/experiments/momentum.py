@@ -22,6 +22,16 @@ from typing import Any
 from moelab.experiments import keys as K
 from moelab.experiments.gpu import DOCS_LM, SEQ, SMOKE_LM, estimate_minutes, lm_flops_per_token
 from moelab.experiments.keys import kv
+from moelab.experiments.paper import (
+    MOMENTUM_LM,
+    MOMENTUM_LM_SETTING,
+    MOMENTUM_LM_SMOKE,
+    PAPER_SEEDS,
+    SMOKE_IMAGES,
+    VMOE_CIFAR,
+    VMOE_SETTING,
+    momentum_lm_size,
+)
 from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile, Records
 
 __all__ = ["DEPTH", "ROBUSTNESS_IMAGES", "ROBUSTNESS_TEXT", "SENSITIVITY",
@@ -111,6 +121,29 @@ _GPU_SMOKE = SMOKE_LM + (kv(K.PRECISION, "fp32"), kv(K.N_LAYERS, 2), kv(K.D_FF, 
                          kv(K.N_EXPERTS, 4))
 
 
+def paper_lm(**kw) -> Profile:
+    """A ``paper`` profile on the official MomentumSMoE LM (``paper.MOMENTUM_LM``: the medium
+    size unless the arms set another) on WikiText-103 from --data-dir, 4 GPUs per run (the
+    official scripts'); ``kw``: more Profile fields (arms, claims, lr_grid)."""
+    return Profile(MOMENTUM_LM, seeds=PAPER_SEEDS, smoke=MOMENTUM_LM_SMOKE,
+                   data_dir="wikitext", gpus_per_run=4, setting=MOMENTUM_LM_SETTING, **kw)
+
+
+# ------------------------------------------------------- the paper profile: the official LMs
+#: layers -> the official size of that depth
+PAPER_DEPTHS = {3: "small", 6: "medium", 12: "large"}
+_PAPER_ARMS = tuple(
+    momentum_arm(_arm_name(rule, form, depth), *RULES[rule], before=(
+        kv(K.NORM_POSITION, form), *momentum_lm_size(size)))
+    for depth, size in PAPER_DEPTHS.items() for form in GPU_FORMS for rule in RULES)
+_PAPER_CLAIMS = tuple(
+    Claim(_arm_name(rule, form, depth), _arm_name("smoe", form, depth), "lower",
+          text=f"{rule} beats SMoE ({_FORM_TEXT[form]}, the paper's {size} LM, {depth} "
+               "layers)")
+    for depth, size in PAPER_DEPTHS.items() for form in GPU_FORMS
+    for rule in ("mom", "adam", "robust"))
+
+
 # ------------------------------------------------------------------------ 1. depth
 
 DEPTH = Experiment(
@@ -134,6 +167,7 @@ DEPTH = Experiment(
         "full": Profile(_LM_FULL, seeds=3, cpu_minutes=70.0),
         "gpu": Profile(_GPU_LM, seeds=5, arms=_GPU_ARMS, claims=_GPU_CLAIMS,
                        gpu_minutes=_GPU_MINUTES, smoke=_GPU_SMOKE),
+        "paper": paper_lm(arms=_PAPER_ARMS, claims=_PAPER_CLAIMS),
     },
     image_datasets=(),
     notes="How the setting was chosen (before any result): the default LM shrunk so that 72 "
@@ -251,24 +285,32 @@ ATTACKED_PPL = Metric("attacked_ppl", "word-swap-attacked test perplexity",
 CLEAN_PPL = Metric("clean_ppl", "clean test perplexity (same windows)", _attack("clean"),
                    higher_is_better=False, from_run=True)
 
+def _attack_claims(depths, forms) -> tuple[Claim, ...]:
+    """The claims on momentum-depth's arms at ``depths`` x ``forms``: every rule's attack gap
+    against SMoE's, and heavy ball's attacked perplexity."""
+    return tuple(Claim(_arm_name(rule, form, depth), _arm_name("smoe", form, depth), "lower",
+                       metric="attack_gap", source="momentum-depth",
+                       text=f"{rule}: smaller perplexity rise than SMoE under attack "
+                            f"({_FORM_TEXT[form]}, {depth} MoE layers)")
+                 for depth in depths for form in forms for rule in ("mom", "adam", "robust")) \
+        + tuple(Claim(_arm_name("mom", form, depth), _arm_name("smoe", form, depth), "lower",
+                      metric="attacked_ppl", source="momentum-depth",
+                      text=f"mom: lower attacked perplexity than SMoE ({_FORM_TEXT[form]}, "
+                           f"{depth} MoE layers)")
+                for depth in depths for form in forms)
+
+
 ROBUSTNESS_TEXT = Experiment(
     name="momentum-robustness-text",
     claim="On word-swap-attacked text, perplexity rises less for MomentumSMoE (and its Adam "
           "and robust variants) than for SMoE.",
     paper=PAPER + ", WikiText-103 with the word-swap attack (TextAttack, 2.5% of words)",
     sources=("momentum-depth",),
-    claims=tuple(Claim(_arm_name(rule, form, depth), _arm_name("smoe", form, depth), "lower",
-                       metric="attack_gap", source="momentum-depth",
-                       text=f"{rule}: smaller perplexity rise than SMoE under attack "
-                            f"({_FORM_TEXT[form]}, {depth} MoE layers)")
-                 for depth in DEPTHS for form in FORMS for rule in ("mom", "adam", "robust"))
-    + tuple(Claim(_arm_name("mom", form, depth), _arm_name("smoe", form, depth), "lower",
-                  metric="attacked_ppl", source="momentum-depth",
-                  text=f"mom: lower attacked perplexity than SMoE ({_FORM_TEXT[form]}, "
-                       f"{depth} MoE layers)")
-            for depth in DEPTHS for form in FORMS),
+    claims=_attack_claims(DEPTHS, FORMS),
     metrics=(ATTACK_GAP, ATTACKED_PPL, CLEAN_PPL),
-    profiles={"quick": Profile(cpu_minutes=0.5), "full": Profile(cpu_minutes=17.0)},
+    profiles={"quick": Profile(cpu_minutes=0.5), "full": Profile(cpu_minutes=17.0),
+              "paper": Profile(seeds=PAPER_SEEDS, setting=MOMENTUM_LM_SETTING,
+                               claims=_attack_claims(PAPER_DEPTHS, GPU_FORMS))},
     image_datasets=(),
     extra_sections=attack_sections,
     notes="Trains nothing: evaluates every momentum-depth run (each at the lr its source "
@@ -424,6 +466,8 @@ ROBUSTNESS_IMAGES = Experiment(
                                    kv(K.PATCH_SIZE, 7), kv(K.N_EXPERTS, 4), kv(K.D_FF, 16),
                                    kv(K.BATCH_SIZE, 16)), seeds=1, cpu_minutes=0.5),
         "full": Profile(_VIT_FULL, seeds=5, cpu_minutes=55.0),
+        "paper": Profile(VMOE_CIFAR, seeds=PAPER_SEEDS, smoke=SMOKE_IMAGES,
+                         data_dir="cifar10", setting=VMOE_SETTING),
     },
     image_datasets=("cifar10", "fashion-mnist", "mnist5k"),
     notes="How the setting was chosen (before any result): V-MoE layout (MoE every other "
@@ -497,6 +541,7 @@ SENSITIVITY = Experiment(
     profiles={
         "quick": Profile(_LM_QUICK + (kv(K.N_LAYERS, 2),), seeds=1, cpu_minutes=1.0),
         "full": Profile(_LM_FULL, seeds=3, cpu_minutes=35.0),
+        "paper": paper_lm(),
     },
     image_datasets=(),
     notes="How the setting was chosen (before any result): the momentum-depth LM at 4 MoE "

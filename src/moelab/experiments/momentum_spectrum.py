@@ -24,7 +24,7 @@ from typing import Any
 from moelab.experiments import keys as K
 from moelab.experiments.gpu import DOCS_LM, SEQ, SMOKE_LM, estimate_minutes, lm_flops_per_token
 from moelab.experiments.keys import kv
-from moelab.experiments.momentum import PAPER, RULES, TEST_PPL, momentum_arm
+from moelab.experiments.momentum import PAPER, RULES, TEST_PPL, momentum_arm, paper_lm
 from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile, Records
 
 __all__ = ["DEEP", "SPECTRUM", "loss_spikes", "late_grad_norm", "spectrum_rows"]
@@ -265,6 +265,8 @@ DEEP = Experiment(
         "gpu": Profile(_GPU_DEEP, seeds=5, gpu_minutes=_GPU_DEEP_MINUTES,
                        smoke=SMOKE_LM + (kv(K.PRECISION, "fp32"), kv(K.N_LAYERS, 2),
                                          kv(K.D_FF, 16), kv(K.N_EXPERTS, 4))),
+        # the paper's medium LM (width 352, 80,000 steps) at this experiment's depths
+        "paper": paper_lm(),
     },
     image_datasets=(),
     report_divergence=True,
@@ -340,6 +342,7 @@ _SPEC_LM = (kv(K.D_MODEL, 32), kv(K.N_HEADS, 2), kv(K.N_EXPERTS, 4), kv(K.TOP_K,
             kv(K.SCHEDULE, "constant"), kv(K.GRAD_CLIP, 1.0), kv(K.EVAL_BATCHES, 4),
             kv(K.FINAL_EVAL_BATCHES, 16), kv(K.LOG_EVERY, 10))
 QUICK_PHASES = {"mid": 2, "end": 4}
+PAPER_PHASES = {"mid": 40_000, "end": 80_000}
 
 SPECTRUM = Experiment(
     name="momentum-spectrum",
@@ -362,6 +365,8 @@ SPECTRUM = Experiment(
                          claims=_spec_claims(QUICK_PHASES)),
         "full": Profile((kv(K.EVAL_EVERY, 40), kv(K.CHECKPOINT_EVERY, 40)), seeds=5,
                         cpu_minutes=8.0),
+        # the paper's medium LM, read at half of its 80,000 steps and at the end
+        "paper": paper_lm(arms=_spec_arms(PAPER_PHASES), claims=_spec_claims(PAPER_PHASES)),
     },
     image_datasets=(),
     notes="How the setting was chosen (before any result; issue 39): the momentum-deep LM "

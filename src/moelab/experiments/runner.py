@@ -39,8 +39,8 @@ from moelab.train.guard import NonFiniteError
 
 __all__ = ["FASHION_MNIST_DIR", "BadArmsError", "DataChoice", "RunOutcome", "RunSpec",
            "check_configs", "choose_image_data", "default_jobs", "describe_image_choice",
-           "execute_run", "execute_runs", "failure_summary", "plan_runs", "resolve_config",
-           "run_state", "with_threads"]
+           "execute_run", "execute_runs", "failure_summary", "plan_runs", "profile_data",
+           "resolve_config", "run_state", "with_threads"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the original IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -99,6 +99,41 @@ def choose_image_data(data_dir: str | Path | None,
         if name == "mnist5k":
             return DataChoice("mnist5k", None, "MNIST-5k (packaged subset of MNIST)")
     raise ValueError(f"none of the datasets {prefer} is available")
+
+
+#: what a profile's ``data_dir`` kind is, and what --data-dir must hold for it
+_DATA_DIR_HOW = {
+    "cifar10": ("CIFAR-10", "a folder with the python batches data_batch_1..5 and "
+                "test_batch, or its parent holding cifar-10-batches-py/"),
+    "wikitext": ("WikiText-103 raw", "the folder holding wiki.train.raw, wiki.valid.raw and "
+                 "wiki.test.raw, or its parent holding wikitext-103-raw/"),
+    "textfile": ("a UTF-8 text file", "the path of the file (split 90/5/5 into train, "
+                 "validation and test)"),
+}
+#: the data path a dry run plans with when --data-dir is not given
+DATA_DIR_PLACEHOLDER = "DATA_DIR"
+
+
+def profile_data(kind: str, data_dir: str | Path | None, experiment: str, profile: str,
+                 dry_run: bool = False) -> DataChoice:
+    """The data of a profile whose ``Profile.data_dir`` is ``kind`` (one of
+    ``spec.DATA_DIR_KINDS``): what ``data_dir`` holds. Without ``data_dir`` a ValueError says
+    what to give (a dry run plans with the placeholder path ``DATA_DIR``)."""
+    what, how = _DATA_DIR_HOW[kind]
+    if data_dir is None:
+        if dry_run:
+            return DataChoice(kind, DATA_DIR_PLACEHOLDER,
+                              f"{what} from --data-dir (not given: {DATA_DIR_PLACEHOLDER})")
+        raise ValueError(f"{experiment}: the {profile!r} profile trains on {what}: give "
+                         f"--data-dir ({how})")
+    if kind == "cifar10":
+        return choose_image_data(data_dir, None, ("cifar10",))
+    path = Path(data_dir).expanduser()
+    if not (path.is_dir() if kind == "wikitext" else path.is_file()):
+        thing = "folder" if kind == "wikitext" else "file"
+        raise FileNotFoundError(f"--data-dir {path}: not a {thing}; the {profile!r} profile "
+                                f"of {experiment} needs {how}")
+    return DataChoice(kind, str(path), f"{what} ({path})")
 
 
 def describe_image_choice(choice: DataChoice, prefer: tuple[str, ...],

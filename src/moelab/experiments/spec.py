@@ -36,6 +36,12 @@ Records = Sequence[dict[str, Any]]
 IMAGE_CHOICES = ("cifar10", "fashion-mnist", "mnist5k")
 #: the GPU profile's name, and the CPU smoke test derived from it
 GPU, SMOKE = "gpu", "gpu-smoke"
+#: the paper-scale profile's name, and the CPU smoke test derived from it
+PAPER, PAPER_SMOKE = "paper", "paper-smoke"
+#: a profile with ``smoke`` overrides has a derived two-step CPU variant: its name + this
+SMOKE_SUFFIX = "-smoke"
+#: what ``--data-dir`` may hold for a profile (``Profile.data_dir``)
+DATA_DIR_KINDS = ("cifar10", "wikitext", "textfile")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
 
 
@@ -285,11 +291,15 @@ class Profile:
 
     A GPU profile ("gpu": a budget run on one GPU, sized to ~12 minutes, not to the paper's
     scale) also has ``gpu_minutes`` (its estimated time on one H200 with
-    packed runs; how each is estimated is in the experiment's notes), may replace the
-    experiment's ``arms`` and ``claims`` (a paper's setting that the CPU arms only
-    approximate, e.g. its model depths), and has ``smoke``: overrides that shrink every run
-    to a two-step CPU run (applied after the arms'), the ``gpu-smoke`` profile the tests
-    run."""
+    packed runs; how each is estimated is in the experiment's notes). The "paper" profile
+    holds the paper's own setting (model size, tokens, lr schedule with warm-up, seeds, and
+    data: ``data_dir`` names what ``--data-dir`` must hold, one of :data:`DATA_DIR_KINDS`),
+    sized for a cluster: ``gpus_per_run`` GPUs per run (data parallel, ``moelab launch``);
+    its GPU-hours are computed from its resolved configs (``moelab.experiments.gpu
+    .profile_gpu_hours``). Either may replace the experiment's ``arms`` and ``claims`` (a
+    paper's setting that the CPU arms only approximate, e.g. its model depths), and has
+    ``smoke``: overrides that shrink every run to a two-step CPU run (applied after the
+    arms'), the derived ``gpu-smoke`` / ``paper-smoke`` profile the tests run."""
 
     overrides: tuple[str, ...] = ()
     seeds: int = 2
@@ -301,6 +311,23 @@ class Profile:
     smoke: tuple[str, ...] = ()
     #: overrides applied after the arms' (what ``gpu-smoke`` shrinks every arm with)
     after_arms: tuple[str, ...] = ()
+    #: what ``--data-dir`` must hold for this profile (None: the experiment's usual data)
+    data_dir: str | None = None
+    #: GPUs each run trains on (data parallel, one ``moelab launch`` per run)
+    gpus_per_run: int = 1
+    #: the paper's setting this profile follows, and where it departs from it (one paragraph)
+    setting: str = ""
+    #: learning rates every arm trains at under this profile (None: the arm's or experiment's
+    #: grid), e.g. the paper's own lr where the CPU grid was tuned for a smaller model
+    lr_grid: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.data_dir is not None and self.data_dir not in DATA_DIR_KINDS:
+            raise ValueError(f"profile data_dir={self.data_dir!r} is invalid: choose one of "
+                             f"{DATA_DIR_KINDS}")
+        if not (isinstance(self.gpus_per_run, int) and self.gpus_per_run >= 1):
+            raise ValueError(f"profile gpus_per_run={self.gpus_per_run!r} is invalid: need "
+                             "an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -374,9 +401,17 @@ class Experiment:
         for p in ("quick", "full"):
             if p not in self.profiles:
                 raise ValueError(f"experiment {self.name!r}: missing the {p!r} profile")
-        if SMOKE in self.profiles:
-            raise ValueError(f"experiment {self.name!r}: {SMOKE!r} is derived from the "
-                             f"{GPU!r} profile, not given")
+        for p in self.profiles:
+            if p.endswith(SMOKE_SUFFIX):
+                raise ValueError(f"experiment {self.name!r}: {p!r} is derived from the "
+                                 f"{p[:-len(SMOKE_SUFFIX)]!r} profile's smoke overrides, "
+                                 "not given")
+        paper = self.profiles.get(PAPER)
+        if paper is not None and self.arms and not paper.smoke:
+            raise ValueError(f"experiment {self.name!r}: the {PAPER!r} profile needs smoke "
+                             "overrides (its two-step CPU variant, run by the tests)")
+        if paper is not None and (paper.arms is not None or paper.claims is not None):
+            self.at(PAPER)
         gpu = self.profiles.get(GPU)
         if gpu is not None and gpu.gpu_minutes is None:
             raise ValueError(f"experiment {self.name!r}: the {GPU!r} profile needs its "
@@ -447,29 +482,40 @@ class Experiment:
         raise KeyError(f"experiment {self.name!r} has no arm {name!r}")
 
     def profile(self, name: str) -> Profile:
-        """Profile ``name``; "gpu-smoke" is derived from "gpu": its overrides plus its
-        ``smoke`` ones, one seed, the first lr of each grid."""
-        if name == SMOKE and GPU in self.profiles:
-            gpu = self.profiles[GPU]
-            return dataclasses.replace(gpu, after_arms=gpu.smoke, seeds=1, lr_index=(0,),
-                                       cpu_minutes=1.0, gpu_minutes=None)
+        """Profile ``name``; "P-smoke" is derived from a profile P with ``smoke`` overrides
+        ("gpu-smoke", "paper-smoke"): P's overrides plus its ``smoke`` ones, one seed, the
+        first lr of each grid, its usual data, one process."""
+        base = name[:-len(SMOKE_SUFFIX)] if name.endswith(SMOKE_SUFFIX) else None
+        if base is not None and base in self.profiles and (
+                self.profiles[base].smoke or (self.sources and base == PAPER)):
+            prof = self.profiles[base]
+            return dataclasses.replace(prof, after_arms=prof.smoke, seeds=1, lr_index=(0,),
+                                       cpu_minutes=1.0, gpu_minutes=None, data_dir=None,
+                                       gpus_per_run=1)
         if name not in self.profiles:
-            choices = sorted(self.profiles) + ([SMOKE] if GPU in self.profiles else [])
+            choices = sorted(self.profiles) + sorted(
+                p + SMOKE_SUFFIX for p, prof in self.profiles.items()
+                if prof.smoke or (self.sources and p == PAPER))
             raise ValueError(f"profile {name!r} is invalid for {self.name!r}: choose one of "
                              f"{choices}")
         return self.profiles[name]
 
     def at(self, profile: str) -> Experiment:
         """This experiment as run at ``profile``: its arms and claims replaced where the
-        profile gives its own (a GPU profile at the paper's setting), else itself."""
+        profile gives its own (a GPU profile at the paper's setting), and every arm's lr grid
+        where the profile gives one; else itself."""
         prof = self.profile(profile)
-        if prof.arms is None and prof.claims is None:
+        if prof.arms is None and prof.claims is None and prof.lr_grid is None:
             return self
-        plain = {k: dataclasses.replace(v, arms=None, claims=None)
+        plain = {k: dataclasses.replace(v, arms=None, claims=None, lr_grid=None)
                  for k, v in self.profiles.items()}  # applied once, here
-        return dataclasses.replace(self, arms=prof.arms or self.arms,
+        arms = prof.arms or self.arms
+        if prof.lr_grid is not None:
+            arms = tuple(dataclasses.replace(a, lr_grid=None) for a in arms)
+        return dataclasses.replace(self, arms=arms,
                                    claims=prof.claims if prof.claims is not None
-                                   else self.claims, profiles=plain)
+                                   else self.claims, profiles=plain,
+                                   lr_grid=prof.lr_grid or self.lr_grid)
 
     def items_per_run(self, profile: str) -> tuple[int, str] | None:
         """What one run of ``profile`` trains on, from its resolved config (the first arm's):

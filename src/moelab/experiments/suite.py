@@ -27,6 +27,7 @@ from moelab.experiments.runner import (
     failure_summary,
     invocation,
     plan_runs,
+    profile_data,
     with_threads,
 )
 from moelab.experiments.spec import Experiment
@@ -80,7 +81,7 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
               FASHION_MNIST_DIR, command: Sequence[str] | None = None,
               progress: bool = True, threads: int | None = None,
               check: bool = True, device: str | None = None, precision: str | None = None,
-              compile: bool | None = None) -> list[Path]:
+              compile: bool | None = None, dry_run: bool = False) -> list[Path]:
     """Run the named experiments (or ``["all"]``) and write ``OUT/NAME/results.md`` for each;
     returns those paths. Runs already finished with the same config are skipped. An
     experiment's sources (e.g. the trained runs a robustness evaluation reads) are run or
@@ -92,7 +93,9 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     cores // jobs). device, precision, compile: ``train.device`` (None: the configs' "auto",
     CUDA when there is one), ``train.precision`` and ``train.compile`` of every run (None:
     the configs'). command: what results.md records as the command (default: this
-    process's own command line). check: raise :class:`RunsFailedError` (after writing the
+    process's own command line). dry_run: plan and check every run, print the plan
+    (:func:`print_plan`: each run's ``moelab train`` command, tokens, GPU-hours) and return []
+    without training. check: raise :class:`RunsFailedError` (after writing the
     results) if any run failed, so a script that calls this exits non-zero.
 
     Spawn-safe: called while a worker process imports the script that calls it (``--jobs``
@@ -125,16 +128,20 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     if threads is not None and threads < 1:
         raise ValueError(f"threads={threads} is invalid: need >= 1")
     out = Path(out)
-    if data_dir is not None and not any("cifar10" in e.image_datasets for e in exps):
-        raise ValueError("--data-dir holds CIFAR-10 for image claims; none of these "
-                         "experiments uses it")
-    data = {e.name: choose_image_data(data_dir, fashion_dir, e.image_datasets)
-            if e.image_datasets else None for e in exps}
+    kinds = {e.name: e.profile(profile).data_dir for e in exps if not e.sources}
+    if data_dir is not None and not any("cifar10" in e.image_datasets or kinds.get(e.name)
+                                        for e in exps):
+        raise ValueError("--data-dir holds CIFAR-10 for image claims (or a paper profile's "
+                         "data); none of these experiments uses it")
+    data = {e.name: (profile_data(kinds[e.name], data_dir, e.name, profile, dry_run)
+                     if kinds.get(e.name) else
+                     choose_image_data(data_dir, fashion_dir, e.image_datasets)
+                     if e.image_datasets else None) for e in exps}
     for e in exps:
         if data[e.name] is not None and progress:
-            print(f"moelab reproduce: {e.name}: "
-                  f"{describe_image_choice(data[e.name], e.image_datasets, fashion_dir)}",
-                  file=sys.stderr)
+            what = (f"data: {data[e.name].label}" if kinds.get(e.name) else
+                    describe_image_choice(data[e.name], e.image_datasets, fashion_dir))
+            print(f"moelab reproduce: {e.name}: {what}", file=sys.stderr)
     # train.threads is set below, once the number of workers is known (not part of a run's
     # identity: a run resumes at another --jobs)
     plans = {e.name: plan_runs(e, profile, seeds or e.profile(profile).seeds, out,
@@ -142,6 +149,9 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     cmd = list(command) if command is not None else invocation()
     all_specs = [s for e in exps for s in plans[e.name]]
     check_configs(all_specs)  # every arm valid before any run starts (BadArmsError)
+    if dry_run:
+        print_plan(exps, profile, plans, extra_args=_reproduce_args(profile, out, data_dir))
+        return []
     if jobs is None:
         jobs = _gpu_jobs(all_specs, device or "cuda", progress) if on_gpu else default_jobs()
     if threads is None:
@@ -194,6 +204,66 @@ def reproduce(names: Sequence[str], *, profile: str = "quick", seeds: int | None
     if failed and check:
         raise RunsFailedError(failed, written)
     return written
+
+
+def _reproduce_args(profile: str, out: Path, data_dir: str | Path | None) -> str:
+    args = f"--profile {profile} --out {shlex.quote(str(out))}"
+    return args + (f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else "")
+
+
+def train_command(spec, gpus: int = 1) -> str:
+    """The command that trains run ``spec`` by itself (``moelab train``; ``moelab launch
+    --nproc-per-node G train`` on G GPUs): a run it finishes is one ``moelab reproduce``
+    then skips (same config.toml)."""
+    launch = ["moelab", "train"] if gpus == 1 else ["moelab", "launch", "--nproc-per-node",
+                                                    str(gpus), "train"]
+    sets = [a for o in merge_overrides(spec.overrides) for a in ("--set", o)]
+    return shlex.join([*launch, "--config", spec.base, *sets, "--out", spec.run_dir])
+
+
+def print_plan(exps: Sequence[Experiment], profile: str, plans: dict[str, list],
+               extra_args: str = "") -> None:
+    """The dry run's plan (stdout): per experiment its runs, tokens or images per run, the
+    estimated GPU-hours (``gpu.PAPER_ASSUMPTION``) and each run's command; then how to
+    collect the results."""
+    from moelab.experiments.gpu import PAPER_ASSUMPTION, profile_gpu_hours
+    from moelab.experiments.runner import resolve_config
+
+    for e in exps:
+        specs = plans[e.name]
+        if not specs:
+            print(f"{e.name} --profile {profile}: trains nothing (analyses "
+                  f"{', '.join(e.sources)})")
+            continue
+        prof = e.profile(profile)
+        per_arm = {}
+        for s in specs:
+            if s.arm not in per_arm:
+                cfg = resolve_config(s)
+                n = cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum
+                per_arm[s.arm] = (n * cfg.data.seq_len, "tokens") if cfg.model.kind in (
+                    "lm", "hf") else (n, "images")
+        sizes = sorted({n for n, _ in per_arm.values()})
+        unit = next(iter(per_arm.values()))[1]
+        size = format_count(sizes[0]) if len(sizes) == 1 else \
+            f"{format_count(sizes[0])}-{format_count(sizes[-1])}"
+        hours = profile_gpu_hours(specs, prof.gpus_per_run)
+        gpus = f"{prof.gpus_per_run} GPU{'s' if prof.gpus_per_run > 1 else ''}"
+        print(f"{e.name} --profile {profile}: {len(specs)} runs, {size} {unit} per run, "
+              f"{gpus} per run, ~{hours:,.1f} GPU-hours (an estimate: "
+              f"{PAPER_ASSUMPTION})")
+        for s in specs:
+            print(f"  {train_command(s, prof.gpus_per_run)}")
+        print(f"  then: moelab reproduce {e.name} {extra_args} (finished runs are skipped; "
+              "it writes the results)", flush=True)
+
+
+def format_count(n: float) -> str:
+    """``n`` with a unit: 1.5 B, 614.4 k, 512."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:g}"
 
 
 def print_verdicts(paths: Sequence[Path]) -> None:
