@@ -445,7 +445,7 @@ def test_moe_package_imports_no_method():
     assert out == "[]"
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "padded"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_layer_method_seam_gets_weighted_expert_sums(backend, capacity_factor):
     """A LayerMethod asking for sums with an arbitrary [N] row weight gets

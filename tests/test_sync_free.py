@@ -310,7 +310,7 @@ def test_project_sums_widens_bf16_weights_a_few_experts_at_a_time(monkeypatch):
     assert widened == [(2, 8, 4), (2, 8, 4), (1, 8, 4)]  # never all of w_out at once
 
 
-@pytest.mark.parametrize("dispatch_name", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("dispatch_name", ["grouped_mm", "loop", "padded"])
 @pytest.mark.parametrize("capacity", [None, 0.75])
 def test_default_moe_sums_are_segmented_reductions_not_scatters(dispatch_name, capacity):
     """A Default MoE training forward scatters no rows into [E, ...] slots (index_add_ /
