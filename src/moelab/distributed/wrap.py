@@ -160,7 +160,8 @@ def compile_blocks(model: nn.Module, precision: str = "fp32") -> int:
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         if isinstance(layer.experts, mdist.ExpertParallelExperts):
             raise ValueError("train.compile is not supported with train.expert_parallel > 1 "
-                             "yet (the all-to-all's split sizes are read on the host)")
+                             "yet (the dropless all-to-all reads its split sizes on the "
+                             "host; the padded exchange's collectives are not traced yet)")
         w_in, w_out = layer.experts.w_in, layer.experts.w_out
         if layer.experts.backend == "loop":
             raise ValueError("train.compile is invalid with model.moe.dispatch='loop' (the "

@@ -9,22 +9,31 @@ down projection, which equals ``w * expert(x)`` because the down projection is l
 bias), so no [N, D] product is ever allocated — on CPU, fresh large allocations (page faults)
 cost more than the arithmetic.
 
-Two paths compute the same thing (``MoEConfig.dispatch``): "grouped_mm" (gather the rows,
-two grouped GEMMs, combine; the default for bf16 on sm90+ GPUs, and always under
-``torch.compile``: it has no data-dependent shapes and no host sync) and "loop"
-(``moe.expert_loop``: the experts run chunk by chunk, fused with the gather and combine; the
-default on CPU and for fp32 / tf32 on CUDA).
+Three paths compute the same thing (``MoEConfig.dispatch``):
+
+* "grouped_mm": gather the rows, two grouped GEMMs, combine; the default for bf16 on sm90+
+  GPUs, and under ``torch.compile`` (no data-dependent shapes, no host sync in bf16);
+* "loop" (``moe.expert_loop``): the experts run chunk by chunk, fused with the gather and
+  combine; the default on CPU, and for dropless fp32 / tf32 on CUDA;
+* "padded": every expert gets C static slots (``DispatchPlan.slots``: the capacity, M under
+  expert choice, T for dropless Top-K), the rows are gathered into an [E*C, D] buffer (padding
+  slots zero, routing weight 0), two ``torch.bmm`` over [E, C, ·], and the slots are added
+  back into [T, D]. No host read, static shapes (it traces under ``torch.compile``). It
+  computes E*C rows instead of the T*K routed ones: capacity_factor x the grouped path's
+  FLOPs with a capacity, E/K x dropless, and [E, C, D] / [E, C, 2F] buffers. The default for
+  fp32 / tf32 on CUDA with a capacity (or expert choice), eager and compiled.
 
 Host syncs on CUDA, per precision ("auto"): bf16 on sm90 / sm100 runs torch's grouped kernel,
 with no host read at all. fp32 and tf32 have no grouped kernel in torch (its fallback reads
-``offs`` on the host for every GEMM: six syncs per layer and step, forward and backward), so
-they take the loop, which reads the per-expert row counts ONCE per layer forward (one
-``.tolist()``; one more when activation checkpointing recomputes the layer) and reuses them
-for both GEMMs and the whole backward: one host sync per layer and forward, plus one matmul
-launch per expert and GEMM (6E per layer and step). A padded sync-free alternative (a batched
-matmul over [E, T, D], every expert's capacity bound) would cost E/K times the flops and the
-memory. Under ``torch.compile`` fp32 / tf32 still run torch's grouped GEMM (through the
-custom op ``moelab::grouped_mm``, a host sync per GEMM): the loop's host list cannot be traced.
+``offs`` on the host for every GEMM: six syncs per layer and step, forward and backward). With
+static slots they take the padded path: no host read. Dropless they take the loop, which reads
+the per-expert row counts ONCE per layer forward (one ``.tolist()``; one more when activation
+checkpointing recomputes the layer) and reuses them for both GEMMs and the whole backward: one
+host sync per layer and forward, plus one matmul launch per expert and GEMM (6E per layer and
+step) — cheaper than the padded path's E/K x FLOPs; ``dispatch="padded"`` buys sync-freedom at
+that price. Under ``torch.compile`` fp32 / tf32 take the padded path with static slots, else
+torch's grouped GEMM (through the custom op ``moelab::grouped_mm``, a host sync per GEMM): the
+loop's host list cannot be traced.
 
 Precision: the GEMMs run in ``moe.amp.compute_dtype`` of the input (the autocast dtype
 under ``torch.autocast``, else the input's dtype), with the weights cast to it; the per-expert
