@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -383,6 +384,10 @@ def test_padded_dispatch_errors_and_auto_choice(monkeypatch):
     assert resolve_backend("auto", "cuda", torch.float32, w, slots=4) == "padded"
     assert resolve_backend("auto", "cuda", torch.float32, w) == "loop"  # dropless: one read
     assert resolve_backend("auto", "cuda", torch.bfloat16, w, slots=4) == "grouped_mm"
+    monkeypatch.setattr(dispatch, "grouped_mm_supported", lambda *args: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no loop fallback warning: padded needs no grouped GEMM
+        assert resolve_backend("auto", "cuda", torch.bfloat16, w, slots=4) == "padded"
     assert dispatch.compiled_backend("auto", "cuda", torch.float32, 4) == "padded"
     assert dispatch.compiled_backend("auto", "cuda", torch.float32, None) == "grouped_mm"
     assert dispatch.compiled_backend("auto", "cuda", torch.bfloat16, 4) == "grouped_mm"

@@ -211,7 +211,8 @@ def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO:
     capacity, expert choice: no host read, capacity_factor x the grouped FLOPs), else the
     loop (it reads the expert sizes once per layer: cheaper than E/K x the FLOPs). Else
     grouped GEMM when the installed torch runs it for this dtype/device and both GEMMs' shapes
-    (``w_EIO`` and, if given, ``w_out_EFD``), else the loop with a one-time warning.
+    (``w_EIO`` and, if given, ``w_out_EFD``), else the padded path with static slots, else the
+    loop with a one-time warning.
     """
     if requested == "padded":
         if slots is None:
@@ -232,7 +233,9 @@ def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO:
            f"fp32/bf16/fp16 and row strides that are multiples of 16 bytes)")
     if requested == "grouped_mm":
         raise RuntimeError(f"dispatch='grouped_mm' is not supported: {why}; "
-                           "use dispatch='auto' or 'loop'")
+                           "use dispatch='auto', 'loop' or 'padded'")
+    if slots is not None:  # static slots: the padded path needs no grouped GEMM, reads nothing
+        return "padded"
     _warn_loop_fallback(why)
     return "loop"
 
