@@ -243,8 +243,9 @@ def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO:
 def compiled_backend(requested: str, device_type: str, dtype: torch.dtype,
                      slots: int | None) -> str:
     """The path under ``torch.compile`` (no probe, no host list: never the loop): "padded"
-    when requested, or for "auto" where grouped GEMM would sync (as :func:`resolve_backend`
-    decides) and the plan has static slots; else "grouped_mm"."""
+    when requested, or for "auto" with static slots in a dtype whose grouped GEMM syncs (fp32
+    / tf32 on CUDA, as :func:`resolve_backend` decides; bf16 is not asked, so no device
+    query runs under tracing); else "grouped_mm"."""
     if requested == "padded" or (
             requested == "auto" and slots is not None and dtype != torch.bfloat16
             and not grouped_mm_sync_free(backend_policy(device_type), dtype)):
