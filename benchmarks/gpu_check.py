@@ -22,7 +22,8 @@ Sections (rows), cheapest and most informative first:
 ``syncs``       one training step of the default LM (Default MoE + heavy ball, fused AdamW) and
                 its non-logged bookkeeping under ``torch.cuda.set_sync_debug_mode("warn")``:
                 the host syncs counted, each distinct Python stack recorded; per precision
-                (bf16, fp32, tf32) with ``train.deterministic`` off and on
+                (bf16, fp32, tf32) with ``train.deterministic`` off and on, and fp32 (tf32)
+                with a capacity (the padded dispatch: 0 expected)
 ``cuda_vs_cpu`` per method: 3 AdamW steps on CPU fp32 and on CUDA fp32 (TF32 off) from the
                 same weights and batches; the largest loss and parameter gaps
 ``layer``       the MoE layer alone in bf16 at four shapes: moelab, HF grouped_mm and a dense
@@ -360,13 +361,16 @@ def _one_step(tr) -> None:
 
 
 def sync_row(device: str, precision: str, deterministic: bool, overrides: list[str],
-             scratch: Path) -> dict:
-    """Trainer steps of the default LM with Default MoE and heavy ball in ``precision``:
-    after two warm-up steps one step and its non-logged bookkeeping, host syncs counted."""
+             scratch: Path, capacity: float | None = None) -> dict:
+    """Trainer steps of the default LM with Default MoE and heavy ball in ``precision`` (with
+    ``model.moe.capacity_factor = capacity`` if given): after two warm-up steps one step and
+    its non-logged bookkeeping, host syncs counted."""
     from moelab.config import load_config
     from moelab.train.trainer import Trainer
 
-    run = scratch / f"syncs_{precision}_{'det' if deterministic else 'nodet'}"
+    run = scratch / f"syncs_{precision}_{'det' if deterministic else 'nodet'}_{capacity}"
+    if capacity is not None:
+        overrides = [*overrides, f"model.moe.capacity_factor={capacity}"]
     shutil.rmtree(run, ignore_errors=True)
     cfg = load_config("default", [f"train.device={device}", "train.steps=10",
                                   "train.eval_every=0", "train.log_every=100",
@@ -389,7 +393,7 @@ def sync_row(device: str, precision: str, deterministic: bool, overrides: list[s
     counted = count_syncs(step, cuda)
     if cuda:
         torch.cuda.synchronize()
-    out = {"precision": tr.precision, "deterministic": deterministic,
+    out = {"precision": tr.precision, "deterministic": deterministic, "capacity": capacity,
            "fused_optimizer": tr.guard.deferred, **counted,
            "step_ms_while_counting": round((time.perf_counter() - t) * 1e3, 1)}
     if cuda:
@@ -662,6 +666,9 @@ def _run(check: Check, args: argparse.Namespace, wanted: set[str], device: str, 
                 name = f"{precision}_{'deterministic' if det else 'default'}"
                 check.row("syncs", name, lambda p=precision, d=det: sync_row(
                     device, p, d, [*overrides, *model], scratch), estimate_s=15)
+        for precision in precisions[1:]:  # fp32 / tf32 with a capacity: the padded path
+            check.row("syncs", f"{precision}_capacity", lambda p=precision: sync_row(
+                device, p, False, [*overrides, *model], scratch, capacity=1.25), estimate_s=15)
 
     if "cuda_vs_cpu" in wanted:
         check.section("cuda_vs_cpu")

@@ -38,9 +38,10 @@ def fresh_compile_cache():
 
 def model_pair(*, rule: str = "none", default_moe: DefaultMoEConfig | None = None,
                ac: bool = False, capacity: float | None = None, learnable: bool = False,
-               backend: str = "aot_eager"):
+               backend: str = "aot_eager", dispatch: str = "auto"):
     cfg = ModelConfig(kind="lm", d_model=32, n_layers=2, n_heads=2, activation_checkpointing=ac,
-                      moe=MoEConfig(n_experts=4, top_k=2, d_ff=16, capacity_factor=capacity),
+                      moe=MoEConfig(n_experts=4, top_k=2, d_ff=16, capacity_factor=capacity,
+                                    dispatch=dispatch),
                       default_moe=default_moe,
                       momentum=MomentumConfig(rule=rule, learnable=learnable))
     torch.manual_seed(0)
@@ -127,6 +128,38 @@ def test_inductor_compiled_equals_eager():
     eager, compiled = model_pair(rule="heavy_ball", default_moe=ALL_DM, backend="inductor")
     got = train_both(eager, compiled, steps=2, excitation=True)
     assert_same_training(eager, compiled, got, atol=2e-5)
+
+
+@pytest.mark.parametrize("capacity", [None, 0.75])
+def test_padded_dispatch_compiled_equals_eager(capacity):
+    """dispatch='padded' traces fullgraph (static slots, batched matmuls) and trains like
+    eager, dropless and with capacity drops, with Default MoE under activation checkpointing."""
+    eager, compiled = model_pair(rule="heavy_ball", default_moe=ALL_DM, ac=True,
+                                 capacity=capacity, dispatch="padded")
+    got = train_both(eager, compiled, steps=2)
+    assert_same_training(eager, compiled, got, atol=2e-5)
+
+
+@pytest.mark.parametrize("capacity", [None, 1.0])
+def test_compiled_fp32_with_a_capacity_on_cuda_traces_the_padded_path(monkeypatch, capacity):
+    """Under CUDA's policy, "auto" compiles fp32 with a capacity to the padded path: batched
+    matmuls, no grouped GEMM (whose fp32 fallback reads its offsets on the host per GEMM) in
+    the graph; dropless stays on grouped GEMM."""
+    from moelab.moe import dispatch
+
+    monkeypatch.setattr(dispatch, "backend_policy", lambda device_type: "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    graphs = []
+
+    def recording(gm, example_inputs):  # a backend that keeps the traced code
+        graphs.append(gm.code)
+        return gm.forward
+
+    _, compiled = model_pair(capacity=capacity, backend=recording)
+    compiled(torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2)))
+    code = "\n".join(graphs)
+    assert graphs and ("grouped_mm" in code) == (capacity is None)
+    assert ("torch.bmm" in code) == (capacity is not None)
 
 
 def test_the_grouped_mm_probe_never_runs_under_tracing(monkeypatch):

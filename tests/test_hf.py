@@ -58,7 +58,7 @@ def test_methods_off_equal_unpatched_fp32(family, impl):
     assert logits <= 1e-6 and aux <= 1e-6 and grad <= 1e-6, (logits, aux, grad)
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm", "padded"])
 @pytest.mark.parametrize("family", MOELAB_FAMILIES)
 def test_each_moelab_dispatch_path_equals_unpatched_fp32(family, dispatch):
     ref = tiny_model(family).train()

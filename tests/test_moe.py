@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from moelab.moe.dispatch import grouped_mm_supported, resolve_backend
 from moelab.moe.expert_loop import plan_chunks
 
 HAS_GROUPED = grouped_mm_supported("cpu", torch.float32, 8, 16)
-BACKENDS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
+BACKENDS = ["loop", "padded", pytest.param("grouped_mm", marks=pytest.mark.skipif(
     not HAS_GROUPED, reason="this torch has no CPU grouped_mm"))]
 
 
@@ -318,6 +319,82 @@ def test_loop_and_grouped_paths_agree_on_everything(monkeypatch, capacity_factor
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kw", [
+    dict(), dict(capacity_factor=0.75), dict(activation="gelu", capacity_factor=1.5),
+    dict(routing="expert_choice", capacity_factor=0.75)], ids=str)
+def test_padded_path_equals_the_reference_path_on_everything(precision, kw):
+    """Output, every gradient (x, router, w_in, w_out), Default MoE's per-expert sums (its EMA
+    after a step), expert output norms and drops: the padded path (E*C slots, two batched
+    matmuls) equals the grouped path in fp32 and the loop under bf16 autocast."""
+    reference = "grouped_mm" if precision == "fp32" and HAS_GROUPED else "loop"
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    results = []
+    for backend in (reference, "padded"):
+        layer = make_layer(n_experts=8, top_k=2, d_ff=8, dispatch=backend,
+                           default_moe=DefaultMoEConfig(beta=0.5), **kw)
+        layer.track_out_norm = True
+        torch.manual_seed(1)
+        x = torch.randn(16, 8, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = layer(x).y
+        assert y.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        results.append((y.float(), *grads(layer, x, y.float(), torch.ones(16, 8)),
+                        layer.method.ema.clone(), layer.last_stats.expert_out_norm,
+                        layer.last_stats.dropped_frac))
+    if "capacity_factor" in kw and "routing" not in kw and kw["capacity_factor"] < 1:
+        assert results[1][-1].item() > 0  # some assignments were dropped
+    assert results[0][-1].item() == results[1][-1].item()
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, equal_nan=True, **tol)
+
+
+def test_padded_layout_hand_computed():
+    """3 experts, capacity 2: expert 0 has rows 0-2 (row 2 dropped), expert 1 none, expert 2
+    rows 3-4; slots [0, 1 | pad, pad | 3, 4], tokens of the padding slots = T."""
+    from moelab.moe.dispatch import combine_slots, gather_slots, padded_layout, take_slots
+
+    ids = torch.tensor([[0], [0], [2], [0], [2]])  # T=5, K=1
+    plan = plan_dispatch(ids, torch.full((5, 1), 0.5), 3, capacity=2)
+    assert plan.slots == 2 and plan.token_idx.tolist() == [0, 1, 3, 2, 4]
+    layout = padded_layout(plan, 5)
+    assert layout.rows_S.tolist() == [0, 1, 5, 5, 3, 4]
+    assert layout.token_S.tolist() == [0, 1, 5, 5, 2, 4]
+    assert take_slots(torch.arange(5.0), layout.rows_S, -1).tolist() == [0, 1, -1, -1, 3, 4]
+    x = torch.arange(10.0).view(5, 2) + 1
+    x_S = gather_slots(x, layout.token_S)
+    assert x_S.tolist() == [[1, 2], [3, 4], [0, 0], [0, 0], [5, 6], [9, 10]]
+    # token 3 was dropped: it gets nothing back
+    assert combine_slots(x_S, layout.token_S, 5).tolist() == [[1, 2], [3, 4], [5, 6], [0, 0],
+                                                              [9, 10]]
+    assert plan_dispatch(ids, torch.ones(5, 1), 3).slots is None  # dropless: no bound
+    assert plan_dispatch(ids, torch.ones(5, 1), 3, padded=True).slots == 5  # T
+
+
+def test_padded_dispatch_errors_and_auto_choice(monkeypatch):
+    import moelab.moe.dispatch as dispatch
+
+    w = make_layer(d_ff=8).experts.w_in
+    with pytest.raises(ValueError, match="dispatch='padded' needs a plan with static slots"):
+        resolve_backend("padded", "cpu", torch.float32, w)
+    assert resolve_backend("padded", "cpu", torch.float32, w, slots=4) == "padded"
+    assert resolve_backend("auto", "cpu", torch.float32, w, slots=4) == "loop"  # no sync there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the policy, not a GPU's
+    monkeypatch.setattr(dispatch, "grouped_mm_supported", lambda *args: True)
+    assert resolve_backend("auto", "cuda", torch.float32, w, slots=4) == "padded"
+    assert resolve_backend("auto", "cuda", torch.float32, w) == "loop"  # dropless: one read
+    assert resolve_backend("auto", "cuda", torch.bfloat16, w, slots=4) == "grouped_mm"
+    monkeypatch.setattr(dispatch, "grouped_mm_supported", lambda *args: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no loop fallback warning: padded needs no grouped GEMM
+        assert resolve_backend("auto", "cuda", torch.bfloat16, w, slots=4) == "padded"
+    assert dispatch.compiled_backend("auto", "cuda", torch.float32, 4) == "padded"
+    assert dispatch.compiled_backend("auto", "cuda", torch.float32, None) == "grouped_mm"
+    assert dispatch.compiled_backend("auto", "cuda", torch.bfloat16, 4) == "grouped_mm"
+    assert dispatch.compiled_backend("auto", "cpu", torch.float32, 4) == "grouped_mm"
+    assert dispatch.compiled_backend("padded", "cpu", torch.float32, 4) == "padded"
+
+
 def test_loop_saves_the_input_only_when_w_in_needs_a_gradient():
     """With the router and w_in frozen, nothing needs x itself in backward: the caller may
     modify it in place after the forward, and x's gradient is still right."""
@@ -373,7 +450,7 @@ def test_moe_package_imports_no_method():
     assert out == "[]"
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "padded"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_layer_method_seam_gets_weighted_expert_sums(backend, capacity_factor):
     """A LayerMethod asking for sums with an arbitrary [N] row weight gets

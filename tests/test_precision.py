@@ -69,7 +69,7 @@ def layer(dispatch: str, default_moe: bool, capacity: float | None = None) -> Mo
                     if default_moe else None)
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm", "padded"])
 @pytest.mark.parametrize("default_moe", [False, True])
 def test_expert_gemms_run_in_bf16_and_the_router_in_fp32_under_autocast(dispatch, default_moe):
     moe = layer(dispatch, default_moe)
@@ -92,7 +92,7 @@ def test_expert_gemms_run_in_bf16_and_the_router_in_fp32_under_autocast(dispatch
         assert moe.method.ema.dtype == torch.float32 and moe.method.ema.abs().sum() > 0
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm", "padded"])
 def test_autocast_output_is_the_fp32_output_to_bf16_accuracy(dispatch):
     moe = layer(dispatch, default_moe=True, capacity=1.0)
     x = torch.randn(T, D)

@@ -2,10 +2,12 @@
 CPU stand-in for CUDA's sync debug mode (``sync_count.WouldSync``).
 
 The CPU runs CUDA's dispatch policy (``moe.dispatch.backend_policy`` replaced), so each layer
-takes the path it takes on a GPU: grouped GEMM for bf16, the expert loop with its one host read
-of the expert sizes per layer for fp32 (tf32 has fp32 operands: TF32 is a cuBLAS mode of the
-same fp32 matmuls, so its path is fp32's). Expert parallel reads the split sizes once per layer
-(an uneven all-to-all needs them on the host). Every other would-sync op counts as a failure.
+takes the path it takes on a GPU: grouped GEMM for bf16; for fp32 and tf32 (TF32 is a cuBLAS
+mode of the same fp32 matmuls: its path is fp32's; the Trainer is let run "tf32" on CPU) the
+padded path with a capacity or ``dispatch="padded"`` (no host read), else the expert loop with
+its one host read of the expert sizes per layer. Expert parallel reads the split sizes once per
+layer when dropless (an uneven all-to-all needs them on the host), nothing with static slots
+(equal splits). Every other would-sync op counts as a failure.
 """
 
 from __future__ import annotations
@@ -29,9 +31,28 @@ EP_READ = ("tolist", "distributed/ddp_ep.py:_exchange_counts")  # expert paralle
 
 @pytest.fixture
 def cuda_policy(monkeypatch):
-    """``resolve_backend`` decides as on a CUDA GPU (sm90+) for CPU tensors."""
+    """``resolve_backend`` decides as on a CUDA GPU (sm90+) for CPU tensors; the Trainer
+    accepts ``train.precision="tf32"`` on CPU (its TF32 switches do nothing there)."""
+    import moelab.train.trainer as trainer_module
+
     monkeypatch.setattr(dispatch, "backend_policy", lambda device_type: "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda name, device: name)
+
+
+@pytest.fixture
+def padded_runs(monkeypatch):
+    """The number of forwards that ran the padded path (the list's length)."""
+    from moelab.moe.experts import Experts
+
+    runs, real = [], Experts._padded
+
+    def counting(self, *args):
+        runs.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(Experts, "_padded", counting)
+    return runs
 
 
 def moe_layer(d_ff: int = 8, **kw) -> MoELayer:
@@ -56,6 +77,21 @@ def test_fp32_on_cuda_takes_the_loop_with_one_host_read_and_matches_the_referenc
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(got, torch.autograd.grad(y_ref, params, g), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(capacity_factor=1.0), dict(dispatch="padded"),
+                                dict(routing="expert_choice", capacity_factor=0.5)], ids=str)
+def test_fp32_on_cuda_with_static_slots_takes_the_padded_path_without_any_host_read(
+        cuda_policy, padded_runs, kw):
+    """fp32 with a capacity or expert choice ("auto"), or dispatch="padded" dropless: the
+    padded path (E*C slots, batched matmuls), nothing read back."""
+    layer = moe_layer(**kw)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    with WouldSync() as syncs:
+        out = layer(x)
+        (out.y.square().mean() + out.losses.total).backward()
+    assert syncs.total() == 0, syncs.calls
+    assert len(padded_runs) == 1
 
 
 def test_bf16_on_cuda_takes_grouped_gemm_without_any_host_read(cuda_policy):
@@ -131,28 +167,46 @@ STEP = ("train.steps=100", "train.log_every=100", "train.eval_every=0", "optim.f
         "model.default_moe.beta=0.9", "model.momentum.rule=heavy_ball")
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_a_training_step_reads_nothing_back_but_the_expert_sizes(tmp_path, cuda_policy,
-                                                                  precision):
-    """bf16: no host read at all; fp32 (and tf32): exactly one per MoE layer, the loop's."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "tf32"])
+def test_a_dropless_training_step_reads_nothing_back_but_the_expert_sizes(
+        tmp_path, cuda_policy, padded_runs, precision):
+    """bf16: no host read at all; fp32 and tf32: exactly one per MoE layer, the loop's."""
     from moelab.train.trainer import Trainer
 
     tr = Trainer(tiny(*STEP, f"train.precision={precision}"), tmp_path / "run", quiet=True)
+    assert tr.precision == precision
     n_layers = len(tr.model.moe_layers())
     calls = counted_step(tr)
     expected = Counter() if precision == "bf16" else Counter({ONE_READ: n_layers})
     assert calls == expected
+    assert not padded_runs
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("moe", ["model.moe.capacity_factor=1.25", "model.moe.dispatch=padded"])
+def test_a_padded_training_step_reads_nothing_back(tmp_path, cuda_policy, padded_runs,
+                                                   precision, moe):
+    """fp32 and tf32 with a capacity ("auto" takes the padded path) or dispatch="padded"
+    (dropless, T slots per expert): no host read at all in an unlogged step."""
+    from moelab.train.trainer import Trainer
+
+    tr = Trainer(tiny(*STEP, f"train.precision={precision}", moe), tmp_path / "run",
+                 quiet=True)
+    assert tr.precision == precision
+    assert counted_step(tr) == Counter()
+    assert padded_runs  # the padded path really ran (the loop would read once per layer)
 
 
 def _ep_step_worker(rank: int, world: int, run_dir: str, parallel: str, precision: str,
-                    checkpointing: bool) -> None:
+                    checkpointing: bool, capacity: bool) -> None:
     from moelab.train.trainer import Trainer
 
     dispatch.backend_policy = lambda device_type: "cuda"
     torch.cuda.is_available = lambda: False
     tr = Trainer(tiny(*STEP, f"train.precision={precision}", "train.expert_parallel=2",
                       f"train.parallel={parallel}",
-                      f"model.activation_checkpointing={str(checkpointing).lower()}"),
+                      f"model.activation_checkpointing={str(checkpointing).lower()}",
+                      *(["model.moe.capacity_factor=1.25"] if capacity else [])),
                  run_dir, quiet=True)
     n_layers = len([m for m in tr.model.modules() if isinstance(m, MoELayer)])
     sent, exchange = [], dist.all_to_all_single
@@ -164,21 +218,27 @@ def _ep_step_worker(rank: int, world: int, run_dir: str, parallel: str, precisio
     dist.all_to_all_single = recording
     calls = counted_step(tr)
     dist.all_to_all_single = exchange
-    assert calls == Counter({EP_READ: n_layers}), (rank, calls)
-    # rows travel in the compute dtype (the split counts are int64)
+    # rows travel in the compute dtype; dropless, the split counts too (int64)
     rows = torch.bfloat16 if precision == "bf16" else torch.float32
-    assert set(sent) == {torch.int64, rows}, sent
+    if capacity:  # equal splits of the padded slots: no count exchange, nothing read back
+        assert calls == Counter(), (rank, calls)
+        assert set(sent) == {rows}, sent
+    else:
+        assert calls == Counter({EP_READ: n_layers}), (rank, calls)
+        assert set(sent) == {torch.int64, rows}, sent
 
 
-@pytest.mark.parametrize("parallel,precision,checkpointing", [
-    ("ddp", "bf16", False), ("fsdp", "bf16", False), ("ddp", "fp32", True)])
-def test_an_expert_parallel_step_reads_the_split_sizes_once_per_layer(
-        tmp_path, parallel, precision, checkpointing):
-    """DDP+EP and FSDP+EP on 2 gloo ranks: one read per layer (the all-to-all's split sizes,
-    reused by the local experts' loop in fp32 and by an activation-checkpoint recompute); the
-    stop flag is agreed without a device read."""
+@pytest.mark.parametrize("parallel,precision,checkpointing,capacity", [
+    ("ddp", "bf16", False, False), ("fsdp", "bf16", False, False), ("ddp", "fp32", True, False),
+    ("ddp", "bf16", True, True), ("fsdp", "fp32", False, True)])
+def test_an_expert_parallel_step_reads_at_most_the_split_sizes_once_per_layer(
+        tmp_path, parallel, precision, checkpointing, capacity):
+    """DDP+EP and FSDP+EP on 2 gloo ranks. Dropless: one read per layer (the all-to-all's
+    split sizes, reused by the local experts' loop in fp32 and by an activation-checkpoint
+    recompute). With a capacity: none (padded slots, equal splits; also in the recompute).
+    The stop flag is agreed without a device read."""
     spawn(2, tmp_path, _ep_step_worker, str(tmp_path / "run"), parallel, precision,
-          checkpointing)
+          checkpointing, capacity)
 
 
 # ---------------------------------------------------------------------------- stop signals
@@ -250,7 +310,7 @@ def test_project_sums_widens_bf16_weights_a_few_experts_at_a_time(monkeypatch):
     assert widened == [(2, 8, 4), (2, 8, 4), (1, 8, 4)]  # never all of w_out at once
 
 
-@pytest.mark.parametrize("dispatch_name", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("dispatch_name", ["grouped_mm", "loop", "padded"])
 @pytest.mark.parametrize("capacity", [None, 0.75])
 def test_default_moe_sums_are_segmented_reductions_not_scatters(dispatch_name, capacity):
     """A Default MoE training forward scatters no rows into [E, ...] slots (index_add_ /

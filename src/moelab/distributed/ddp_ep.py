@@ -7,8 +7,10 @@ Launch with ``torchrun``; every rank runs the same program. Layout of a world of
   non-expert parameters are replicated: DDP averages their gradients over all W ranks;
 * ranks ``[g*P, (g+1)*P)`` form expert-parallel group g. In every MoE layer each rank of a group
   holds E/P experts (rank r: experts ``[(r % P) * E/P, (r % P + 1) * E/P)``); tokens travel to
-  the rank owning their expert and back with a differentiable ``all_to_all_single`` with uneven
-  splits (:class:`ExpertParallelExperts`);
+  the rank owning their expert and back with a differentiable ``all_to_all_single``: uneven
+  splits when dropless (one host read of the split sizes per layer), equal splits of padded
+  expert slots when the layer has static slots (a capacity, expert choice or
+  ``dispatch="padded"``: no host read) (:class:`ExpertParallelExperts`);
 * expert parameters are left out of DDP. The W/P ranks holding the same experts (one per group)
   form a replica group; :func:`sync_expert_grads` sums expert gradients over it and divides by
   W, so every gradient equals the single-process gradient of the whole global batch.
@@ -30,10 +32,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moelab.moe.amp import compute_dtype
-from moelab.moe.dispatch import DispatchPlan, combine, segment_sum
+from moelab.moe.amp import autocast_off, compute_dtype
+from moelab.moe.dispatch import (
+    DispatchPlan,
+    combine,
+    combine_slots,
+    gather_slots,
+    padded_layout,
+    segment_sum,
+    take_slots,
+)
 from moelab.moe.dtensor import full, is_dtensor, local
-from moelab.moe.experts import Experts, ExpertsOutput
+from moelab.moe.experts import Experts, ExpertsOutput, padded_mlp
 from moelab.moe.layer import MoELayer, in_backward_pass
 
 __all__ = ["ExpertParallelExperts", "ParallelContext", "clip_grad_norm_", "dtensor_grad_norm",
@@ -160,16 +170,25 @@ class ExpertParallelExperts(nn.Module):
     """A drop-in for ``Experts`` that holds experts ``expert_range`` of E and exchanges rows
     with the other ranks of ``group``, which hold the rest (in rank order).
 
-    Forward (same contract as ``Experts.forward``): token rows gathered in ``plan`` order
-    (grouped by global expert id) -> per-expert counts exchanged -> rows sent to their
-    expert's rank -> run by the local experts (regrouped by local expert) -> sent back ->
-    scaled by the routing weight and combined into [T, D]. Host syncs: one read per layer
-    forward (the exchanged counts, ``.tolist()`` once: an uneven all-to-all needs its split
-    sizes on the host; the local experts reuse them), none in an activation-checkpoint
-    recompute (it reuses its forward's counts). The rows travel in the compute dtype
-    (``moe.amp.compute_dtype``: bf16 under autocast). Default MoE's
-    per-expert output sums (``sums_ED`` [E, D]) cover this rank's rows for all E experts; the
-    layer's ``stats_reducer`` adds the other ranks'.
+    Forward (same contract as ``Experts.forward``), two ways:
+
+    * dropless (``plan.slots`` None): token rows gathered in ``plan`` order (grouped by global
+      expert id) -> per-expert counts exchanged -> rows sent to their expert's rank -> run by
+      the local experts (regrouped by local expert) -> sent back -> scaled by the routing
+      weight and combined into [T, D]. Host syncs: one read per layer forward (the exchanged
+      counts, ``.tolist()`` once: an uneven all-to-all needs its split sizes on the host; the
+      local experts reuse them), none in an activation-checkpoint recompute (it reuses its
+      forward's counts);
+    * padded (``plan.slots`` = C: a capacity, expert choice or ``dispatch="padded"``): each
+      rank sends its E*C slots (``moe.dispatch.padded_layout``; rank j's experts contiguous)
+      with equal splits of E/P*C rows, runs its E/P experts as batched matmuls over
+      [E/P, P*C, D] (padding rows are zero and give zero), sends them back with equal splits
+      and combines its slots. No count exchange and no host read; it moves and computes
+      E*C rows per rank instead of the routed ones (C/(T*K/E) times as many).
+
+    The rows travel in the compute dtype (``moe.amp.compute_dtype``: bf16 under autocast).
+    Default MoE's per-expert output sums (``sums_ED`` [E, D]) cover this rank's rows for all E
+    experts; the layer's ``stats_reducer`` adds the other ranks'.
     """
 
     def __init__(self, local: Experts, n_experts: int, group: dist.ProcessGroup | None,
@@ -205,6 +224,8 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None = None,
                 track_out_norm: bool = False) -> ExpertsOutput:
+        if plan.slots is not None:
+            return self._padded(x_TD, plan, row_weight_N, track_out_norm)
         n_local, n_ranks = self.local.n_experts, self.group_size
         recv_PE, counts = self._exchange_counts(plan)
         send_splits = [sum(row) for row in counts[0]]
@@ -239,6 +260,38 @@ class ExpertParallelExperts(nn.Module):
                 norm_sums_E = segment_sum(norms, plan.routed_counts)
             if row_weight_N is not None:
                 sums_ED = segment_sum(rows, plan.routed_counts, row_weight_N.float())
+        return ExpertsOutput(y_TD, sums_ED, norm_sums_E)
+
+    def _padded(self, x_TD: Tensor, plan: DispatchPlan, row_weight_N: Tensor | None,
+                track_out_norm: bool) -> ExpertsOutput:
+        """The padded exchange (class docstring): equal splits, static shapes, no host read."""
+        n_local, n_ranks, n_slots = self.local.n_experts, self.group_size, plan.slots
+        n_tokens, d_model = x_TD.shape
+        x_TD = x_TD.to(compute_dtype(x_TD))
+        layout = padded_layout(plan, n_tokens)
+        splits = [n_local * n_slots] * n_ranks
+        self.last_send_splits = splits
+        x_recv = all_to_all(gather_slots(x_TD, layout.token_S), splits, splits, self.group)
+        # received [P, E/P, C, D] (by source rank) -> [E/P, P*C, D] (by local expert) and back
+        x_local = x_recv.view(n_ranks, n_local, n_slots, d_model).transpose(0, 1)
+        w_in, w_out = self.local.weights()
+        with autocast_off(x_TD.device.type):
+            x_local = x_local.reshape(-1, d_model)
+            y_local, _ = padded_mlp(x_local, w_in, w_out, x_local.new_ones(x_local.shape[0]),
+                                    self.local.activation)
+        y_send = y_local.view(n_local, n_ranks, n_slots, d_model).transpose(0, 1)
+        y_SD = all_to_all(y_send.reshape(-1, d_model), splits, splits, self.group)
+        weight_S = take_slots(plan.weights, layout.rows_S)
+        y_TD = combine_slots(y_SD * weight_S.to(y_SD.dtype).unsqueeze(1), layout.token_S,
+                             n_tokens)
+        sums_ED = norm_sums_E = None
+        with torch.no_grad():  # padding slots hold zero rows; dropped rows have no slot
+            rows = y_SD.detach().float().view(self.n_experts, n_slots, d_model)
+            if track_out_norm:
+                norm_sums_E = rows.norm(dim=2).sum(1)
+            if row_weight_N is not None:
+                row_weight_S = take_slots(row_weight_N.float(), layout.rows_S)
+                sums_ED = (rows * row_weight_S.view(self.n_experts, n_slots, 1)).sum(1)
         return ExpertsOutput(y_TD, sums_ED, norm_sums_E)
 
 

@@ -139,13 +139,17 @@ def compile_blocks(model: nn.Module, precision: str = "fp32") -> int:
     layers without it (transformers' own code breaks the graph, e.g. on a ``ContextVar`` in
     its attention; each break splits a layer into several compiled graphs).
 
-    Inside a block the MoE layers always take the grouped-GEMM path (no data-dependent shapes,
-    no host sync), so grouped GEMM must run on the model's device in the precision's compute
-    dtype: checked here, outside tracing, with a clear error if not. Activation checkpointing
+    Inside a block the MoE layers take the grouped-GEMM path (no data-dependent shapes, no
+    host sync in bf16), so grouped GEMM must run on the model's device in the precision's
+    compute dtype: checked here, outside tracing, with a clear error if not; or the padded
+    path (``dispatch="padded"``, or "auto" for fp32 / tf32 on CUDA with static slots: a
+    capacity or expert choice; ``moe.dispatch.compiled_backend``), which needs no grouped
+    GEMM and never syncs. Activation checkpointing
     inside a compiled block recomputes in the compiled backward and does not run the forward's
     side effects again (Default MoE's EMA and the routing counts update once per step)."""
     from moelab.models import model_blocks
     from moelab.moe import MoELayer
+    from moelab.moe.dispatch import compiled_backend
     from moelab.moe.gemm import grouped_mm_supported
 
     blocks, ours = model_blocks(model)
@@ -156,12 +160,17 @@ def compile_blocks(model: nn.Module, precision: str = "fp32") -> int:
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         if isinstance(layer.experts, mdist.ExpertParallelExperts):
             raise ValueError("train.compile is not supported with train.expert_parallel > 1 "
-                             "yet (the all-to-all's split sizes are read on the host)")
+                             "yet (the dropless all-to-all reads its split sizes on the "
+                             "host; the padded exchange's collectives are not traced yet)")
         w_in, w_out = layer.experts.w_in, layer.experts.w_out
         if layer.experts.backend == "loop":
             raise ValueError("train.compile is invalid with model.moe.dispatch='loop' (the "
                              "loop reads expert sizes on the host): use 'auto' or 'grouped_mm'")
         device = w_in.device.type
+        static_slots = layer.cfg.capacity_factor is not None or layer.cfg.dispatch == "padded"
+        if compiled_backend(layer.experts.backend, device, dtype,
+                            1 if static_slots else None) == "padded":
+            continue  # batched matmuls: no grouped GEMM needed
         if not (grouped_mm_supported(device, dtype, w_in.shape[1], w_in.shape[2])
                 and grouped_mm_supported(device, dtype, w_out.shape[1], w_out.shape[2])):
             raise ValueError(f"train.compile needs grouped GEMM, and torch {torch.__version__} "

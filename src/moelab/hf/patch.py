@@ -35,7 +35,7 @@ from moelab.moe.amp import autocast_dtype, autocast_off
 
 __all__ = ["DISPATCHES", "MOELAB_ATTR", "MOMENTUM_ATTR", "patch", "patched_blocks", "unpatch"]
 
-DISPATCHES = ("auto", "loop", "grouped_mm", "hf")
+DISPATCHES = ("auto", "loop", "grouped_mm", "padded", "hf")
 #: Attribute of a patched block holding its moelab MoELayer (None with dispatch="hf").
 MOELAB_ATTR = "moelab"
 #: Attribute of the patched model holding the momentum rule.
@@ -276,7 +276,7 @@ def patch(model: nn.Module, default_moe: DefaultMoEConfig | None = None,
     default_moe: Default MoE settings (None: off).  momentum: a MomentumSMoE rule (None or
     rule "none": off).  dispatch: "auto" (moelab's experts with their automatic backend; HF's
     own experts for families moelab's experts cannot run, i.e. GPT-OSS), "loop" /
-    "grouped_mm" (moelab's experts with that backend) or "hf" (HF's own experts and its
+    "grouped_mm" / "padded" (moelab's experts with that backend) or "hf" (HF's own experts and its
     ``experts_implementation``; bit-identical to the unpatched model with the methods off;
     no Default MoE).  Excitation is an optimizer wrapper: ``moelab.hf.Excitation``.
     """
@@ -301,7 +301,7 @@ def patch(model: nn.Module, default_moe: DefaultMoEConfig | None = None,
                          "dispatch='hf' cannot run it")
     for name, block, parent in found:
         family = FAMILIES[type(block).__name__]
-        if not family.moelab_experts and (dispatch in ("loop", "grouped_mm")
+        if not family.moelab_experts and (dispatch in ("loop", "grouped_mm", "padded")
                                           or default_moe is not None):
             raise ValueError(f"{type(block).__name__} ({name}): moelab's experts cannot run "
                              "this family's experts (biased, interleaved gate/up, clamped "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from moelab.moe.activations import ACTIVATIONS
 from moelab.validation import require
 
-DISPATCH_BACKENDS = ("auto", "grouped_mm", "loop")
+DISPATCH_BACKENDS = ("auto", "grouped_mm", "loop", "padded")
 ROUTINGS = ("top_k", "expert_choice")
 CHOICE_GROUPS = ("batch", "position")
 
@@ -40,10 +40,13 @@ class MoEConfig:
         batch's sequences).
     aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in
         ``MoELosses.total``.
-    dispatch: "auto" (the chunked expert loop on CPU and for fp32 / tf32 on CUDA; grouped GEMM
-        for bf16 on CUDA when the installed torch supports it, else the loop; see
-        ``moe.dispatch.resolve_backend``), "grouped_mm" (error if unsupported) or "loop" (see
-        ``moe.expert_loop``).
+    dispatch: "auto" (the chunked expert loop on CPU; grouped GEMM for bf16 on CUDA when the
+        installed torch supports it, else the loop; for fp32 / tf32 on CUDA the padded path
+        when a capacity is set, else the loop; see ``moe.dispatch.resolve_backend``),
+        "grouped_mm" (error if unsupported), "loop" (see ``moe.expert_loop``) or "padded"
+        (every expert gets a fixed number of slots, the capacity or, dropless, T (M under
+        expert choice): two batched matmuls, no host read; capacity_factor x the FLOPs of
+        the grouped path with a capacity, E/K x dropless; see ``moe.experts``).
     """
 
     d_model: int | None = None

@@ -4,6 +4,10 @@ Assignments are flattened choice-major (index ``k*T + t``) and stably sorted by 
 inside an expert the first choices come before the second choices and tokens keep their order.
 That order is also the drop priority when a capacity is set.
 
+The padded layout (:func:`padded_layout`, the "padded" dispatch and padded expert parallel):
+every expert gets C static slots (``DispatchPlan.slots``), filled by its rows in plan order;
+rows past C (dropped by capacity) get none, unused slots are padding (a zero row).
+
 Nothing here reads a value back from the device (no host sync on a GPU): the per-expert counts
 come from the sorted ids by a binary search, and a capacity limit drops assignments by giving
 them weight 0 (their rows stay in the plan, so every shape is known without looking at data).
@@ -15,6 +19,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,9 +28,11 @@ from moelab.moe.gemm import GROUPED_MM, grouped_mm, grouped_mm_supported
 
 _GROUPED_MM = GROUPED_MM  # the name the expert loop and older code use
 
-__all__ = ["DispatchPlan", "backend_policy", "combine", "count_per_expert", "expert_capacity",
-           "grouped_linear", "grouped_mm_supported", "grouped_mm_sync_free", "per_expert_weight",
-           "plan_dispatch", "plan_expert_choice", "resolve_backend", "segment_sum"]
+__all__ = ["DispatchPlan", "PaddedLayout", "backend_policy", "combine", "combine_slots",
+           "compiled_backend", "count_per_expert", "expert_capacity", "gather_slots",
+           "grouped_linear", "grouped_mm_supported", "grouped_mm_sync_free", "padded_layout",
+           "per_expert_weight", "plan_dispatch", "plan_expert_choice", "resolve_backend",
+           "segment_sum", "take_slots"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,11 @@ class DispatchPlan:
     host_counts: ``routed_counts`` already read on the host (expert parallel reads its
         received counts once per layer and hands them on), or None: the loop path then reads
         them itself, once.
+    slots: C, a static bound on the rows an expert runs, known without reading data: the
+        capacity when one is set (rows past it are dropped), M under expert choice, T for
+        dropless Top-K under ``dispatch="padded"`` (a token picks an expert at most once);
+        None otherwise (dropless: sizes only the data knows). The padded path and padded
+        expert parallel lay rows out in E*C slots (:func:`padded_layout`).
     """
 
     token_idx: Tensor
@@ -56,6 +68,7 @@ class DispatchPlan:
     n_dropped: Tensor
     keep: Tensor | None = None
     host_counts: tuple[int, ...] | None = None
+    slots: int | None = None
 
 
 def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
@@ -73,9 +86,10 @@ def count_per_expert(sorted_ids_N: Tensor, n_experts: int) -> Tensor:
 
 
 def plan_dispatch(topk_ids_TK: Tensor, topk_weights_TK: Tensor, n_experts: int,
-                  capacity: int | None = None) -> DispatchPlan:
+                  capacity: int | None = None, padded: bool = False) -> DispatchPlan:
     """Group the assignments by expert; with ``capacity``, keep at most that many per expert
-    (the first in dispatch order) and give the others weight 0."""
+    (the first in dispatch order) and give the others weight 0. ``slots`` is the capacity,
+    else T when ``padded`` (the dropless bound), else None."""
     n_tokens = topk_ids_TK.shape[0]
     flat_ids = topk_ids_TK.t().reshape(-1)
     sorted_ids, order = torch.sort(flat_ids, stable=True)
@@ -92,20 +106,75 @@ def plan_dispatch(topk_ids_TK: Tensor, topk_weights_TK: Tensor, n_experts: int,
         kept_counts = routed_counts.clamp(max=capacity)
         n_dropped = order.numel() - kept_counts.sum()
     token_idx = order % n_tokens
+    slots = capacity if capacity is not None else (n_tokens if padded else None)
     return DispatchPlan(token_idx, sorted_ids, weights, routed_counts, kept_counts,
-                        offsets.to(torch.int32), n_dropped, keep)
+                        offsets.to(torch.int32), n_dropped, keep, slots=slots)
 
 
 def plan_expert_choice(token_idx_EM: Tensor, weights_EM: Tensor) -> DispatchPlan:
     """The plan of expert-choice routing: expert e owns rows ``e*M .. (e+1)*M - 1``, its M
     picked tokens (``token_idx_EM`` [E, M] int64, combine weights ``weights_EM`` [E, M]).
-    Nothing is dropped: every row is kept."""
+    Nothing is dropped: every row is kept; ``slots`` is M."""
     n_experts, slots = token_idx_EM.shape
     device = token_idx_EM.device
     counts = torch.full((n_experts,), slots, dtype=torch.long, device=device)
     expert_ids = torch.arange(n_experts, device=device).repeat_interleave(slots)
     return DispatchPlan(token_idx_EM.reshape(-1), expert_ids, weights_EM.reshape(-1), counts,
-                        counts, torch.cumsum(counts, 0).to(torch.int32), counts.new_zeros(()))
+                        counts, torch.cumsum(counts, 0).to(torch.int32), counts.new_zeros(()),
+                        slots=slots)
+
+
+class PaddedLayout(NamedTuple):
+    """A plan in padded layout: expert e owns slots ``e*C .. e*C + C - 1`` (C = plan.slots;
+    S = E*C slots), filled by its rows in plan order; its rows past C (dropped by capacity)
+    get no slot; the unused slots are padding.
+
+    rows_S: [S] int64 plan row held by each slot, N for a padding slot.
+    token_S: [S] int64 token row of each slot, T for a padding slot (:func:`gather_slots`
+        appends a zero row T to x).
+    """
+
+    rows_S: Tensor
+    token_S: Tensor
+
+
+def padded_layout(plan: DispatchPlan, n_tokens: int) -> PaddedLayout:
+    """The padded layout of ``plan`` (which must have ``slots``), from device tensors only:
+    no host read, static shapes. Row n of expert e goes to slot ``e*C + rank`` (its rank among
+    e's rows) when rank < C."""
+    n_slots, n_experts = plan.slots, plan.routed_counts.shape[0]
+    if n_slots is None:
+        raise ValueError("the padded layout needs a plan with static slots (DispatchPlan.slots:"
+                         " a capacity, expert choice, or dispatch='padded')")
+    n_rows = plan.expert_ids.shape[0]
+    arange = torch.arange(n_rows, device=plan.expert_ids.device)
+    starts = plan.offsets.long() - plan.routed_counts
+    rank = arange - starts[plan.expert_ids]
+    # a row without a slot goes to a private spare place past the E*C slots, so every index
+    # of the scatter is distinct (deterministic, no write conflicts)
+    place = torch.where(rank < n_slots, plan.expert_ids * n_slots + rank,
+                        n_experts * n_slots + arange)
+    size = n_experts * n_slots
+    rows_S = arange.new_full((size + n_rows,), n_rows).index_copy_(0, place, arange)[:size]
+    return PaddedLayout(rows_S, take_slots(plan.token_idx, rows_S, n_tokens))
+
+
+def take_slots(values_N: Tensor, rows_S: Tensor, fill: float = 0) -> Tensor:
+    """[S] ``values_N[rows_S]`` ([N] per-row values in slot order), ``fill`` for a padding
+    slot (row N); differentiable in ``values_N``."""
+    return torch.cat([values_N, values_N.new_full((1,), fill)]).index_select(0, rows_S)
+
+
+def gather_slots(x_TD: Tensor, token_S: Tensor) -> Tensor:
+    """[S, D] the token row of each slot; a zero row for a padding slot (token T)."""
+    return torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])]).index_select(0, token_S)
+
+
+def combine_slots(weighted_SD: Tensor, token_S: Tensor, n_tokens: int) -> Tensor:
+    """Sum each token's (already weighted) slot outputs: [S, D] -> [T, D] (the padding slots
+    go to a spare row T, dropped)."""
+    out = weighted_SD.new_zeros(n_tokens + 1, weighted_SD.shape[1])
+    return out.index_add_(0, token_S, weighted_SD)[:n_tokens]
 
 
 def backend_policy(device_type: str) -> str:
@@ -131,19 +200,29 @@ def grouped_mm_sync_free(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO: Tensor,
-                    w_out_EFD: Tensor | None = None) -> str:
-    """Turn "auto" into "grouped_mm" or "loop"; raise if "grouped_mm" can't run.
+                    w_out_EFD: Tensor | None = None, slots: int | None = None) -> str:
+    """Turn "auto" into "grouped_mm", "loop" or "padded"; raise if "grouped_mm" can't run, or
+    "padded" without ``slots`` (the plan's ``DispatchPlan.slots``).
 
     "auto" picks the chunked expert loop on CPU (there torch's grouped GEMM is itself a loop
-    of matmuls, and the one-GEMM path's [N, D] buffers page-fault; see ``moe.expert_loop``),
-    and on CUDA for every dtype but bf16 on sm90+ (:func:`grouped_mm_sync_free`: torch's
-    fallback would sync on every GEMM, the loop reads the expert sizes once per layer); else
+    of matmuls, and the one-GEMM path's [N, D] buffers page-fault; see ``moe.expert_loop``).
+    On CUDA for every dtype but bf16 on sm90+ (:func:`grouped_mm_sync_free`: torch's fallback
+    would sync on every GEMM) it picks the padded path when the plan has static slots (a
+    capacity, expert choice: no host read, capacity_factor x the grouped FLOPs), else the
+    loop (it reads the expert sizes once per layer: cheaper than E/K x the FLOPs). Else
     grouped GEMM when the installed torch runs it for this dtype/device and both GEMMs' shapes
-    (``w_EIO`` and, if given, ``w_out_EFD``), else the loop with a one-time warning.
+    (``w_EIO`` and, if given, ``w_out_EFD``), else the padded path with static slots, else the
+    loop with a one-time warning.
     """
+    if requested == "padded":
+        if slots is None:
+            raise ValueError("dispatch='padded' needs a plan with static slots "
+                             "(DispatchPlan.slots), as MoELayer builds it")
+        return "padded"
     policy = backend_policy(device_type)
-    if requested == "loop" or (requested == "auto" and (
-            policy == "cpu" or not grouped_mm_sync_free(policy, dtype))):
+    if requested == "auto" and policy != "cpu" and not grouped_mm_sync_free(policy, dtype):
+        return "loop" if slots is None else "padded"
+    if requested == "loop" or (requested == "auto" and policy == "cpu"):
         return "loop"
     weights = [w for w in (w_EIO, w_out_EFD) if w is not None]
     if all(grouped_mm_supported(device_type, dtype, w.shape[1], w.shape[2]) for w in weights):
@@ -154,9 +233,24 @@ def resolve_backend(requested: str, device_type: str, dtype: torch.dtype, w_EIO:
            f"fp32/bf16/fp16 and row strides that are multiples of 16 bytes)")
     if requested == "grouped_mm":
         raise RuntimeError(f"dispatch='grouped_mm' is not supported: {why}; "
-                           "use dispatch='auto' or 'loop'")
+                           "use dispatch='auto', 'loop' or 'padded'")
+    if slots is not None:  # static slots: the padded path needs no grouped GEMM, reads nothing
+        return "padded"
     _warn_loop_fallback(why)
     return "loop"
+
+
+def compiled_backend(requested: str, device_type: str, dtype: torch.dtype,
+                     slots: int | None) -> str:
+    """The path under ``torch.compile`` (no probe, no host list: never the loop): "padded"
+    when requested, or for "auto" with static slots in a dtype whose grouped GEMM syncs (fp32
+    / tf32 on CUDA, as :func:`resolve_backend` decides; bf16 is not asked, so no device
+    query runs under tracing); else "grouped_mm"."""
+    if requested == "padded" or (
+            requested == "auto" and slots is not None and dtype != torch.bfloat16
+            and not grouped_mm_sync_free(backend_policy(device_type), dtype)):
+        return "padded"
+    return "grouped_mm"
 
 
 @functools.cache

@@ -9,22 +9,31 @@ down projection, which equals ``w * expert(x)`` because the down projection is l
 bias), so no [N, D] product is ever allocated — on CPU, fresh large allocations (page faults)
 cost more than the arithmetic.
 
-Two paths compute the same thing (``MoEConfig.dispatch``): "grouped_mm" (gather the rows,
-two grouped GEMMs, combine; the default for bf16 on sm90+ GPUs, and always under
-``torch.compile``: it has no data-dependent shapes and no host sync) and "loop"
-(``moe.expert_loop``: the experts run chunk by chunk, fused with the gather and combine; the
-default on CPU and for fp32 / tf32 on CUDA).
+Three paths compute the same thing (``MoEConfig.dispatch``):
+
+* "grouped_mm": gather the rows, two grouped GEMMs, combine; the default for bf16 on sm90+
+  GPUs, and under ``torch.compile`` (no data-dependent shapes, no host sync in bf16);
+* "loop" (``moe.expert_loop``): the experts run chunk by chunk, fused with the gather and
+  combine; the default on CPU, and for dropless fp32 / tf32 on CUDA;
+* "padded": every expert gets C static slots (``DispatchPlan.slots``: the capacity, M under
+  expert choice, T for dropless Top-K), the rows are gathered into an [E*C, D] buffer (padding
+  slots zero, routing weight 0), two ``torch.bmm`` over [E, C, ·], and the slots are added
+  back into [T, D]. No host read, static shapes (it traces under ``torch.compile``). It
+  computes E*C rows instead of the T*K routed ones: capacity_factor x the grouped path's
+  FLOPs with a capacity, E/K x dropless, and [E, C, D] / [E, C, 2F] buffers. The default for
+  fp32 / tf32 on CUDA with a capacity (or expert choice), eager and compiled.
 
 Host syncs on CUDA, per precision ("auto"): bf16 on sm90 / sm100 runs torch's grouped kernel,
 with no host read at all. fp32 and tf32 have no grouped kernel in torch (its fallback reads
-``offs`` on the host for every GEMM: six syncs per layer and step, forward and backward), so
-they take the loop, which reads the per-expert row counts ONCE per layer forward (one
-``.tolist()``; one more when activation checkpointing recomputes the layer) and reuses them
-for both GEMMs and the whole backward: one host sync per layer and forward, plus one matmul
-launch per expert and GEMM (6E per layer and step). A padded sync-free alternative (a batched
-matmul over [E, T, D], every expert's capacity bound) would cost E/K times the flops and the
-memory. Under ``torch.compile`` fp32 / tf32 still run torch's grouped GEMM (through the
-custom op ``moelab::grouped_mm``, a host sync per GEMM): the loop's host list cannot be traced.
+``offs`` on the host for every GEMM: six syncs per layer and step, forward and backward). With
+static slots they take the padded path: no host read. Dropless they take the loop, which reads
+the per-expert row counts ONCE per layer forward (one ``.tolist()``; one more when activation
+checkpointing recomputes the layer) and reuses them for both GEMMs and the whole backward: one
+host sync per layer and forward, plus one matmul launch per expert and GEMM (6E per layer and
+step) — cheaper than the padded path's E/K x FLOPs; ``dispatch="padded"`` buys sync-freedom at
+that price. Under ``torch.compile`` fp32 / tf32 take the padded path with static slots, else
+torch's grouped GEMM (through the custom op ``moelab::grouped_mm``, a host sync per GEMM): the
+loop's host list cannot be traced.
 
 Precision: the GEMMs run in ``moe.amp.compute_dtype`` of the input (the autocast dtype
 under ``torch.autocast``, else the input's dtype), with the weights cast to it; the per-expert
@@ -43,10 +52,15 @@ from moelab.moe.amp import autocast_off, compute_dtype
 from moelab.moe.dispatch import (
     DispatchPlan,
     combine,
+    combine_slots,
+    compiled_backend,
+    gather_slots,
     grouped_linear,
+    padded_layout,
     raw_output_norms,
     resolve_backend,
     segment_sum,
+    take_slots,
 )
 from moelab.moe.dtensor import local
 from moelab.moe.expert_loop import expert_loop
@@ -147,15 +161,13 @@ class Experts(nn.Module):
         with autocast_off(x_TD.device.type):
             x_TD = x_TD.to(dtype)
             if torch.compiler.is_compiling():  # the probe must not run under tracing
-                backend = "grouped_mm"
+                backend = compiled_backend(self.backend, x_TD.device.type, dtype, plan.slots)
             else:
-                backend = resolve_backend(self.backend, x_TD.device.type, dtype, w_in, w_out)
-            if backend == "loop":
-                y_TD, act_sums_EF, norm_sums_E = self._loop(x_TD, w_in, w_out, plan,
-                                                            row_weight_N, track_out_norm)
-            else:
-                y_TD, act_sums_EF, norm_sums_E = self._grouped(x_TD, w_in, w_out, plan,
-                                                               row_weight_N, track_out_norm)
+                backend = resolve_backend(self.backend, x_TD.device.type, dtype, w_in, w_out,
+                                          plan.slots)
+            path = {"loop": self._loop, "padded": self._padded}.get(backend, self._grouped)
+            y_TD, act_sums_EF, norm_sums_E = path(x_TD, w_in, w_out, plan, row_weight_N,
+                                                  track_out_norm)
             sums_ED = None
             if row_weight_N is not None:
                 # the down projection is linear: sum_n w_n act_n @ W_out = (sum_n w_n act_n) @ W_out
@@ -204,3 +216,38 @@ class Experts(nn.Module):
                 norm_sums_E = segment_sum(raw_output_norms(out_ND, plan.weights),
                                           plan.routed_counts)
         return combine(out_ND, plan, x_TD.shape[0]), act_sums_EF, norm_sums_E
+
+    def _padded(self, x_TD: Tensor, w_in: Tensor, w_out: Tensor, plan: DispatchPlan,
+                row_weight_N: Tensor | None, track_out_norm: bool
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The padded path: the token rows gathered into E*C slots (``plan.slots``; padding
+        slots zero, with routing weight 0), two batched matmuls (:func:`padded_mlp`), the
+        slots added back into [T, D]. No host read, every shape static."""
+        layout = padded_layout(plan, x_TD.shape[0])
+        weight_S = take_slots(plan.weights, layout.rows_S)
+        row_weight_S = (None if row_weight_N is None
+                        else take_slots(row_weight_N, layout.rows_S))
+        out_SD, act_sums_EF = padded_mlp(gather_slots(x_TD, layout.token_S), w_in, w_out,
+                                         weight_S, self.activation, row_weight_S)
+        norm_sums_E = None
+        if track_out_norm:
+            with torch.no_grad():
+                norm_sums_E = raw_output_norms(out_SD, weight_S).view(w_in.shape[0], -1).sum(1)
+        return combine_slots(out_SD, layout.token_S, x_TD.shape[0]), act_sums_EF, norm_sums_E
+
+
+def padded_mlp(x_SD: Tensor, w_in: Tensor, w_out: Tensor, scale_S: Tensor, activation: str,
+               row_weight_S: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Expert e on its slots ``x_SD[e*C:(e+1)*C]`` (S = E*C rows, E = ``w_in.shape[0]``) as two
+    batched matmuls over [E, C, ·], in x's dtype, each row's output scaled by ``scale_S``
+    ([S], folded into the activation). A zero row gives a zero output and contributes
+    nothing to any weight gradient (no bias). Returns (out_SD [S, D], act_sums_EF: [E, F] fp32
+    ``sum_{s of e} row_weight_S[s] * act(h_s)`` when ``row_weight_S`` is given, else empty)."""
+    n_experts = w_in.shape[0]
+    h = torch.bmm(x_SD.view(n_experts, -1, x_SD.shape[1]), w_in.to(x_SD.dtype))
+    slots = h.shape[1]
+    counts = torch.full((n_experts,), slots, dtype=torch.long, device=x_SD.device)
+    act, act_sums_EF = _ScaledActivation.apply(h.flatten(0, 1), scale_S.to(h.dtype), activation,
+                                               counts, row_weight_S)
+    out = torch.bmm(act.view(n_experts, slots, -1), w_out.to(act.dtype))
+    return out.flatten(0, 1), act_sums_EF

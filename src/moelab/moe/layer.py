@@ -195,7 +195,8 @@ class MoELayer(nn.Module):
             routing = self.router(x_TD)
             capacity = (None if cfg.capacity_factor is None else
                         expert_capacity(cfg.capacity_factor, n_tokens, cfg.top_k, cfg.n_experts))
-            plan = plan_dispatch(routing.topk_ids, routing.topk_weights, cfg.n_experts, capacity)
+            plan = plan_dispatch(routing.topk_ids, routing.topk_weights, cfg.n_experts, capacity,
+                                 padded=cfg.dispatch == "padded")
         row_weight_N = (self.method.row_weight(routing, plan)
                         if self.method is not None and self.training and first_pass else None)
         if row_weight_N is not None and plan.keep is not None:
