@@ -94,19 +94,33 @@ def active_parameters(cfg) -> tuple[int, int]:
     """``(total, active)`` parameters of the model a RunConfig builds (built on the meta
     device: no memory): active counts each MoE layer's experts at ``top_k / n_experts``."""
     import torch
+    from torch.overrides import TorchFunctionMode
 
     from moelab.models import build_model
 
+    class SkipInitOnMeta(TorchFunctionMode):
+        """In-place ops (the initialisers) on a meta tensor have no data to change: skipped,
+        and with them the meta device's slow reference path (~1 ms per initialiser)."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes tensor=
+            if (name.endswith("_") and not name.endswith("__")
+                    and isinstance(target, torch.Tensor) and target.is_meta):
+                return target
+            return func(*args, **kwargs)
+
     vocab = cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 256
     shape, classes = _IMAGE_SHAPES.get(cfg.data.dataset, _DEFAULT_IMAGE)
-    with torch.device("meta"):
+    with torch.device("meta"), SkipInitOnMeta():
         model = build_model(cfg.model, vocab_size=vocab, image_shape=shape, n_classes=classes)
     moe = cfg.model.moe
     total = active = 0
     for name, p in model.named_parameters():
         n = p.numel()
         total += n
-        is_expert = ".experts." in f".{name}" and not name.endswith("router.weight")
+        is_expert = ".experts." in f".{name}"
         active += n * moe.top_k // moe.n_experts if is_expert else n
     return total, active
 
