@@ -34,11 +34,10 @@ __all__ = ["DIVERGENCE_MARGIN", "Arm", "Claim", "Experiment", "Metric", "Profile
 #: The entries of one run's metrics.jsonl, in order.
 Records = Sequence[dict[str, Any]]
 IMAGE_CHOICES = ("cifar10", "fashion-mnist", "mnist5k")
-#: the GPU profile's name, and the CPU smoke test derived from it
-GPU, SMOKE = "gpu", "gpu-smoke"
-#: the paper-scale profile's name, and the CPU smoke test derived from it
-PAPER, PAPER_SMOKE = "paper", "paper-smoke"
+#: the GPU budget profile's and the paper-scale profile's names
+GPU, PAPER = "gpu", "paper"
 #: a profile with ``smoke`` overrides has a derived two-step CPU variant: its name + this
+#: ("gpu-smoke", "paper-smoke")
 SMOKE_SUFFIX = "-smoke"
 #: what ``--data-dir`` may hold for a profile (``Profile.data_dir``)
 DATA_DIR_KINDS = ("cifar10", "wikitext", "textfile")
@@ -486,19 +485,24 @@ class Experiment:
         ("gpu-smoke", "paper-smoke"): P's overrides plus its ``smoke`` ones, one seed, the
         first lr of each grid, its usual data, one process."""
         base = name[:-len(SMOKE_SUFFIX)] if name.endswith(SMOKE_SUFFIX) else None
-        if base is not None and base in self.profiles and (
-                self.profiles[base].smoke or (self.sources and base == PAPER)):
+        if base is not None and self._has_smoke(base):
             prof = self.profiles[base]
             return dataclasses.replace(prof, after_arms=prof.smoke, seeds=1, lr_index=(0,),
                                        cpu_minutes=1.0, gpu_minutes=None, data_dir=None,
                                        gpus_per_run=1)
         if name not in self.profiles:
             choices = sorted(self.profiles) + sorted(
-                p + SMOKE_SUFFIX for p, prof in self.profiles.items()
-                if prof.smoke or (self.sources and p == PAPER))
+                p + SMOKE_SUFFIX for p in self.profiles if self._has_smoke(p))
             raise ValueError(f"profile {name!r} is invalid for {self.name!r}: choose one of "
                              f"{choices}")
         return self.profiles[name]
+
+    def _has_smoke(self, profile: str) -> bool:
+        """Whether ``profile`` has a derived "-smoke" variant: it has smoke overrides, or it
+        is the paper profile of an analysis-only experiment (which reads its sources'
+        paper-smoke runs)."""
+        prof = self.profiles.get(profile)
+        return prof is not None and bool(prof.smoke or (self.sources and profile == PAPER))
 
     def at(self, profile: str) -> Experiment:
         """This experiment as run at ``profile``: its arms and claims replaced where the
