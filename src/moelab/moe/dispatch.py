@@ -172,9 +172,10 @@ def gather_slots(x_TD: Tensor, token_S: Tensor) -> Tensor:
 
 def combine_slots(weighted_SD: Tensor, token_S: Tensor, n_tokens: int) -> Tensor:
     """Sum each token's (already weighted) slot outputs: [S, D] -> [T, D] (the padding slots
-    go to a spare row T, dropped)."""
+    go to a spare row T, dropped). A new tensor, not a view of the [T + 1, D] sum: FSDP2 warns
+    when a module returns a view (an in-place op on it would skip its backward hook)."""
     out = weighted_SD.new_zeros(n_tokens + 1, weighted_SD.shape[1])
-    return out.index_add_(0, token_S, weighted_SD)[:n_tokens]
+    return out.index_add_(0, token_S, weighted_SD).narrow_copy(0, 0, n_tokens)
 
 
 def backend_policy(device_type: str) -> str:
