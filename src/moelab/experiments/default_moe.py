@@ -248,8 +248,13 @@ SPEED = Experiment(
           "curves (diverged runs excluded and counted), so Top-K itself reaches it near "
           "mid-training instead of about half its seeds never reaching it; claims handle "
           "censored pairs explicitly (docs/REPRODUCE.md); a run is diverged only when it ends "
-          "more than 5% above its initial loss. The committed page keeps the old rule and "
-          "says so until rerun."
+          "more than 5% above its initial loss. Rerun under this rule on 2026-12-07 with the "
+          "full profile (the page before it kept the old rule): Top-K's runs repeated the "
+          "earlier ones bit for bit; Default MoE's differ by up to 0.08 in a seed's test "
+          "perplexity (its arithmetic was reordered since, issues 35 and 40: segmented "
+          "per-expert sums, tensor betas; tested equal to the naive reference to float "
+          "rounding), a spread as large as the effect, so single-sparsity verdicts are "
+          "fragile."
           + _GPU_NOTE + " gpu: 600 steps (9.8 M tokens per run), evaluations every 50 "
           "steps on the final evaluation's 8 batches.",
 )
