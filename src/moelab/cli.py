@@ -455,7 +455,7 @@ def _paper_line(e, pad: str) -> str:
     from pathlib import Path
 
     from moelab.experiments.gpu import profile_gpu_hours
-    from moelab.experiments.runner import DataChoice, plan_runs
+    from moelab.experiments.runner import plan_runs, profile_data
 
     prof = e.profiles.get("paper")
     if prof is None:
@@ -463,7 +463,8 @@ def _paper_line(e, pad: str) -> str:
     if e.sources:
         return f"{pad}paper profile: analyses the paper profiles of {', '.join(e.sources)}"
     at = e.at("paper")
-    data = (DataChoice(prof.data_dir, "DATA_DIR", "") if prof.data_dir else None)
+    data = (profile_data(prof.data_dir, None, e.name, "paper", dry_run=True)
+            if prof.data_dir else None)
     specs = plan_runs(at, "paper", prof.seeds, Path("."), data)
     hours = profile_gpu_hours(specs, prof.gpus_per_run)
     where = {"cifar10": "CIFAR-10", "wikitext": "WikiText-103", "textfile": "a text file"}

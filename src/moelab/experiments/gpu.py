@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from moelab.experiments import keys as K
 from moelab.experiments.keys import kv
+from moelab.experiments.spec import run_items
 
 __all__ = ["ASSUMED_JOBS", "ASSUMED_TFLOPS", "COMPILE_S", "DOCS_LM", "OVERHEAD_S",
            "PAPER_ASSUMPTION", "PAPER_TFLOPS_PER_GPU", "SMALL_STEP_S", "SMOKE_LM",
@@ -143,11 +144,9 @@ def flops_per_item(cfg) -> tuple[float, str]:
 def run_gpu_hours(cfg, gpus: int = 1) -> float:
     """Estimated GPU-hours of one run of RunConfig ``cfg`` on ``gpus`` GPUs
     (:data:`PAPER_ASSUMPTION`)."""
-    fpi, kind = flops_per_item(cfg)
+    fpi, _ = flops_per_item(cfg)
     steps = cfg.train.steps
-    items = steps * cfg.data.batch_size * cfg.train.grad_accum
-    if kind == "tokens":
-        items *= cfg.data.seq_len
+    items, _ = run_items(cfg)
     seconds = max(items * fpi / (PAPER_TFLOPS_PER_GPU * 1e12 * gpus), steps * SMALL_STEP_S)
     return (seconds + OVERHEAD_S) * gpus / 3600.0
 

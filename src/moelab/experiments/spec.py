@@ -29,7 +29,7 @@ from moelab.experiments.stats import DIRECTIONS
 
 __all__ = ["DIVERGENCE_MARGIN", "Arm", "Claim", "Experiment", "Metric", "Profile", "Records",
            "Target", "divergence", "eval_curve", "final_on_other_windows", "final_record",
-           "target_curve"]
+           "run_items", "target_curve"]
 
 #: The entries of one run's metrics.jsonl, in order.
 Records = Sequence[dict[str, Any]]
@@ -533,12 +533,8 @@ class Experiment:
             return None
         prof = exp.profile(profile)
         arm = exp.arms[0]
-        cfg = load_config(exp.base, list(exp.overrides + prof.overrides + arm.overrides
-                                         + prof.after_arms))
-        n = cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum
-        if cfg.model.kind in ("lm", "hf"):
-            return n * cfg.data.seq_len, "tokens"
-        return n, "images"
+        return run_items(load_config(exp.base, list(exp.overrides + prof.overrides
+                                                     + arm.overrides + prof.after_arms)))
 
     def lr_grid_of(self, arm: Arm, profile: Profile) -> tuple[float | None, ...]:
         """The learning rates ``arm`` is trained at under ``profile`` ((None,): config lr)."""
@@ -548,6 +544,15 @@ class Experiment:
         if profile.lr_index is None:
             return tuple(grid)
         return tuple(grid[i] for i in profile.lr_index if -len(grid) <= i < len(grid))
+
+
+def run_items(cfg) -> tuple[int, str]:
+    """What one run of RunConfig ``cfg`` trains on: ``(steps x batch x seq_len x grad_accum,
+    "tokens")`` for a language model, ``(steps x batch x grad_accum, "images")`` otherwise."""
+    n = cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum
+    if cfg.model.kind in ("lm", "hf"):
+        return n * cfg.data.seq_len, "tokens"
+    return n, "images"
 
 
 def _default_image_datasets(exp: Experiment) -> tuple[str, ...]:

@@ -228,6 +228,7 @@ def print_plan(exps: Sequence[Experiment], profile: str, plans: dict[str, list],
     collect the results."""
     from moelab.experiments.gpu import PAPER_ASSUMPTION, profile_gpu_hours
     from moelab.experiments.runner import resolve_config
+    from moelab.experiments.spec import run_items
 
     for e in exps:
         specs = plans[e.name]
@@ -239,10 +240,7 @@ def print_plan(exps: Sequence[Experiment], profile: str, plans: dict[str, list],
         per_arm = {}
         for s in specs:
             if s.arm not in per_arm:
-                cfg = resolve_config(s)
-                n = cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum
-                per_arm[s.arm] = (n * cfg.data.seq_len, "tokens") if cfg.model.kind in (
-                    "lm", "hf") else (n, "images")
+                per_arm[s.arm] = run_items(resolve_config(s))
         sizes = sorted({n for n, _ in per_arm.values()})
         unit = next(iter(per_arm.values()))[1]
         size = format_count(sizes[0]) if len(sizes) == 1 else \
