@@ -15,7 +15,7 @@ import math
 from moelab.experiments import keys as K
 from moelab.experiments.gpu import small_model_minutes
 from moelab.experiments.keys import kv
-from moelab.experiments.paper import EXCITATION_SETTING, SMOKE_IMAGES
+from moelab.experiments.paper import EXCITATION_SETTING, cifar_mlp_profile
 from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile, Records
 
 __all__ = ["FOUNDATION", "RESCUE", "SPECIALIZATION", "gini_by_layer", "router_entropy_auc"]
@@ -23,15 +23,6 @@ __all__ = ["FOUNDATION", "RESCUE", "SPECIALIZATION", "gini_by_layer", "router_en
 PAPER = "Shaier, Excitation: Momentum For Experts (arXiv 2602.21798, 2026)"
 TEST_ACC = Metric.final("acc", label="test accuracy")
 GPU_STEPS = 2000
-
-
-def _paper() -> Profile:
-    """The ``paper`` profile of the Excitation experiments: CIFAR-10 (the paper's data) from
-    --data-dir, 2,000 steps; the model, lr grid and seeds of the full profile (the paper's
-    own are not in what we could read: ``paper.EXCITATION_SETTING``)."""
-    return Profile((kv(K.STEPS, GPU_STEPS), kv(K.EVAL_EVERY, 250), kv(K.CHECKPOINT_EVERY, 500),
-                    kv(K.PRECISION, "fp32")), seeds=5, smoke=SMOKE_IMAGES, data_dir="cifar10",
-                   setting=EXCITATION_SETTING)
 
 # A run's shape at the quick profile: a smoke test of the whole pipeline, not evidence.
 _QUICK = (kv(K.STEPS, 20), kv(K.EVAL_EVERY, 10), kv(K.CHECKPOINT_EVERY, 10),
@@ -95,7 +86,7 @@ FOUNDATION = Experiment(
                        smoke=(kv(K.STEPS, 2), kv(K.EVAL_EVERY, 1), kv(K.CHECKPOINT_EVERY, 2),
                               kv(K.EVAL_BATCHES, 1), kv(K.FINAL_EVAL_BATCHES, 1),
                               kv(K.BATCH_SIZE, 32), kv(K.N_EXPERTS, 16), kv(K.TOP_K, 2))),
-        "paper": _paper(),
+        "paper": cifar_mlp_profile(seeds=5),  # the full profile's seeds
     },
     notes="How the regime was chosen: the full-profile settings are taken verbatim from the "
           "regime search in docs/results/reproduce/excitation-regime-search.md (2026-12-01, "
@@ -150,7 +141,7 @@ RESCUE = Experiment(
         "quick": Profile(_QUICK, seeds=2, lr_index=(1,), cpu_minutes=0.3),
         "full": Profile((kv(K.STEPS, 200), kv(K.EVAL_EVERY, 50), kv(K.CHECKPOINT_EVERY, 50)),
                         seeds=5, cpu_minutes=35.0),
-        "paper": _paper(),
+        "paper": cifar_mlp_profile(seeds=5),  # the full profile's seeds
     },
     image_datasets=("cifar10", "mnist5k"),
     chance=0.1,

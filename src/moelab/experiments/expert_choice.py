@@ -27,7 +27,7 @@ from typing import Any
 from moelab.experiments import keys as K
 from moelab.experiments.keys import kv
 from moelab.experiments.momentum import paper_lm
-from moelab.experiments.paper import EXCITATION_SETTING, PAPER_SEEDS, SMOKE_IMAGES
+from moelab.experiments.paper import EXCITATION_SETTING, PAPER_SEEDS, cifar_mlp_profile
 from moelab.experiments.spec import Arm, Claim, Experiment, Metric, Profile
 from moelab.experiments.stats import bh_adjust
 
@@ -107,12 +107,10 @@ IMAGES = Experiment(
         "full": Profile((kv(K.STEPS, IMG_STEPS), kv(K.EVAL_EVERY, 50),
                          kv(K.CHECKPOINT_EVERY, IMG_STEPS)), seeds=5, cpu_minutes=10.0),
         # no paper trains this MLP: Excitation's CIFAR-10 setting (its nearest paper run)
-        "paper": Profile((kv(K.STEPS, 2000), kv(K.EVAL_EVERY, 250),
-                          kv(K.CHECKPOINT_EVERY, 500), kv(K.PRECISION, "fp32")),
-                         seeds=PAPER_SEEDS, smoke=SMOKE_IMAGES, data_dir="cifar10",
-                         setting="No paper trains expert choice with momentum on an MLP (the "
-                         "open question of MomentumSMoE); the nearest paper run is "
-                         "Excitation's CIFAR-10 MLP: " + EXCITATION_SETTING),
+        "paper": cifar_mlp_profile(
+            PAPER_SEEDS, setting="No paper trains expert choice with momentum on an MLP (the "
+            "open question of MomentumSMoE); the nearest paper run is Excitation's CIFAR-10 "
+            "MLP: " + EXCITATION_SETTING),
     },
     image_datasets=("fashion-mnist", "mnist5k"),
     extra_sections=interaction_section,

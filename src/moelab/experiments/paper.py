@@ -30,11 +30,11 @@ from collections.abc import Mapping, Sequence
 
 from moelab.experiments import keys as K
 from moelab.experiments.keys import kv
-from moelab.experiments.spec import Arm
+from moelab.experiments.spec import Arm, Profile
 
 __all__ = ["DMOE_D_FF", "DMOE_LM", "DMOE_SETTING", "EXCITATION_SETTING", "MOMENTUM_LM",
            "MOMENTUM_LM_SETTING", "MOMENTUM_LM_SIZES", "MOMENTUM_LM_SMOKE", "PAPER_SEEDS",
-           "PAPER_SMOKE_LM", "SMOKE_IMAGES", "VMOE_CIFAR", "VMOE_SETTING",
+           "PAPER_SMOKE_LM", "SMOKE_IMAGES", "cifar_mlp_profile", "VMOE_CIFAR", "VMOE_SETTING",
            "momentum_lm_size", "substitute"]
 
 #: seeds of every paper profile whose paper states none (the V-MoE code sweeps 3)
@@ -166,6 +166,15 @@ SMOKE_IMAGES = (kv(K.D_MODEL, 32), kv(K.N_LAYERS, 2), kv(K.D_FF, 16), kv(K.BATCH
                 kv(K.STEPS, 2), kv(K.EVAL_EVERY, 1), kv(K.CHECKPOINT_EVERY, 2),
                 kv(K.EVAL_BATCHES, 1), kv(K.FINAL_EVAL_BATCHES, 1), kv(K.WARMUP_STEPS, 1),
                 kv(K.PRECISION, "fp32"))
+
+
+def cifar_mlp_profile(seeds: int, setting: str = EXCITATION_SETTING) -> Profile:
+    """A ``paper`` profile of an image-MLP experiment at Excitation's setting: CIFAR-10 from
+    --data-dir, 2,000 steps (the gpu profile's length), fp32; the experiment's own model and
+    lr grid."""
+    return Profile((kv(K.STEPS, 2000), kv(K.EVAL_EVERY, 250), kv(K.CHECKPOINT_EVERY, 500),
+                    kv(K.PRECISION, "fp32")), seeds=seeds, smoke=SMOKE_IMAGES,
+                   data_dir="cifar10", setting=setting)
 
 
 def substitute(arms: Sequence[Arm], mapping: Mapping[str, Sequence[str]]) -> tuple[Arm, ...]:
